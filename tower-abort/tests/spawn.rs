@@ -114,7 +114,7 @@ async fn task_handle_abort_and_panics() {
     );
 
     let panicking = signal.spawn(async { panic!("boom") });
-    let joined = tokio::spawn(async move { panicking.await });
+    let joined = tokio::spawn(panicking);
     let err = joined.await.unwrap_err();
     assert!(err.is_panic(), "the task's panic is resumed in the joiner");
 }
