@@ -112,17 +112,26 @@
 //!     Ok(Response::new(Full::from(body)))
 //! }
 //!
-//! # async fn serve() -> std::io::Result<()> {
-//! let (abort, root) = AbortLayer::pair();
-//! let service = ServiceBuilder::new().layer(abort).service(service_fn(handle));
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-//! loop {
-//!     let (stream, _) = listener.accept().await?;
-//!     let service = TowerToHyperService::new(service.clone());
-//!     tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
-//! #   root.shutdown();
+//! async fn drain_grace_over() {
+//!     // Your shutdown logic: a signal, then the graceful-shutdown grace period.
+//! #   std::future::pending::<()>().await
 //! }
-//! # }
+//!
+//! #[tokio::main]
+//! async fn main() -> std::io::Result<()> {
+//!     let (abort, root) = AbortLayer::pair();
+//!     tokio::spawn(async move {
+//!         drain_grace_over().await;
+//!         root.shutdown(); // every request still running sees AbortReason::Shutdown
+//!     });
+//!     let service = ServiceBuilder::new().layer(abort).service(service_fn(handle));
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//!     loop {
+//!         let (stream, _) = listener.accept().await?;
+//!         let service = TowerToHyperService::new(service.clone());
+//!         tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+//!     }
+//! }
 //! ```
 //!
 //! # Observability

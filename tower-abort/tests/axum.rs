@@ -1,5 +1,6 @@
 //! The layer under axum: `Router::layer`, `route_layer`, around a whole app, and the
 //! extractor.
+#![cfg(feature = "axum")]
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

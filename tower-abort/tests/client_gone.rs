@@ -187,6 +187,7 @@ async fn on_abort_sees_499_with_the_request_line() {
     );
 }
 
+#[cfg(feature = "tracing")]
 #[tokio::test(flavor = "current_thread")]
 async fn tracing_event_at_the_moment_it_fires() {
     let (_guard, logs) = support::capture_logs();

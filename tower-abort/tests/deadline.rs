@@ -178,13 +178,15 @@ async fn bad_deadline_headers_are_ignored_with_a_debug_log() {
             "{name}: {value:?} must be ignored"
         );
     }
-    let logs = logs.contents();
-    assert_eq!(
-        logs.matches("ignoring deadline header").count(),
-        bad.len(),
-        "{logs}"
-    );
-    assert!(logs.contains("DEBUG"), "{logs}");
+    if cfg!(feature = "tracing") {
+        let logs = logs.contents();
+        assert_eq!(
+            logs.matches("ignoring deadline header").count(),
+            bad.len(),
+            "{logs}"
+        );
+        assert!(logs.contains("DEBUG"), "{logs}");
+    }
 
     // The longest valid values neither panic nor overflow the clock, with no server default.
     for value in [&b"99999999H"[..], b"99999999n"] {
