@@ -16,7 +16,7 @@ pub struct AbortEvent<'a> {
     pub(crate) reason: AbortReason,
     pub(crate) method: &'a Method,
     pub(crate) uri: Option<&'a Uri>,
-    pub(crate) elapsed: Duration,
+    pub(crate) elapsed: Option<Duration>,
     pub(crate) deadline: Option<Instant>,
 }
 
@@ -43,7 +43,10 @@ impl AbortEvent<'_> {
     }
 
     /// Time from the request entering the layer to the signal firing.
-    pub fn elapsed(&self) -> Duration {
+    ///
+    /// Always present with an `on_abort` callback, a deadline or the `tracing` feature;
+    /// otherwise the layer skips reading the clock and this is `None`.
+    pub fn elapsed(&self) -> Option<Duration> {
         self.elapsed
     }
 
@@ -77,7 +80,7 @@ pub(crate) fn fired(event: &AbortEvent<'_>) {
         status = event.status(),
         method = %event.method,
         uri = event.uri.map(tracing::field::display),
-        elapsed_ms = event.elapsed.as_millis() as u64,
+        elapsed_ms = event.elapsed.map(|e| e.as_millis() as u64),
         "request aborted"
     );
 }

@@ -77,16 +77,26 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let config = &self.shared.config;
-        let started = Instant::now();
-        let mut deadline = config.timeout.and_then(|t| started.checked_add(t));
-        if config.grpc_timeout || config.header.is_some() {
-            let client = deadline::from_headers(
-                req.headers(),
-                started,
-                config.grpc_timeout,
-                config.header.as_ref(),
-            );
-            deadline = min_deadline(deadline, client);
+        let client_headers = config.grpc_timeout || config.header.is_some();
+        // Reading the clock is the layer's most expensive step on some machines; skip it
+        // when nothing needs the time.
+        let started = (config.timeout.is_some()
+            || client_headers
+            || config.on_abort.is_some()
+            || cfg!(feature = "tracing"))
+        .then(Instant::now);
+        let mut deadline = None;
+        if let Some(now) = started {
+            deadline = config.timeout.and_then(|t| now.checked_add(t));
+            if client_headers {
+                let client = deadline::from_headers(
+                    req.headers(),
+                    now,
+                    config.grpc_timeout,
+                    config.header.as_ref(),
+                );
+                deadline = min_deadline(deadline, client);
+            }
         }
         let uri = config.on_abort.as_ref().map(|_| req.uri().clone());
         let signal = AbortSignal::for_request(

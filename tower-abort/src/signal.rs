@@ -81,7 +81,8 @@ enum Parent {
 /// Present on signals the layer created: where to count and report the firing.
 struct RequestInfo {
     layer: Arc<Shared>,
-    started: Instant,
+    /// `None` when the layer had no use for the clock (no deadline, no events).
+    started: Option<Instant>,
     method: Method,
     uri: Option<Uri>,
 }
@@ -111,7 +112,7 @@ impl AbortSignal {
         layer: &Arc<Shared>,
         outer: Option<&AbortSignal>,
         deadline: Option<Instant>,
-        started: Instant,
+        started: Option<Instant>,
         method: Method,
         uri: Option<Uri>,
     ) -> Self {
@@ -316,7 +317,7 @@ impl AbortSignal {
                 reason,
                 method: &request.method,
                 uri: request.uri.as_ref(),
-                elapsed: request.started.elapsed(),
+                elapsed: request.started.map(|s| s.elapsed()),
                 deadline: inner.deadline,
             };
             event::fired(&event);
