@@ -99,6 +99,7 @@ where
             Poll::Ready(None) => {
                 *this.phase = Phase::Done;
                 this.guard.disarm();
+                this.sleep.set(None);
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Ok(frame))) => {
@@ -118,6 +119,7 @@ where
                 // client going away.
                 *this.phase = Phase::Done;
                 this.guard.disarm();
+                this.sleep.set(None);
                 return Poll::Ready(Some(Err(err.into())));
             }
             Poll::Pending => {}

@@ -81,6 +81,8 @@ where
                 .expect("polled after completion");
             if let Poll::Ready(result) = inner.poll(cx) {
                 this.inner.set(None);
+                // Release the timer entry now; the body arms its own if it needs one.
+                this.sleep.set(None);
                 let signal = this
                     .guard
                     .disarm()
@@ -134,6 +136,7 @@ where
             }
             // Drop the handler before answering, so its resources are released first.
             this.inner.set(None);
+            this.sleep.set(None);
             this.guard.disarm();
             return Poll::Ready(Ok(timeout_response(*this.timeout_status)));
         }

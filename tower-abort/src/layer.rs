@@ -78,6 +78,28 @@ pub(crate) struct Shared {
 /// grace; `504 Gateway Timeout` for a request whose deadline passed; no `on_abort`
 /// callback.
 ///
+/// # Runtime
+///
+/// Deadlines use tokio's timer: a service with a deadline must be polled inside a tokio
+/// runtime with the time driver enabled (as every hyper and axum server is).
+///
+/// # Backstops
+///
+/// The grace-then-drop backstop of [`TimeoutMode::Cooperative`] applies to deadlines. A
+/// [`Shutdown`](crate::AbortReason::Shutdown) only fires the signal: the server's own hard
+/// close at the end of its drain is the backstop there, and a
+/// [`ClientGone`](crate::AbortReason::ClientGone) already means the server dropped the
+/// request.
+///
+/// # Nesting
+///
+/// If a request already carries an [`AbortSignal`](crate::AbortSignal) when it reaches
+/// the layer (an outer `AbortLayer` ran first), the layer's signal is a
+/// [`child`](crate::AbortSignal::child) of it with the sooner of both deadlines, and it
+/// follows the outer layer's root rather than its own. Nested layers should share one
+/// root ([`with_root`](Self::with_root)). Both layers count a fired request in their
+/// roots' [`stats`](AbortRoot::stats).
+///
 /// # Examples
 ///
 /// ```
