@@ -316,8 +316,52 @@ fn bench_contended(c: &mut Criterion) {
     group.finish();
 }
 
+/// For instruction counts that do not depend on the machine's load, run one case `N`
+/// times and nothing else, under `valgrind --tool=callgrind` for two values of `N`:
+///
+/// ```text
+/// ABORT_BENCH_ONLY=abort ABORT_BENCH_N=100000 valgrind --tool=callgrind target/release/deps/abort-*
+/// ```
+///
+/// Cases: `identity`, `abort`, `abort+timeout`, each on a request that already has an
+/// extension (as requests from hyper and axum do).
+fn run_only(case: &str, n: u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _enter = rt.enter();
+    let waker = waker();
+    let mut cx = Context::from_waker(&waker);
+    fn drive<S, B>(mut svc: S, n: u64, cx: &mut Context<'_>)
+    where
+        S: Service<Request<()>, Response = Response<B>>,
+    {
+        for _ in 0..n {
+            one_request(&mut svc, request(Req::WithExtension), cx);
+        }
+    }
+    match case {
+        "identity" => drive(Identity::new().layer(ready_service()), n, &mut cx),
+        "abort" => drive(AbortLayer::new().layer(ready_service()), n, &mut cx),
+        "abort+timeout" => {
+            let layer = AbortLayer::new().with_timeout(Duration::from_secs(10));
+            drive(layer.layer(ready_service()), n, &mut cx)
+        }
+        other => panic!("unknown case {other:?}"),
+    }
+}
+
 /// Prints the allocation counts, then runs the criterion benchmarks.
 fn main() {
+    if let Ok(case) = std::env::var("ABORT_BENCH_ONLY") {
+        let n = std::env::var("ABORT_BENCH_N")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        run_only(&case, n);
+        return;
+    }
     report_allocations();
     let mut c = Criterion::default().configure_from_args();
     bench_single_thread(&mut c);

@@ -36,8 +36,9 @@ pin_project! {
     pub struct AbortBody<B> {
         #[pin]
         inner: Option<B>,
-        #[pin]
-        sleep: Option<Sleep>,
+        // Boxed: only a body still streaming when a deadline applies needs a timer, and
+        // an inline `Sleep` would make every response bigger to move.
+        sleep: Option<Pin<Box<Sleep>>>,
         phase: Phase,
         mode: TimeoutMode,
         guard: ClientGoneGuard,
@@ -99,7 +100,7 @@ where
             Poll::Ready(None) => {
                 *this.phase = Phase::Done;
                 this.guard.disarm();
-                this.sleep.set(None);
+                *this.sleep = None;
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Ok(frame))) => {
@@ -119,7 +120,7 @@ where
                 // client going away.
                 *this.phase = Phase::Done;
                 this.guard.disarm();
-                this.sleep.set(None);
+                *this.sleep = None;
                 return Poll::Ready(Some(Err(err.into())));
             }
             Poll::Pending => {}
@@ -130,15 +131,10 @@ where
         };
         let grace = this.mode.grace();
         loop {
-            if this.sleep.is_none() {
-                this.sleep.set(Some(sleep_until(deadline)));
-            }
-            ready!(this
+            let sleep = this
                 .sleep
-                .as_mut()
-                .as_pin_mut()
-                .expect("set above")
-                .poll(cx));
+                .get_or_insert_with(|| Box::pin(sleep_until(deadline)));
+            ready!(sleep.as_mut().poll(cx));
             if let Some(signal) = this.guard.signal() {
                 signal.fire(AbortReason::DeadlineExceeded);
             }
@@ -146,11 +142,7 @@ where
                 // Let the body's producer see the signal and finish cleanly first.
                 *this.phase = Phase::Grace;
                 let backstop = deadline.checked_add(grace).unwrap_or(deadline);
-                this.sleep
-                    .as_mut()
-                    .as_pin_mut()
-                    .expect("set above")
-                    .reset(backstop);
+                sleep.as_mut().reset(backstop);
                 continue;
             }
             if *this.phase == Phase::Grace {
@@ -159,7 +151,7 @@ where
             *this.phase = Phase::Done;
             this.guard.disarm();
             this.inner.set(None);
-            this.sleep.set(None);
+            *this.sleep = None;
             return Poll::Ready(Some(
                 Err(Aborted::new(AbortReason::DeadlineExceeded).into()),
             ));

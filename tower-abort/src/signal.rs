@@ -84,7 +84,8 @@ struct RequestInfo {
     /// `None` when the layer had no use for the clock (no deadline, no events).
     started: Option<Instant>,
     method: Method,
-    uri: Option<Uri>,
+    // Boxed: kept only with an `on_abort` callback; inline it would grow every signal.
+    uri: Option<Box<Uri>>,
 }
 
 impl AbortSignal {
@@ -127,7 +128,7 @@ impl AbortSignal {
             layer: layer.clone(),
             started,
             method,
-            uri,
+            uri: uri.map(Box::new),
         };
         Self::build(parent, deadline, Some(request))
     }
@@ -316,7 +317,7 @@ impl AbortSignal {
             let event = AbortEvent {
                 reason,
                 method: &request.method,
-                uri: request.uri.as_ref(),
+                uri: request.uri.as_deref(),
                 elapsed: request.started.map(|s| s.elapsed()),
                 deadline: inner.deadline,
             };
