@@ -109,3 +109,32 @@ async fn a_root_from_an_existing_token_follows_it() {
     assert_eq!(seen.only().reason(), Some(AbortReason::Shutdown));
     assert!(layer.root().is_shutdown());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_racing_with_arriving_requests_wakes_every_waiter() {
+    for _ in 0..20 {
+        let seen = Seen::default();
+        let (layer, root) = AbortLayer::pair();
+        let svc = layer.layer(cooperative(seen.clone()));
+        let requests: Vec<_> = (0..50)
+            .map(|_| tokio::spawn(svc.clone().oneshot(get("/"))))
+            .collect();
+        tokio::task::yield_now().await;
+        root.shutdown();
+        for request in requests {
+            let response = tokio::time::timeout(Duration::from_secs(10), request)
+                .await
+                .expect("every handler was woken")
+                .unwrap()
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        let signals = seen.all();
+        assert_eq!(signals.len(), 50);
+        assert!(signals
+            .iter()
+            .all(|s| s.reason() == Some(AbortReason::Shutdown)));
+        assert_eq!(root.stats().get(AbortReason::Shutdown), 50);
+        assert_eq!(root.stats().total(), 50);
+    }
+}
