@@ -815,8 +815,8 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_secs(4)).await;
         state.on_bytes_while_idle(); // half a head at t = 4 s, then nothing
-        // In a server the read happens inside the connection's poll, on the driver's task;
-        // here it happens on another task, so wake the driver like that poll would.
+                                     // In a server the read happens inside the connection's poll, on the driver's task;
+                                     // here it happens on another task, so wake the driver like that poll would.
         state.waker.wake();
         let (outcome, elapsed) = task.await.unwrap();
         assert!(matches!(outcome, Outcome::HeaderTimeout), "{outcome:?}");
