@@ -34,6 +34,9 @@ pin_project! {
     /// Frames, [`is_end_stream`](Body::is_end_stream) and [`size_hint`](Body::size_hint)
     /// are the inner body's.
     pub struct AbortBody<B> {
+        // First, so it is dropped first: the signal fires before the inner body (and the
+        // stream producing it) is dropped.
+        guard: ClientGoneGuard,
         #[pin]
         inner: Option<B>,
         // Boxed: only a body still streaming when a deadline applies needs a timer, and
@@ -41,7 +44,6 @@ pin_project! {
         sleep: Option<Pin<Box<Sleep>>>,
         phase: Phase,
         mode: TimeoutMode,
-        guard: ClientGoneGuard,
     }
 }
 

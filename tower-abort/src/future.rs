@@ -32,6 +32,9 @@ pin_project! {
     /// [`AbortReason::ClientGone`].
     #[must_use = "futures do nothing unless polled"]
     pub struct ResponseFuture<F> {
+        // First, so it is dropped first: the signal fires before the handler's future is
+        // dropped, and the handler's drop code sees `ClientGone`.
+        guard: ClientGoneGuard,
         #[pin]
         inner: Option<F>,
         #[pin]
@@ -40,7 +43,6 @@ pin_project! {
         timed_out: bool,
         mode: TimeoutMode,
         timeout_status: StatusCode,
-        guard: ClientGoneGuard,
     }
 }
 
@@ -52,13 +54,13 @@ impl<F> ResponseFuture<F> {
         timeout_status: StatusCode,
     ) -> Self {
         ResponseFuture {
+            guard: ClientGoneGuard::armed(signal),
             inner: Some(inner),
             sleep: None,
             phase: Phase::Armed,
             timed_out: false,
             mode,
             timeout_status,
-            guard: ClientGoneGuard::armed(signal),
         }
     }
 }

@@ -10,7 +10,7 @@ use http_body::Body;
 use support::{answer, get, hang, read_to_end, Seen, TestBody};
 use tokio_test::{assert_pending, task};
 use tower::{Layer, Service, ServiceExt};
-use tower_abort::{AbortLayer, AbortReason};
+use tower_abort::{AbortLayer, AbortReason, AbortSignal};
 
 #[tokio::test(flavor = "current_thread")]
 async fn complete_response_read_to_the_end_does_not_fire() {
@@ -202,5 +202,44 @@ async fn tracing_event_at_the_moment_it_fires() {
     assert!(
         logs.contains("reason=\"client_gone\"") && logs.contains("status=499"),
         "{logs}"
+    );
+}
+
+/// Records the signal's reason at the moment it is dropped.
+struct ReasonOnDrop(
+    AbortSignal,
+    std::sync::Arc<std::sync::Mutex<Option<Option<AbortReason>>>>,
+);
+
+impl Drop for ReasonOnDrop {
+    fn drop(&mut self) {
+        *self.1.lock().unwrap() = Some(self.0.reason());
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_signal_fires_before_the_handler_and_the_body_are_dropped() {
+    // Drop code in the handler (a transaction guard, a cleanup) sees why it is dropped.
+    let at_drop = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let mut svc = AbortLayer::new().layer(tower::service_fn({
+        let at_drop = at_drop.clone();
+        move |req: Request<()>| {
+            let witness = ReasonOnDrop(
+                req.extensions().get::<AbortSignal>().unwrap().clone(),
+                at_drop.clone(),
+            );
+            async move {
+                let _witness = witness;
+                std::future::pending::<()>().await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(TestBody::empty()))
+            }
+        }
+    }));
+    let mut fut = task::spawn(svc.ready().await.unwrap().call(get("/")));
+    assert_pending!(fut.poll());
+    drop(fut);
+    assert_eq!(
+        *at_drop.lock().unwrap(),
+        Some(Some(AbortReason::ClientGone))
     );
 }
