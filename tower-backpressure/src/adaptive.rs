@@ -9,10 +9,12 @@
 //! - [`Aimd`]: additive increase (about `+increase_by` per round trip while the limit is
 //!   actually used), multiplicative decrease on overload or when latency passes a
 //!   threshold. Predictable; the right default when you know your latency budget.
-//! - [`Gradient`]: compares each sample with the minimum service time seen in a window
-//!   (Netflix's Gradient / Envoy's adaptive concurrency): `limit * clamp((min_rtt *
-//!   (1 + tolerance)) / rtt, 0.5, 2) + sqrt(limit)`, smoothed. Finds the latency knee with no
-//!   threshold to configure.
+//! - [`Gradient`]: compares the smoothed service time with the minimum seen in a window
+//!   (Netflix's Gradient2 / Envoy's adaptive concurrency): the limit moves towards
+//!   `limit * clamp(min_rtt * (1 + tolerance) / rtt, 0.5, 1) + sqrt(limit)`, so it grows by
+//!   about `sqrt(limit)` while latency stays near the minimum and shrinks once queueing
+//!   shows; overload backs off multiplicatively and freezes growth for one round trip.
+//!   Finds the latency knee with no threshold to configure.
 //!
 //! Decreases happen at most once per smoothed round trip, so a burst of failures from one
 //! overload episode backs off once rather than collapsing the limit to its minimum.
@@ -172,7 +174,7 @@ impl Gradient {
         self
     }
 
-    /// Weight of each new sample, in `(0, 1]` (default `0.2`).
+    /// How far the limit moves towards its target per round trip, in `(0, 1]` (default `0.2`).
     pub fn smoothing(mut self, smoothing: f64) -> Self {
         self.smoothing = if smoothing.is_finite() {
             smoothing.clamp(0.01, 1.0)
@@ -282,15 +284,26 @@ impl AdaptiveState {
                             rtt
                         }
                     };
-                    let gradient = if rtt > 0.0 {
-                        (min_rtt * (1.0 + g.tolerance) / rtt).clamp(0.5, 2.0)
+                    // The smoothed service time, so one slow request does not swing the limit.
+                    let recent = self.smoothed_rtt.unwrap_or(rtt);
+                    let gradient = if recent > 0.0 {
+                        (min_rtt * (1.0 + g.tolerance) / recent).clamp(0.5, 1.0)
                     } else {
                         1.0
                     };
                     let headroom = self.limit.sqrt();
                     let target = self.limit * gradient + headroom;
-                    if target < self.limit || utilised {
-                        self.limit = self.limit * (1.0 - g.smoothing) + target * g.smoothing;
+                    // No growth for one round trip after backing off: the successes of
+                    // that round trip were admitted at the old, too-high limit.
+                    let settling = self
+                        .last_decrease
+                        .is_some_and(|at| now.saturating_duration_since(at).as_secs_f64() < recent);
+                    if target < self.limit || (utilised && !settling) {
+                        // About `limit` samples arrive per round trip; weighting each by
+                        // `1 / limit` moves the limit `smoothing` of the way per round
+                        // trip, which keeps the loop from overshooting its own lag.
+                        let weight = g.smoothing / self.limit.max(1.0);
+                        self.limit += (target - self.limit) * weight;
                     }
                 }
                 LimitStrategy::Fixed => {}
