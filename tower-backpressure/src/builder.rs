@@ -199,10 +199,19 @@ impl BackpressureBuilder {
     /// current drain rate, is shed at once with
     /// [`ShedReason::DeadlineUnreachable`](crate::ShedReason::DeadlineUnreachable); a
     /// queued request is shed when its deadline arrives. With `tower-abort` in front of
-    /// this layer:
+    /// this layer, read its signal from the extensions
+    /// (`AbortSignal::deadline()` returns `Option<tokio::time::Instant>`):
     ///
-    /// ```ignore
-    /// .deadline(|head| head.extensions().get::<tower_abort::AbortSignal>()?.deadline())
+    /// ```
+    /// # // A stand-in with the shape of `tower_abort::AbortSignal`.
+    /// # #[derive(Clone)] struct AbortSignal;
+    /// # impl AbortSignal { fn deadline(&self) -> Option<tokio::time::Instant> { None } }
+    /// use tower_backpressure::BackpressureLayer;
+    ///
+    /// let layer = BackpressureLayer::builder(64)
+    ///     .deadline(|head| head.extensions().get::<AbortSignal>()?.deadline())
+    ///     .build();
+    /// # let _ = layer;
     /// ```
     pub fn deadline<F>(mut self, deadline: F) -> Self
     where

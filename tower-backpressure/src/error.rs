@@ -126,7 +126,7 @@ impl std::error::Error for Overloaded {}
 
 /// The error a metered request body yields when streaming it would take the bytes in
 /// flight past the byte budget (see
-/// [`BackpressureLayer::meter_bodies_with`](crate::BackpressureLayer::meter_bodies_with)).
+/// [`BackpressureBuilder::meter_bodies_with`](crate::BackpressureBuilder::meter_bodies_with)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BudgetExceeded {
     pub(crate) max_bytes: u64,
