@@ -33,7 +33,7 @@ impl Acquire {
         // The timer firing means the give-up time passed, so the next waiter poll sheds;
         // the bound only guards against a timer that fires a hair early.
         for _ in 0..3 {
-            match self.waiter.poll(cx, Instant::now()) {
+            match self.waiter.poll(cx, Instant::now) {
                 WaitPoll::Ready(result) => {
                     self.sleep = None;
                     return Poll::Ready(result);

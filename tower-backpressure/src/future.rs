@@ -1,10 +1,13 @@
 //! Response futures: wait for admission, ready and call the inner service, hand the permit
 //! to the response body.
+//!
+//! The fast path (admitted at once, or bypassed) calls the inner service inside `call`, so
+//! the future is just the inner future and the permit. Only a queued request keeps its
+//! request and service, boxed, until it is admitted, which keeps the future small.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
@@ -19,19 +22,7 @@ use crate::builder::PermitRelease;
 use crate::error::{Overloaded, ShedReason};
 use crate::layer::HttpShared;
 use crate::limiter::{Admission, Permit};
-
-pin_project! {
-    /// The response future of [`Backpressure`](crate::Backpressure).
-    #[must_use = "futures do nothing unless polled"]
-    pub struct ResponseFuture<S, ReqB>
-    where
-        S: Service<Request<ReqB>>,
-    {
-        #[pin]
-        state: State<S, Request<ReqB>>,
-        shared: Arc<HttpShared>,
-    }
-}
+use crate::sync::Arc;
 
 pin_project! {
     #[project = StateProj]
@@ -39,8 +30,8 @@ pin_project! {
     where
         S: Service<Req>,
     {
-        Waiting { acquire: Acquire, svc: Option<S>, req: Option<Req> },
-        Ready { svc: Option<S>, req: Option<Req>, permit: Option<Permit> },
+        Waiting { acquire: Acquire, pending: Option<Box<(S, Req)>> },
+        Ready { pending: Option<Box<(S, Req)>>, permit: Option<Permit> },
         Called { #[pin] fut: S::Future, permit: Option<Permit> },
         Shed { overloaded: Option<Overloaded> },
         Done,
@@ -51,21 +42,44 @@ impl<S, Req> State<S, Req>
 where
     S: Service<Req>,
 {
-    fn from_admission(admission: Admission, svc: S, req: Req) -> Self {
+    /// Acts on an admission decision. `svc` must have been driven to readiness by the
+    /// caller's `poll_ready`, as the `Service` contract requires before `call`.
+    fn start(
+        admission: Admission,
+        svc: &mut S,
+        req: Req,
+        wrap: impl FnOnce(Req, &mut Permit) -> Req,
+    ) -> Self
+    where
+        S: Clone,
+    {
         match admission {
-            Admission::Admitted(permit) => State::Ready {
-                svc: Some(svc),
-                req: Some(req),
-                permit: Some(permit),
-            },
-            Admission::Queued(waiter) => State::Waiting {
-                acquire: Acquire::new(waiter),
-                svc: Some(svc),
-                req: Some(req),
-            },
+            Admission::Admitted(mut permit) => {
+                let req = wrap(req, &mut permit);
+                State::Called {
+                    fut: svc.call(req),
+                    permit: Some(permit),
+                }
+            }
+            Admission::Queued(waiter) => {
+                // Keep the readied service for when we are admitted; leave a clone behind.
+                let fresh = svc.clone();
+                let readied = std::mem::replace(svc, fresh);
+                State::Waiting {
+                    acquire: Acquire::new(waiter),
+                    pending: Some(Box::new((readied, req))),
+                }
+            }
             Admission::Shed(overloaded) => State::Shed {
                 overloaded: Some(overloaded),
             },
+        }
+    }
+
+    fn bypass(svc: &mut S, req: Req) -> Self {
+        State::Called {
+            fut: svc.call(req),
+            permit: None,
         }
     }
 }
@@ -91,11 +105,10 @@ where
 {
     loop {
         match state.as_mut().project() {
-            StateProj::Waiting { acquire, svc, req } => match ready!(acquire.poll_acquire(cx)) {
+            StateProj::Waiting { acquire, pending } => match ready!(acquire.poll_acquire(cx)) {
                 Ok(permit) => {
                     let next = State::Ready {
-                        svc: svc.take(),
-                        req: req.take(),
+                        pending: pending.take(),
                         permit: Some(permit),
                     };
                     state.set(next);
@@ -105,8 +118,9 @@ where
                     return Poll::Ready(Step::Shed(overloaded));
                 }
             },
-            StateProj::Ready { svc, req, permit } => {
-                let service = svc.as_mut().expect("service present until called");
+            StateProj::Ready { pending, permit } => {
+                let (service, _) = &mut **pending.as_mut().expect("present until called");
+                // Readied before queueing; polled again because time has passed.
                 if let Err(e) = ready!(service.poll_ready(cx)) {
                     if let Some(p) = permit.as_mut() {
                         p.set_outcome(Outcome::Overload);
@@ -115,8 +129,7 @@ where
                     state.set(State::Done);
                     return Poll::Ready(Step::NotReady(Err(e)));
                 }
-                let mut service = svc.take().expect("service present until called");
-                let mut request = req.take().expect("request present until called");
+                let (mut service, mut request) = *pending.take().expect("present until called");
                 let mut permit = permit.take();
                 if let Some(p) = permit.as_mut() {
                     request = wrap(request, p);
@@ -140,29 +153,58 @@ where
     }
 }
 
+/// Wraps the request body in a [`MeteredBody`] when the layer meters bodies of this type.
+pub(crate) fn meter_request<ReqB: 'static>(
+    shared: &HttpShared,
+    req: Request<ReqB>,
+    permit: &mut Permit,
+) -> Request<ReqB> {
+    let Some(meter) = &shared.policy.meter else {
+        return req;
+    };
+    let Some(rewrap) = meter.downcast_ref::<fn(MeteredBody<ReqB>) -> ReqB>() else {
+        return req;
+    };
+    let body_meter = BodyMeter::new(permit);
+    req.map(|body| rewrap(MeteredBody::new(body, body_meter)))
+}
+
+pin_project! {
+    /// The response future of [`Backpressure`](crate::Backpressure).
+    #[must_use = "futures do nothing unless polled"]
+    pub struct ResponseFuture<S, ReqB>
+    where
+        S: Service<Request<ReqB>>,
+    {
+        #[pin]
+        state: State<S, Request<ReqB>>,
+        shared: Arc<HttpShared>,
+    }
+}
+
 impl<S, ReqB> ResponseFuture<S, ReqB>
 where
     S: Service<Request<ReqB>>,
+    ReqB: 'static,
 {
-    pub(crate) fn new(
+    pub(crate) fn start(
         admission: Admission,
-        svc: S,
+        svc: &mut S,
         req: Request<ReqB>,
         shared: Arc<HttpShared>,
-    ) -> Self {
-        ResponseFuture {
-            state: State::from_admission(admission, svc, req),
-            shared,
-        }
+    ) -> Self
+    where
+        S: Clone,
+    {
+        let state = State::start(admission, svc, req, |req, permit| {
+            meter_request(&shared, req, permit)
+        });
+        ResponseFuture { state, shared }
     }
 
-    pub(crate) fn bypass(svc: S, req: Request<ReqB>, shared: Arc<HttpShared>) -> Self {
+    pub(crate) fn bypass(svc: &mut S, req: Request<ReqB>, shared: Arc<HttpShared>) -> Self {
         ResponseFuture {
-            state: State::Ready {
-                svc: Some(svc),
-                req: Some(req),
-                permit: None,
-            },
+            state: State::bypass(svc, req),
             shared,
         }
     }
@@ -201,16 +243,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let shared: &HttpShared = this.shared;
-        let wrap = |req: Request<ReqB>, permit: &mut Permit| -> Request<ReqB> {
-            let Some(meter) = &shared.policy.meter else {
-                return req;
-            };
-            let Some(rewrap) = meter.downcast_ref::<fn(MeteredBody<ReqB>) -> ReqB>() else {
-                return req;
-            };
-            let body_meter = BodyMeter::new(permit);
-            req.map(|body| rewrap(MeteredBody::new(body, body_meter)))
-        };
+        let wrap = |req, permit: &mut Permit| meter_request(shared, req, permit);
         match ready!(poll_state(this.state, cx, wrap)) {
             Step::Shed(overloaded) => {
                 Poll::Ready(Ok(shed_response(&overloaded, shared.policy.status)))
@@ -258,19 +291,18 @@ impl<S, Req> TypedResponseFuture<S, Req>
 where
     S: Service<Req>,
 {
-    pub(crate) fn new(admission: Admission, svc: S, req: Req) -> Self {
+    pub(crate) fn start(admission: Admission, svc: &mut S, req: Req) -> Self
+    where
+        S: Clone,
+    {
         TypedResponseFuture {
-            state: State::from_admission(admission, svc, req),
+            state: State::start(admission, svc, req, |req, _| req),
         }
     }
 
-    pub(crate) fn bypass(svc: S, req: Req) -> Self {
+    pub(crate) fn bypass(svc: &mut S, req: Req) -> Self {
         TypedResponseFuture {
-            state: State::Ready {
-                svc: Some(svc),
-                req: Some(req),
-                permit: None,
-            },
+            state: State::bypass(svc, req),
         }
     }
 }

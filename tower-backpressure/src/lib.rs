@@ -45,9 +45,11 @@
 //!    ([`PermitRelease::BodyEnd`], the default) or until the head is ready
 //!    ([`PermitRelease::Head`]).
 //!
-//! Waiting happens inside the response future, never in `poll_ready` (which is always
-//! ready and takes no permit): axum drives readiness inside `call`, and hyper polls
-//! readiness on idle keep-alive connections, which would otherwise hold permits.
+//! Waiting happens inside the response future, never in `poll_ready` (which only forwards
+//! the inner service's readiness and takes no permit): axum drives readiness inside `call`,
+//! and hyper polls readiness on idle keep-alive connections, which would otherwise hold
+//! permits. An admitted request is handed to the inner service inside `call` itself; a
+//! queued one keeps the readied service (boxed with its request) until it is admitted.
 //!
 //! # Where to put it in an axum app
 //!

@@ -7,7 +7,7 @@
 //! so a newcomer can never steal a slot that a waiter was promised, and a waiter that is
 //! dropped after being granted passes its slot on at once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 #[cfg(test)]
 use std::task::Poll;
 use std::task::{Context, Waker};
@@ -76,6 +76,8 @@ struct Slot {
     status: Status,
     waker: Option<Waker>,
     enqueued: Instant,
+    /// When the hand-off happened; the permit's service time starts here.
+    granted_at: Instant,
     bytes: u64,
     deadline: Option<Instant>,
     retry_after: Duration,
@@ -89,9 +91,8 @@ struct State {
     bytes: u64,
     /// Waiter ids per priority class, oldest first; index by `Priority::index`.
     queues: [VecDeque<u64>; 2],
-    slots: HashMap<u64, Slot>,
+    slots: Slab,
     queued: usize,
-    next_id: u64,
     /// Adaptive order: since when the queue has not been empty, and whether that has
     /// lasted a full interval (a standing queue).
     nonempty_since: Option<Instant>,
@@ -122,11 +123,89 @@ pub(crate) struct Limiter {
     shared: Arc<Shared>,
 }
 
-type Wakers = Vec<Waker>;
+/// Wakers collected under the lock and woken after it; the first one needs no allocation,
+/// and a hand-off wakes exactly one.
+#[derive(Default)]
+struct Wakers {
+    first: Option<Waker>,
+    rest: Vec<Waker>,
+}
+
+impl Wakers {
+    fn new() -> Self {
+        Wakers::default()
+    }
+
+    fn push(&mut self, waker: Waker) {
+        if self.first.is_none() {
+            self.first = Some(waker);
+        } else {
+            self.rest.push(waker);
+        }
+    }
+}
 
 fn wake_all(wakers: Wakers) {
-    for w in wakers {
+    if let Some(w) = wakers.first {
         w.wake();
+    }
+    for w in wakers.rest {
+        w.wake();
+    }
+}
+
+/// Waiter slots by id. Only a slot's own waiter removes it, so an id is never reused
+/// while someone still holds it.
+#[derive(Debug, Default)]
+struct Slab {
+    entries: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    len: usize,
+}
+
+impl Slab {
+    fn insert(&mut self, slot: Slot) -> u64 {
+        self.len += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.entries[i] = Some(slot);
+                i as u64
+            }
+            None => {
+                self.entries.push(Some(slot));
+                (self.entries.len() - 1) as u64
+            }
+        }
+    }
+
+    fn get_mut(&mut self, id: &u64) -> Option<&mut Slot> {
+        self.entries.get_mut(*id as usize).and_then(Option::as_mut)
+    }
+
+    fn remove(&mut self, id: &u64) -> Option<Slot> {
+        let slot = self.entries.get_mut(*id as usize)?.take()?;
+        self.free.push(*id as usize);
+        self.len -= 1;
+        Some(slot)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Slot> {
+        self.entries.iter().flatten()
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::ops::Index<&u64> for Slab {
+    type Output = Slot;
+
+    fn index(&self, id: &u64) -> &Slot {
+        self.entries[*id as usize]
+            .as_ref()
+            .expect("a live waiter id has a slot")
     }
 }
 
@@ -255,6 +334,7 @@ impl State {
                 self.peak_in_flight = self.peak_in_flight.max(self.in_flight);
                 let slot = self.slots.get_mut(&id).expect("queued id has a slot");
                 slot.status = Status::Granted;
+                slot.granted_at = now;
                 self.queue_wait
                     .record(now.saturating_duration_since(slot.enqueued));
                 if let Some(w) = slot.waker.take() {
@@ -291,9 +371,8 @@ impl Limiter {
             in_flight: 0,
             bytes: 0,
             queues: [VecDeque::new(), VecDeque::new()],
-            slots: HashMap::new(),
+            slots: Slab::default(),
             queued: 0,
-            next_id: 0,
             nonempty_since: None,
             standing: false,
             closed: false,
@@ -393,19 +472,15 @@ impl Limiter {
                 return Admission::Shed(state.overloaded(ShedReason::DeadlineUnreachable));
             }
         }
-        let id = state.next_id;
-        state.next_id += 1;
-        state.slots.insert(
-            id,
-            Slot {
-                status: Status::Waiting,
-                waker: None,
-                enqueued: now,
-                bytes: ticket.bytes,
-                deadline: ticket.deadline,
-                retry_after: Duration::ZERO,
-            },
-        );
+        let id = state.slots.insert(Slot {
+            status: Status::Waiting,
+            waker: None,
+            enqueued: now,
+            granted_at: now,
+            bytes: ticket.bytes,
+            deadline: ticket.deadline,
+            retry_after: Duration::ZERO,
+        });
         state.queues[ticket.priority.index()].push_back(id);
         state.queued += 1;
         state.peak_queued = state.peak_queued.max(state.queued);
@@ -567,7 +642,8 @@ pub(crate) enum WaitPoll {
 }
 
 impl Waiter {
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, now: Instant) -> WaitPoll {
+    /// `clock` is read only if the waiter has a give-up time to check.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, clock: impl Fn() -> Instant) -> WaitPoll {
         assert!(!self.done, "waiter polled after completion");
         let limiter = self.limiter.clone();
         let mut wakers = Wakers::new();
@@ -581,9 +657,10 @@ impl Waiter {
                 .expect("a waiter's slot lives until the waiter completes");
             match slot.status {
                 Status::Granted => {
+                    let granted_at = slot.granted_at;
                     state.slots.remove(&self.id);
                     self.done = true;
-                    WaitPoll::Ready(Ok(Permit::new(limiter.clone(), self.ticket, now)))
+                    WaitPoll::Ready(Ok(Permit::new(limiter.clone(), self.ticket, granted_at)))
                 }
                 Status::Shed(reason) => {
                     let retry_after = slot.retry_after;
@@ -593,8 +670,10 @@ impl Waiter {
                 }
                 Status::Waiting => {
                     let give_up = state.give_up_at(config, &state.slots[&self.id]);
+                    let now = give_up.map(|_| clock());
                     match give_up {
-                        Some((at, reason)) if at <= now => {
+                        Some((at, reason)) if now.is_some_and(|now| at <= now) => {
+                            let now = now.expect("checked by the guard");
                             state.slots.remove(&self.id);
                             state.unlink(self.id, self.ticket.priority);
                             self.done = true;
@@ -621,7 +700,7 @@ impl Waiter {
     /// Convenience for callers without a timer (tests, loom models).
     #[cfg(test)]
     pub(crate) fn poll_permit(&mut self, cx: &mut Context<'_>) -> Poll<Result<Permit, Overloaded>> {
-        match self.poll(cx, Instant::now()) {
+        match self.poll(cx, Instant::now) {
             WaitPoll::Ready(r) => Poll::Ready(r),
             WaitPoll::Pending(_) => Poll::Pending,
         }

@@ -19,10 +19,11 @@ use crate::order::Priority;
 /// number more, and answers the rest with `503` (configurable) and `Retry-After`.
 ///
 /// Its error type is `S`'s, so with an `Infallible` inner service (axum) it is
-/// `Infallible` too and needs no `HandleErrorLayer`. `poll_ready` is always ready and takes
-/// no permit: waiting happens in the response future, where axum drives readiness, and
-/// idle keep-alive connections hold nothing. `S` must be `Clone` (axum's routes are): the
-/// future readies and calls its own clone once admitted. See the [crate docs](crate).
+/// `Infallible` too and needs no `HandleErrorLayer`. `poll_ready` only forwards the inner
+/// service's readiness and never takes a permit: waiting happens in the response future,
+/// where axum drives readiness, and idle keep-alive connections hold nothing. `S` must be
+/// `Clone` (axum's routes are): a queued request keeps the readied service and leaves a
+/// clone behind. See the [crate docs](crate).
 #[derive(Debug)]
 pub struct Backpressure<S> {
     inner: S,
@@ -90,19 +91,15 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<S, ReqB>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        // The clone we leave behind is the one that was not necessarily ready; the one we
-        // take is readied inside the future before it is called.
-        let svc = self.inner.clone();
-        let svc = std::mem::replace(&mut self.inner, svc);
         let policy = &self.shared.policy;
         let head = RequestHead::new(&req);
         if policy.bypass.as_ref().is_some_and(|f| f(&head)) {
-            return ResponseFuture::bypass(svc, req, self.shared.clone());
+            return ResponseFuture::bypass(&mut self.inner, req, self.shared.clone());
         }
         let ticket = Ticket {
             priority: policy
@@ -117,7 +114,7 @@ where
             },
         };
         let admission = self.shared.limiter.admit(ticket, Instant::now());
-        ResponseFuture::new(admission, svc, req, self.shared.clone())
+        ResponseFuture::start(admission, &mut self.inner, req, self.shared.clone())
     }
 }
 
@@ -183,22 +180,21 @@ where
     type Error = crate::BoxError;
     type Future = TypedResponseFuture<S, Req>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let svc = self.inner.clone();
-        let svc = std::mem::replace(&mut self.inner, svc);
         let class = self.classify.classify(&req);
         if class.bypass {
-            return TypedResponseFuture::bypass(svc, req);
+            return TypedResponseFuture::bypass(&mut self.inner, req);
         }
         let ticket = Ticket {
             priority: class.priority,
             deadline: class.deadline,
             bytes: class.bytes,
         };
-        TypedResponseFuture::new(self.limiter.admit(ticket, Instant::now()), svc, req)
+        let admission = self.limiter.admit(ticket, Instant::now());
+        TypedResponseFuture::start(admission, &mut self.inner, req)
     }
 }

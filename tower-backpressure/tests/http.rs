@@ -433,35 +433,48 @@ async fn no_leak_when_dropped_at_any_await_point() {
             .unwrap()
     };
 
-    // 1. Admitted, dropped while the inner service is not ready.
-    let mut f = task::spawn(svc.call(sized(1)));
-    assert_pending!(f.poll());
-    assert_eq!((handle.in_flight(), handle.bytes_in_flight()), (1, 10));
-    drop(f);
-    assert_idle(&handle);
-
-    // 2. Queued, dropped while waiting.
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
-    let mut holder = task::spawn(svc.call(sized(2)));
+
+    // 1. Queued, dropped while waiting.
+    let mut holder = task::spawn(svc.call(sized(1)));
     assert_pending!(holder.poll());
-    let mut queued = task::spawn(svc.call(sized(3)));
+    assert_eq!((handle.in_flight(), handle.bytes_in_flight()), (1, 10));
+    let mut queued = task::spawn(svc.call(sized(2)));
     assert_pending!(queued.poll());
     assert_eq!(handle.queued(), 1);
     drop(queued);
     assert_eq!(handle.queued(), 0);
 
-    // 3. Granted a permit by the hand-off but dropped before it was polled again.
-    let mut granted = task::spawn(svc.call(sized(4)));
+    // 2. Granted a permit by the hand-off but dropped before it was polled again, and
+    // 3. dropped inside the inner call future (the holder).
+    let mut granted = task::spawn(svc.call(sized(3)));
     assert_pending!(granted.poll());
-    drop(holder); // 4. Dropped inside the inner call future.
+    drop(holder);
     assert_eq!(handle.in_flight(), 1, "handed to the waiter");
     assert_eq!(handle.queued(), 0);
     drop(granted);
     assert_idle(&handle);
 
+    // 4. Admitted from the queue, dropped while the inner service is not ready.
+    let mut holder = task::spawn(svc.call(sized(4)));
+    assert_pending!(holder.poll());
+    let mut waiting = task::spawn(svc.call(sized(5)));
+    assert_pending!(waiting.poll());
+    ready.store(false, std::sync::atomic::Ordering::SeqCst);
+    drop(holder);
+    assert_pending!(waiting.poll());
+    assert_eq!(
+        (handle.in_flight(), handle.queued()),
+        (1, 0),
+        "admitted, awaiting readiness"
+    );
+    drop(waiting);
+    assert_idle(&handle);
+    ready.store(true, std::sync::atomic::Ordering::SeqCst);
+
     // 5. Dropped with the response body unread.
     gated.release(1);
-    let response = svc.call(sized(5)).await.unwrap();
+    let response = svc.call(sized(6)).await.unwrap();
     assert_eq!(handle.in_flight(), 1);
     drop(response);
     assert_idle(&handle);
