@@ -22,7 +22,7 @@ use crate::builder::PermitRelease;
 use crate::error::{Overloaded, ShedReason};
 use crate::layer::HttpShared;
 use crate::limiter::{Admission, Permit};
-use crate::sync::Arc;
+use std::sync::Arc;
 
 pin_project! {
     #[project = StateProj]
