@@ -322,11 +322,16 @@ async fn followers_keep_the_work_alive_across_tasks() {
     while group.is_empty() {
         tokio::task::yield_now().await;
     }
+    let (joined_tx, joined) = oneshot::channel();
     let follower = tokio::spawn({
         let group = group.clone();
-        async move { group.run(1, || async { unreachable!() }).await }
+        async move {
+            let run = group.run(1, || async { unreachable!() });
+            joined_tx.send(run.role()).unwrap();
+            run.await
+        }
     });
-    tokio::task::yield_now().await;
+    assert_eq!(joined.await.unwrap(), Role::Follower);
     leader.abort();
     let _ = leader.await;
     tx.send(6).unwrap();
