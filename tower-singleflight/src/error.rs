@@ -68,3 +68,65 @@ impl Failure {
         Failure::Panicked(msg)
     }
 }
+
+/// The boxed error type of the HTTP layer, as in tower.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An error of the leader's call or of its response body, as every follower sees it.
+///
+/// All followers of one flight share one error (an `Arc`); the original is its
+/// [`source`](std::error::Error::source). Detect it with `err.is::<SharedError>()`.
+#[derive(Debug, Clone)]
+pub struct SharedError {
+    inner: Arc<BoxError>,
+}
+
+impl SharedError {
+    pub(crate) fn new(inner: BoxError) -> Self {
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    pub(crate) fn from_arc(inner: Arc<BoxError>) -> Self {
+        Self { inner }
+    }
+}
+
+impl fmt::Display for SharedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "shared call failed: {}", self.inner)
+    }
+}
+
+impl std::error::Error for SharedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&**self.inner)
+    }
+}
+
+/// A reader of a shared response body fell more than `max_shared_body` bytes behind the
+/// fastest reader and was cut off, so that it cannot stall the others. Its response ends
+/// with this error, never with a clean (truncated) end.
+#[derive(Debug)]
+pub struct Lagged {
+    max_shared_body: usize,
+}
+
+impl Lagged {
+    pub(crate) fn new(max_shared_body: usize) -> Self {
+        Self { max_shared_body }
+    }
+}
+
+impl fmt::Display for Lagged {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "fell more than {} bytes behind the shared response body",
+            self.max_shared_body
+        )
+    }
+}
+
+impl std::error::Error for Lagged {}
