@@ -194,7 +194,13 @@ struct FanoutState {
     readers: Slab<ReaderSlot>,
     /// Running while the buffer is full and the slowest reader holds it up.
     lag_deadline: Option<Pin<Box<Sleep>>>,
+    /// Called once with the whole body if it ends cleanly with nothing evicted.
+    #[cfg(feature = "micro-cache")]
+    on_complete: Option<OnComplete>,
 }
+
+#[cfg(feature = "micro-cache")]
+pub(crate) type OnComplete = Box<dyn FnOnce(Vec<Bytes>, Option<HeaderMap>) + Send>;
 
 #[derive(Clone)]
 enum End {
@@ -232,12 +238,70 @@ impl Fanout {
                 end: done.then_some(End::Complete(None)),
                 readers: Slab::new(),
                 lag_deadline: None,
+                #[cfg(feature = "micro-cache")]
+                on_complete: None,
             }),
             max_buffer,
             lag_timeout,
             hint,
             counters,
         })
+    }
+
+    /// A fan-out of a body already complete (a micro-cache hit).
+    #[cfg(feature = "micro-cache")]
+    pub(crate) fn completed(
+        chunks: &[Bytes],
+        trailers: Option<HeaderMap>,
+        counters: Arc<Counters>,
+    ) -> Arc<Self> {
+        let len: usize = chunks.iter().map(Bytes::len).sum();
+        Arc::new(Self {
+            state: Mutex::new(FanoutState {
+                body: None,
+                polling: false,
+                needs_poll: false,
+                chunks: chunks.iter().cloned().collect(),
+                base: 0,
+                buffered: len,
+                end: Some(End::Complete(trailers)),
+                readers: Slab::new(),
+                lag_deadline: None,
+                on_complete: None,
+            }),
+            max_buffer: usize::MAX,
+            lag_timeout: Duration::MAX,
+            hint: SizeHint::with_exact(len as u64),
+            counters,
+        })
+    }
+
+    /// Registers `hook` to receive the whole body once it has ended cleanly, provided no
+    /// frame was evicted from the buffer by then.
+    #[cfg(feature = "micro-cache")]
+    pub(crate) fn on_complete(&self, hook: OnComplete) {
+        let mut st = lock(&self.state);
+        st.on_complete = Some(hook);
+        let ready = Self::take_completion(&mut st);
+        drop(st);
+        if let Some(call) = ready {
+            call();
+        }
+    }
+
+    #[cfg(feature = "micro-cache")]
+    fn take_completion(st: &mut FanoutState) -> Option<impl FnOnce()> {
+        let Some(End::Complete(trailers)) = &st.end else {
+            return None;
+        };
+        if st.base != 0 {
+            st.on_complete = None;
+            return None;
+        }
+        let hook = st.on_complete.take()?;
+        let chunks: Vec<Bytes> = st.chunks.iter().cloned().collect();
+        let trailers = trailers.clone();
+        Some(move || hook(chunks, trailers))
     }
 
     /// A new reader, starting at the first frame. If that frame was already dropped from
@@ -457,11 +521,18 @@ impl Reader {
                     )));
                 }
             }
+            #[cfg(feature = "micro-cache")]
+            let completion = Fanout::take_completion(st);
+            #[cfg(not(feature = "micro-cache"))]
+            let completion: Option<fn()> = None;
             // Something new for every parked reader: wake each once.
             let to_wake = parked(st, Some(self.slot));
-            if !to_wake.is_empty() {
+            if !to_wake.is_empty() || completion.is_some() {
                 drop(state);
                 to_wake.into_iter().for_each(Waker::wake);
+                if let Some(call) = completion {
+                    call();
+                }
                 state = lock(&fanout.state);
             }
         }

@@ -29,7 +29,8 @@ pub(crate) type BoxWork<V> = Pin<Box<dyn Future<Output = V> + Send>>;
 
 pub(crate) struct Flight<V> {
     pub(crate) state: Mutex<State<V>>,
-    pub(crate) started: Instant,
+    /// When it started; only read (and only taken) when the group has a `max_age`.
+    pub(crate) started: Option<Instant>,
 }
 
 pub(crate) struct State<V> {
@@ -57,7 +58,7 @@ pub(crate) enum Stage<V> {
 
 impl<V> Flight<V> {
     /// A flight in the `Starting` stage whose first waiter (the leader) is slot 0.
-    pub(crate) fn starting(started: Instant) -> (Self, usize) {
+    pub(crate) fn starting(started: Option<Instant>) -> (Self, usize) {
         let mut waiters = Slab::with_capacity(1);
         let leader = waiters.insert(None);
         let flight = Flight {

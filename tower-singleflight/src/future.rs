@@ -70,6 +70,8 @@ pin_project! {
         Fallback { svc: Option<S>, req: Option<Request<ReqB>> },
         // A response of the layer's own (`503` overflow, `504` wait timeout).
         Immediate { status: StatusCode },
+        // A micro-cache hit.
+        Cached { hit: Option<CacheHit>, head_only: bool },
     }
 }
 
@@ -118,6 +120,17 @@ where
         )
     }
 
+    #[cfg(feature = "micro-cache")]
+    pub(crate) fn cached(hit: CacheHit, head_only: bool, shared: &Shared<K>) -> Self {
+        Self::new(
+            State::Cached {
+                hit: Some(hit),
+                head_only,
+            },
+            shared,
+        )
+    }
+
     pub(crate) fn rejected(shared: &Shared<K>) -> Self {
         Self::new(
             State::Immediate {
@@ -140,6 +153,7 @@ where
             State::Follow { .. } => "follow",
             State::Fallback { .. } => "fallback",
             State::Immediate { .. } => "immediate",
+            State::Cached { .. } => "cached",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -260,6 +274,14 @@ where
                         label: "fallback",
                     }
                 }
+                StateProj::Cached { hit, head_only } => {
+                    let hit = hit.take().expect("polled after completion");
+                    return Poll::Ready(Ok(labelled(
+                        cached_response(&hit, *head_only, this.counters),
+                        "cache",
+                        config,
+                    )));
+                }
                 StateProj::Immediate { status } => {
                     let mut response = Response::new(SingleflightBody::empty());
                     *response.status_mut() = *status;
@@ -269,6 +291,38 @@ where
             this.state.set(next);
         }
     }
+}
+
+#[cfg(feature = "micro-cache")]
+type CacheHit = Arc<crate::cache::Cached>;
+/// Without the micro-cache there are no hits: never constructed.
+#[cfg(not(feature = "micro-cache"))]
+#[allow(dead_code)]
+struct CacheHit;
+
+#[cfg(feature = "micro-cache")]
+fn cached_response<B>(
+    hit: &crate::cache::Cached,
+    head_only: bool,
+    counters: &Arc<Counters>,
+) -> Response<SingleflightBody<B>> {
+    let body = if head_only {
+        SingleflightBody::empty()
+    } else {
+        let fanout =
+            crate::body::Fanout::completed(&hit.chunks, hit.trailers.clone(), Arc::clone(counters));
+        SingleflightBody::shared(fanout.reader())
+    };
+    Response::from_parts(hit.head.clone(), body)
+}
+
+#[cfg(not(feature = "micro-cache"))]
+fn cached_response<B>(
+    _hit: &CacheHit,
+    _head_only: bool,
+    _counters: &Arc<Counters>,
+) -> Response<SingleflightBody<B>> {
+    Response::new(SingleflightBody::empty())
 }
 
 fn lead_response<B: 'static>(

@@ -301,7 +301,7 @@ where
             drop(map);
             return self.overflow(key, make);
         }
-        let (flight, slot) = Flight::starting((inner.config.clock)());
+        let (flight, slot) = Flight::starting(inner.now());
         let flight = Arc::new(flight);
         map.insert(key.clone(), Arc::clone(&flight));
         if !replacing {
@@ -322,7 +322,7 @@ where
     }
 
     fn overflow(&self, _key: K, make: impl FnOnce() -> BoxWork<V>) -> Run<K, V> {
-        let (flight, slot) = Flight::starting((self.inner.config.clock)());
+        let (flight, slot) = Flight::starting(self.inner.now());
         let mut waiter = Waiter {
             flight: Arc::new(flight),
             group: None,
@@ -381,8 +381,15 @@ impl<K: Hash + Eq, V> GroupInner<K, V> {
 
     fn too_old(&self, flight: &Flight<V>) -> bool {
         self.config.max_age.is_some_and(|max| {
-            (self.config.clock)().saturating_duration_since(flight.started) >= max
+            flight.started.is_some_and(|started| {
+                (self.config.clock)().saturating_duration_since(started) >= max
+            })
         })
+    }
+
+    /// The start time to record for a new flight: only needed to enforce `max_age`.
+    fn now(&self) -> Option<Instant> {
+        self.config.max_age.map(|_| (self.config.clock)())
     }
 
     /// Removes `flight` from the map if it is still the entry for `key`.

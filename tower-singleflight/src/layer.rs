@@ -88,6 +88,8 @@ pub(crate) struct Config {
     pub(crate) max_followers: Option<usize>,
     pub(crate) max_keys: Option<usize>,
     pub(crate) overflow: OverflowPolicy,
+    #[cfg(feature = "micro-cache")]
+    pub(crate) cache: Option<crate::cache::MicroCache>,
 }
 
 impl Default for Config {
@@ -107,6 +109,8 @@ impl Default for Config {
             max_followers: None,
             max_keys: None,
             overflow: OverflowPolicy::RunAlone,
+            #[cfg(feature = "micro-cache")]
+            cache: None,
         }
     }
 }
@@ -153,6 +157,8 @@ pub(crate) struct Shared<K> {
     pub(crate) config: Arc<Config>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) credentials: CredentialHasher,
+    #[cfg(feature = "micro-cache")]
+    pub(crate) cache: Option<moka::sync::Cache<FlightKey<K>, Arc<crate::cache::Cached>>>,
 }
 
 /// Applies [`Singleflight`] to a service. See the [crate documentation](crate) for the
@@ -213,6 +219,8 @@ impl<K: KeyFn> SingleflightLayer<K> {
             config: Arc::new(config.clone()),
             counters: Arc::clone(&counters),
             credentials: CredentialHasher::new(),
+            #[cfg(feature = "micro-cache")]
+            cache: config.cache.as_ref().map(crate::cache::MicroCache::build),
         });
         Self {
             key_fn,
@@ -314,10 +322,21 @@ impl<K: KeyFn> SingleflightLayer<K> {
         self.with(|c| c.errors = policy)
     }
 
-    /// Adds `x-singleflight: leader | follower | bypass | fallback` to every response, for
+    /// Adds `x-singleflight: leader | follower | bypass | fallback | cache | layer` to every
+    /// response, for
     /// debugging. Off by default.
     pub fn debug_header(self, on: bool) -> Self {
         self.with(|c| c.debug_header = on)
+    }
+
+    /// Keeps finished, shareable responses for a short linger (see [`MicroCache`]), so
+    /// requests arriving just after a flight ends coalesce too. Off by default.
+    ///
+    /// [`MicroCache`]: crate::MicroCache
+    #[cfg(feature = "micro-cache")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "micro-cache")))]
+    pub fn micro_cache(self, cache: crate::cache::MicroCache) -> Self {
+        self.with(|c| c.cache = Some(cache))
     }
 
     /// The counters of this layer and every service it makes.

@@ -129,13 +129,24 @@
 //! a bypass or a follower's own call), a `SharedError`, or a [`FlightError`] (the shared
 //! call panicked). Under axum, turn them into responses with `HandleErrorLayer`.
 //!
+//! ## Micro-cache (feature `micro-cache`)
+//!
+//! `SingleflightLayer::micro_cache(MicroCache::new(linger))` keeps a finished, shareable
+//! response for a short `linger` (say one second), so a burst arriving just after a
+//! flight ends is served too, like nginx micro-caching. Entries live in a bounded
+//! [moka](https://docs.rs/moka) cache (by entries and by bytes). Only responses that passed
+//! every share-time check, whose body ended cleanly and fitted in the replay buffer, are
+//! kept, for at most their `Cache-Control: s-maxage`/`max-age` (`max-age=0`: not at all).
+//! A hit is checked against `Vary` like a follower; a `HEAD` may be served from a `GET`
+//! entry.
+//!
 //! ## Observability
 //!
 //! [`SingleflightLayer::stats`] returns a [`Stats`] handle: leaders, followers, bypasses by
 //! [`BypassReason`], fallbacks (followers that made their own call), wait timeouts, shared
-//! errors, lagged readers, and keys in flight now.
+//! errors, lagged readers, micro-cache hits, and keys in flight now.
 //! [`debug_header`](SingleflightLayer::debug_header) adds `x-singleflight:
-//! leader | follower | bypass | fallback | layer`. With the `tracing` feature, the leader's
+//! leader | follower | bypass | fallback | cache | layer`. With the `tracing` feature, the leader's
 //! call runs in a `singleflight.flight` span and each follower's current span gets a
 //! follows-from link to it.
 //!
@@ -215,6 +226,8 @@
 #![doc(test(no_crate_inject, attr(deny(warnings, rust_2018_idioms))))]
 
 mod body;
+#[cfg(feature = "micro-cache")]
+mod cache;
 pub mod error;
 mod flight;
 pub mod future;
@@ -230,6 +243,9 @@ mod sync;
 mod loom_tests;
 
 pub use crate::body::SingleflightBody;
+#[cfg(feature = "micro-cache")]
+#[cfg_attr(docsrs, doc(cfg(feature = "micro-cache")))]
+pub use crate::cache::MicroCache;
 pub use crate::error::FlightError;
 pub use crate::group::{Group, GroupBuilder, OverflowPolicy, Role, Run};
 pub use crate::key::{DefaultKey, KeyFn, RequestKey};

@@ -138,6 +138,16 @@ where
             }
         };
 
+        #[cfg(feature = "micro-cache")]
+        if let Some(cache) = &shared.cache {
+            if let Some(hit) = crate::cache::lookup(cache, &key, req.headers()) {
+                counters.cache_hit();
+                return ResponseFuture::cached(hit, key.head, shared);
+            }
+        }
+        #[cfg(feature = "micro-cache")]
+        let store_key = shared.cache.as_ref().map(|_| key.clone());
+
         // A HEAD may join a GET flight: it gets the head only.
         if key.head {
             let get_key = FlightKey {
@@ -167,6 +177,10 @@ where
                 Arc::clone(counters),
                 #[cfg(feature = "tracing")]
                 span.id(),
+                #[cfg(feature = "micro-cache")]
+                shared.cache.clone().zip(store_key).map(|(cache, key)| {
+                    Box::new(move |cached| cache.insert(key, cached)) as share::CacheStore
+                }),
             );
             #[cfg(feature = "tracing")]
             let work = tracing::Instrument::instrument(work, span);

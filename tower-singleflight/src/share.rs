@@ -63,6 +63,10 @@ impl Outcome {
     }
 }
 
+/// Stores a finished response in the micro-cache under the flight's key.
+#[cfg(feature = "micro-cache")]
+pub(crate) type CacheStore = Box<dyn FnOnce(Arc<crate::cache::Cached>) + Send>;
+
 /// The shared work of a flight: the leader's call, then the share-time checks.
 pub(crate) async fn work<F, B, E>(
     call: F,
@@ -70,6 +74,7 @@ pub(crate) async fn work<F, B, E>(
     config: Arc<Config>,
     counters: Arc<Counters>,
     #[cfg(feature = "tracing")] span: Option<tracing::Id>,
+    #[cfg(feature = "micro-cache")] store: Option<CacheStore>,
 ) -> Outcome
 where
     F: Future<Output = Result<Response<B>, E>>,
@@ -96,9 +101,29 @@ where
             None => {
                 let (head, body) = response.into_parts();
                 let body: BoxBody = Box::pin(IntoBytes::new(body));
+                let fanout =
+                    Fanout::new(body, config.max_shared_body, config.lag_timeout, counters);
+                #[cfg(feature = "micro-cache")]
+                if let (Some(store), Some(cache)) = (store, &config.cache) {
+                    let fresh_for = crate::cache::freshness(&head.headers, cache.linger);
+                    if !fresh_for.is_zero() {
+                        let (head, leader_headers) = (head.clone(), leader_headers.clone());
+                        fanout.on_complete(Box::new(move |chunks, trailers| {
+                            let bytes = chunks.iter().map(bytes::Bytes::len).sum();
+                            store(Arc::new(crate::cache::Cached {
+                                head,
+                                leader_headers,
+                                chunks,
+                                trailers,
+                                bytes,
+                                expires_at: tokio::time::Instant::now() + fresh_for,
+                            }));
+                        }));
+                    }
+                }
                 OutcomeKind::Shared {
                     head,
-                    fanout: Fanout::new(body, config.max_shared_body, config.lag_timeout, counters),
+                    fanout,
                     leader_headers,
                     #[cfg(feature = "tracing")]
                     span,

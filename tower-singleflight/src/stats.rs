@@ -93,6 +93,7 @@ pub(crate) struct Counters {
     wait_timeouts: AtomicU64,
     shared_errors: AtomicU64,
     lagged: AtomicU64,
+    cache_hits: AtomicU64,
     bypass: [AtomicU64; BypassReason::ALL.len()],
 }
 
@@ -114,6 +115,10 @@ impl Counters {
     }
     pub(crate) fn lagged(&self) {
         self.lagged.fetch_add(1, Relaxed);
+    }
+    #[cfg_attr(not(feature = "micro-cache"), allow(dead_code))]
+    pub(crate) fn cache_hit(&self) {
+        self.cache_hits.fetch_add(1, Relaxed);
     }
     pub(crate) fn bypass(&self, reason: BypassReason) {
         self.bypass[reason.index()].fetch_add(1, Relaxed);
@@ -166,6 +171,11 @@ impl Stats {
         self.counters.lagged.load(Relaxed)
     }
 
+    /// Requests served from the micro-cache (feature `micro-cache`).
+    pub fn cache_hits(&self) -> u64 {
+        self.counters.cache_hits.load(Relaxed)
+    }
+
     /// Keys in flight now.
     pub fn in_flight(&self) -> usize {
         (self.in_flight)()
@@ -181,6 +191,7 @@ impl fmt::Debug for Stats {
             .field("wait_timeouts", &self.wait_timeouts())
             .field("shared_errors", &self.shared_errors())
             .field("lagged", &self.lagged())
+            .field("cache_hits", &self.cache_hits())
             .field("in_flight", &self.in_flight());
         for reason in BypassReason::ALL {
             s.field(reason.as_str(), &self.bypassed(reason));
