@@ -64,11 +64,11 @@ pub(crate) struct Cli {
     pub(crate) max_head_size: usize,
 
     /// Most header fields in one request; more get `431`.
-    #[arg(long, env = "CLUSTER_MAX_HEADERS", default_value_t = 100)]
+    #[arg(long, env = "CLUSTER_MAX_HEADERS", default_value_t = 100, value_parser = parse_at_least_one)]
     pub(crate) max_headers: usize,
 
     /// Length of each listening socket's accept queue.
-    #[arg(long, env = "CLUSTER_BACKLOG", default_value_t = 1024)]
+    #[arg(long, env = "CLUSTER_BACKLOG", default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..))]
     pub(crate) backlog: i32,
 
     /// Tokio runtime of each worker process (see the README for the measurement behind the
@@ -91,7 +91,7 @@ pub(crate) struct Cli {
 
     /// Crashes of one worker slot inside `--crash-window` after which the whole server
     /// stops (exit code 1) instead of restarting the worker again.
-    #[arg(long, env = "CLUSTER_CRASH_LIMIT", default_value_t = 5)]
+    #[arg(long, env = "CLUSTER_CRASH_LIMIT", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) crash_limit: u32,
 
     /// Window for `--crash-limit`.
@@ -191,6 +191,14 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn parse_head_size(s: &str) -> Result<usize, String> {
     let n: usize = s.parse().map_err(|e| format!("{e}"))?;
     if n < MIN_HEAD_SIZE {
@@ -276,6 +284,9 @@ mod tests {
             &["cluster", "--max-requests-per-connection", "0"],
             &["cluster", "--admin", "nowhere"],
             &["cluster", "--internal-worker", "1:2:1:5"],
+            &["cluster", "--crash-limit", "0"],
+            &["cluster", "--backlog", "-1"],
+            &["cluster", "--max-headers", "0"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?} accepted");
         }

@@ -16,7 +16,7 @@
 //! supervisor change.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -40,6 +40,8 @@ pub(crate) struct WorkerMetrics {
     pub(crate) requests: Family<StatusLabel, Counter>,
     /// `http_connections_open`: connections currently open.
     pub(crate) connections_open: Gauge,
+    /// Counters of statuses 100..=599, filled on first use.
+    status_cache: Box<[OnceLock<Counter>]>,
 }
 
 impl WorkerMetrics {
@@ -61,12 +63,23 @@ impl WorkerMetrics {
             registry,
             requests,
             connections_open,
+            status_cache: (100..600).map(|_| OnceLock::new()).collect(),
         }
     }
 
     /// Counts one response.
     pub(crate) fn count_response(&self, status: u16) {
-        self.requests.get_or_create(&StatusLabel { status }).inc();
+        // The family's lookup takes a read lock and hashes per call; valid statuses keep
+        // their counter in a lock-free cache after the first response.
+        let Some(slot) = status
+            .checked_sub(100)
+            .and_then(|i| self.status_cache.get(usize::from(i)))
+        else {
+            self.requests.get_or_create(&StatusLabel { status }).inc();
+            return;
+        };
+        slot.get_or_init(|| self.requests.get_or_create(&StatusLabel { status }).clone())
+            .inc();
     }
 
     /// The registry in OpenMetrics text, as sent to the supervisor.

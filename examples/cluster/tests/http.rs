@@ -8,11 +8,18 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::{connect, get, read_response, time_until_closed, Server};
+use support::{connect, get, metric, read_response, time_until_closed, Server};
 
 #[test]
 fn routes_and_status_codes() {
-    let server = Server::start(&["--workers", "1", "--max-head-size", "16384"]);
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--max-head-size",
+        "16384",
+        "--metrics-interval",
+        "100ms",
+    ]);
     let res = get(server.addr, "/").unwrap();
     assert_eq!(res.status, 200);
     assert_eq!(res.body, b"Hello, World!");
@@ -58,6 +65,12 @@ fn routes_and_status_codes() {
 
     // The server is still fine.
     assert_eq!(get(server.addr, "/").unwrap().status, 200);
+
+    // hyper's automatic answers are counted too.
+    server.wait_metrics("every status counted", |t| {
+        let n = |s: u16| metric(t, &format!("http_requests_total{{status=\"{s}\"}}"));
+        n(200) == Some(4.0) && n(400) == Some(7.0) && n(404) == Some(1.0) && n(431) == Some(2.0)
+    });
 }
 
 #[tokio::test]
