@@ -293,6 +293,55 @@ mod tests {
     }
 
     #[test]
+    fn help_documents_every_default_and_env_variable() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        for needle in [
+            "[default: number of CPU cores]",
+            "[default: 127.0.0.1:3000]",
+            "[default: 127.0.0.1:9000]",
+            "[default: 5s]",
+            "[default: 10s]",
+            "[default: unlimited]",
+            "CLUSTER_WORKERS",
+            "CLUSTER_KEEP_ALIVE_TIMEOUT",
+            "CLUSTER_HEADER_TIMEOUT",
+            "CLUSTER_MAX_REQUESTS_PER_CONNECTION",
+            "CLUSTER_SHUTDOWN_GRACE",
+        ] {
+            assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
+        }
+        assert!(
+            !help.contains("internal-worker"),
+            "the worker mode is hidden"
+        );
+    }
+
+    #[test]
+    fn options_are_read_from_the_environment() {
+        // Parsed through clap's `env` support; set on a private command to avoid touching
+        // this test process's environment.
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "keep_alive_timeout")
+            .unwrap();
+        assert_eq!(
+            arg.get_env().and_then(|e| e.to_str()),
+            Some("CLUSTER_KEEP_ALIVE_TIMEOUT")
+        );
+        let without_env: Vec<_> = cmd
+            .get_arguments()
+            .filter(|a| {
+                a.get_env().is_none()
+                    && !matches!(a.get_id().as_str(), "internal_worker" | "help" | "version")
+            })
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert!(without_env.is_empty(), "no env variable: {without_env:?}");
+    }
+
+    #[test]
     fn worker_args_round_trip() {
         let w = WorkerArgs {
             slot: 3,

@@ -333,11 +333,16 @@ impl ConnState {
         if t.in_flight == 0 && t.phase == Phase::Busy {
             t.phase = Phase::Idle;
             t.deadline = Some(Instant::now() + self.keep_alive_timeout);
-            self.idle_h1
-                .store(!self.h2.load(Ordering::Relaxed), Ordering::Relaxed);
+            let h2 = self.h2.load(Ordering::Relaxed);
+            self.idle_h1.store(!h2, Ordering::Relaxed);
+            drop(t);
+            // HTTP/1 bodies end inside the connection's poll, after which the driver looks
+            // at the new deadline anyway. HTTP/2 bodies end on their stream's task: wake the
+            // driver, whose armed timer may be later than the new idle deadline.
+            if h2 {
+                self.waker.wake();
+            }
         }
-        // The new deadline is never earlier than the armed one (see `drive`), so the driver
-        // needs no wake-up here.
     }
 
     /// Bytes arrived on an idle HTTP/1 connection: the next request head has started.
@@ -841,6 +846,35 @@ mod tests {
         state.on_response_done();
         assert!(!state.idle_h1.load(Ordering::Relaxed));
         assert_eq!(state.phase(), Phase::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_idle_deadline_set_on_another_task_is_not_missed() {
+        // header 10 s, keep-alive 1 s: the driver's timer is armed at 10 s when the stream
+        // task ends the only response at 0.2 s; the idle close must still come at 1.2 s.
+        let (state, signal, conn, shutdowns) = setup(10, 1, true);
+        let task = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                (
+                    drive(conn, graceful, &state, &signal).await,
+                    start.elapsed(),
+                )
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        state.on_request(Version::HTTP_2);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stream_task = {
+            let state = state.clone();
+            tokio::spawn(async move { drop(InFlight(state)) })
+        };
+        stream_task.await.unwrap();
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_millis(1200));
+        assert_eq!(shutdowns.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]
