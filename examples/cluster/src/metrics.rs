@@ -2,9 +2,10 @@
 //!
 //! # How workers report
 //!
-//! A worker keeps an ordinary [`prometheus_client`] [`Registry`]. Every
-//! `--metrics-interval`, and once more when it finishes draining, it encodes the registry in
-//! the OpenMetrics text format and sends the text to the supervisor over its control socket.
+//! A worker keeps an ordinary [`prometheus_client`] [`Registry`]. When the supervisor is
+//! scraped it asks every worker for a snapshot and waits up to 250 ms for the answers; workers
+//! also report every `--metrics-interval` and once more when they finish draining. A snapshot
+//! is the registry encoded in the OpenMetrics text format, sent over the control socket.
 //! The supervisor parses each snapshot into `(family, kind, labels) -> value` samples and its
 //! [`ClusterCollector`] sums them by family and label set at scrape time. When a worker exits
 //! its last counter and histogram values are folded into a "retired" total, so cluster

@@ -289,6 +289,21 @@ fn metrics_sum_over_workers_and_survive_restarts() {
 }
 
 #[test]
+fn metrics_are_fresh_at_scrape_time() {
+    // Periodic reports are an hour apart: only scrape-on-demand can show these requests.
+    let server = Server::start(&["--workers", "2", "--metrics-interval", "1h"]);
+    for _ in 0..20 {
+        assert_eq!(get(server.addr, "/").unwrap().status, 200);
+    }
+    let text = server.metrics();
+    assert_eq!(
+        metric(&text, "http_requests_total{status=\"200\"}"),
+        Some(20.0),
+        "{text}"
+    );
+}
+
+#[test]
 fn single_process_mode() {
     let mut server = Server::start(&["--workers", "0", "--shutdown-grace", "2s"]);
     assert!(server.workers().is_empty(), "no worker processes");
