@@ -277,3 +277,36 @@ async fn http2_prior_knowledge() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn http2_idle_connection_closed_after_keep_alive_timeout() {
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--keep-alive-timeout",
+        "1s",
+        "--header-timeout",
+        "10s",
+    ]);
+    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get("http://test/")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+    let idle = Instant::now();
+    // The server sends GOAWAY once idle for the keep-alive timeout; the connection ends.
+    tokio::time::timeout(Duration::from_secs(8), conn)
+        .await
+        .expect("idle HTTP/2 connection closed by the server")
+        .unwrap()
+        .unwrap();
+    let t = idle.elapsed();
+    assert!(t >= Duration::from_millis(800), "closed after {t:?}");
+}

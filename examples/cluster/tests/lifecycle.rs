@@ -223,6 +223,29 @@ fn sigterm_lets_the_in_flight_request_finish_and_exits_0() {
 }
 
 #[test]
+fn sigterm_closes_idle_keep_alive_connections_at_once() {
+    let mut server = Server::start(&[
+        "--workers",
+        "2",
+        "--keep-alive-timeout",
+        "30s",
+        "--shutdown-grace",
+        "20s",
+    ]);
+    let mut idle = support::connect(server.addr);
+    std::io::Write::write_all(&mut idle, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    assert_eq!(support::read_response(&mut idle).unwrap().status, 200);
+    server.signal("TERM");
+    let t = support::time_until_closed(&mut idle);
+    assert!(
+        t < Duration::from_secs(5),
+        "idle connection closed after {t:?}"
+    );
+    let status = server.wait_exit(PATIENCE).expect("exited");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
 fn sigterm_forces_what_exceeds_the_grace_period() {
     let mut server = Server::start(&["--workers", "1", "--shutdown-grace", "500ms"]);
     let addr = server.addr;
@@ -311,6 +334,6 @@ fn single_process_mode() {
     server.wait_metrics("own metrics", |t| {
         metric(t, "http_requests_total{status=\"200\"}") == Some(1.0)
     });
-    server.signal("TERM");
+    server.signal("INT");
     assert_eq!(server.wait_exit(PATIENCE).unwrap().code(), Some(0));
 }
