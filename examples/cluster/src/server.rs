@@ -85,7 +85,10 @@ pub(crate) async fn accept_loop<S, B>(
                 // Out of descriptors or memory: back off instead of spinning; the
                 // connection stays in the backlog meanwhile.
                 tracing::warn!(error = %e, "accept failed; retrying in 100ms");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
             }
         }
     }

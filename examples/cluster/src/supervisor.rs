@@ -430,9 +430,6 @@ impl Supervisor {
                     self.metrics.workers.inc();
                 }
                 tracing::debug!(slot, pid, "worker ready");
-                if self.stopping {
-                    let _ = w.to_worker.send(ToWorker::Drain { gentle: false });
-                }
             }
             Role::Pending => {
                 w.role = Role::Current;
