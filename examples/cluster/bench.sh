@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Interleaved wrk runs of `cluster --workers 2` (both runtime flavours) against a bare hyper
+# Interleaved wrk runs of `cluster --workers 2` (both runtime flavours; `cluster-0` is the
+# single process of `--workers 0`, same runtime shape as the baseline) against a bare hyper
 # hello world, GET /, 64 keep-alive connections. Prints req/s and server CPU per request
 # (utime+stime of the server's processes, supervisor included, divided by requests served).
 #
 #   examples/cluster/bench.sh [ROUNDS=5] [SECONDS=10]
+#   VARIANTS="cluster-ct bare" examples/cluster/bench.sh 10 8
 #
 # Needs wrk and a release build:
 #   cargo build --release -p cluster --bins --examples
@@ -33,6 +35,7 @@ run() { # variant -> prints "variant req/s us_cpu_per_req"
     case $variant in
         cluster-ct) RUST_LOG=warn "$cluster" --workers 2 --listen 127.0.0.1:$port --admin off --worker-runtime current-thread & ;;
         cluster-mt) RUST_LOG=warn "$cluster" --workers 2 --listen 127.0.0.1:$port --admin off --worker-runtime multi-thread & ;;
+        cluster-0) RUST_LOG=warn "$cluster" --workers 0 --listen 127.0.0.1:$port --admin off & ;;
         bare) "$bare" 127.0.0.1:$port 2>/dev/null & ;;
     esac
     pid=$!
@@ -55,13 +58,14 @@ run() { # variant -> prints "variant req/s us_cpu_per_req"
         'BEGIN { printf "%-11s %10.0f req/s  %5.2f us CPU/req  %s\n", v, r, t * 1e6 / hz / n, e }'
 }
 
-variants=(cluster-ct bare cluster-mt)
+read -r -a variants <<<"${VARIANTS:-cluster-ct bare cluster-mt}"
+count=${#variants[@]}
 results=$(mktemp)
 for round in $(seq "$rounds"); do
     echo "# round $round"
     # Rotate the order so no variant always runs first.
-    for i in 0 1 2; do
-        run "${variants[$(((i + round) % 3))]}" | tee -a "$results"
+    for i in $(seq 0 $((count - 1))); do
+        run "${variants[$(((i + round) % count))]}" | tee -a "$results"
     done
 done
 echo "# medians over $rounds rounds"
