@@ -108,8 +108,13 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
+/// How long requests still running at the end of the grace period get, after their
+/// `AbortSignal`s fired with `Shutdown`, to answer before their connections are dropped.
+const ABORT_GRACE: Duration = Duration::from_millis(500);
+
 /// Drains a serving process: the first level received starts the drain, later ones may
-/// escalate it; whatever is still open when `grace` ends is dropped.
+/// escalate it. When `grace` ends, every in-flight request's signal fires (`abort_root`)
+/// so handlers can stop cleanly; whatever is still open [`ABORT_GRACE`] later is dropped.
 pub(crate) async fn drain(
     first: DrainLevel,
     mut more: mpsc::UnboundedReceiver<DrainLevel>,
@@ -117,6 +122,7 @@ pub(crate) async fn drain(
     stop: &CancellationToken,
     tracker: &TaskTracker,
     grace: Duration,
+    abort_root: &tower_abort::AbortRoot,
 ) {
     let deadline = Instant::now() + grace;
     stop.cancel();
@@ -144,7 +150,19 @@ pub(crate) async fn drain(
     }
     tracing::warn!(
         connections = tracker.len(),
-        "shutdown grace period over: closing the remaining connections"
+        "shutdown grace period over: aborting the requests still running"
+    );
+    abort_root.shutdown();
+    if tokio::time::timeout(ABORT_GRACE, tracker.wait())
+        .await
+        .is_ok()
+    {
+        tracing::info!("drained after aborting");
+        return;
+    }
+    tracing::warn!(
+        connections = tracker.len(),
+        "closing the remaining connections"
     );
     signal.raise(DrainLevel::Force);
     if tokio::time::timeout(Duration::from_secs(1), tracker.wait())

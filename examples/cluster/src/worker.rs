@@ -56,9 +56,13 @@ impl Serving {
     /// Starts accepting on `listener`.
     fn start(&self, cli: &Cli, listener: tokio::net::TcpListener) {
         // The one place the application stack is built; every connection clones it.
-        let app = routes::app(RouteConfig {
-            max_sleep: cli.max_sleep,
-        });
+        let app = routes::app(
+            RouteConfig {
+                max_sleep: cli.max_sleep,
+            },
+            tower_abort::AbortLayer::with_root(self.metrics.abort_root.clone()),
+            self.metrics.work_cancelled.clone(),
+        );
         tokio::spawn(server::accept_loop(
             listener,
             app,
@@ -76,6 +80,7 @@ impl Serving {
             &self.stop,
             &self.tracker,
             cli.shutdown_grace,
+            &self.metrics.abort_root,
         )
         .await
     }

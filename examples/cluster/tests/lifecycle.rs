@@ -2,6 +2,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -246,7 +247,7 @@ fn sigterm_closes_idle_keep_alive_connections_at_once() {
 }
 
 #[test]
-fn sigterm_forces_what_exceeds_the_grace_period() {
+fn sigterm_aborts_what_exceeds_the_grace_period() {
     let mut server = Server::start(&["--workers", "1", "--shutdown-grace", "500ms"]);
     let addr = server.addr;
     let slow = std::thread::spawn(move || get(addr, "/sleep?ms=10000"));
@@ -262,10 +263,42 @@ fn sigterm_forces_what_exceeds_the_grace_period() {
         "{:?}",
         signalled.elapsed()
     );
+    // When the grace ran out the request's AbortSignal fired: `/sleep` stopped and
+    // answered instead of being cut off mid-request.
+    let res = slow
+        .join()
+        .unwrap()
+        .expect("the overlong request was stopped and answered");
+    assert_eq!(res.status, 503);
+    assert_eq!(res.body, b"stopped: server shutting down\n");
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_work_at_once() {
+    let server = Server::start(&["--workers", "1", "--metrics-interval", "100ms"]);
+    let mut stream = support::connect(server.addr);
+    stream
+        .write_all(b"GET /sleep?ms=30000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    server.wait_metrics("request in flight", |t| {
+        metric(t, "http_connections_open").unwrap_or(0.0) >= 1.0
+    });
+    // The head is parsed as soon as it arrives; leave it a moment to reach the handler.
+    std::thread::sleep(Duration::from_millis(300));
+    let left = Instant::now();
+    drop(stream);
+    let text = server.wait_metrics("work cancelled", |t| {
+        metric(t, "demo_work_cancelled_total") == Some(1.0)
+            && metric(t, "abort_total{reason=\"client_gone\"}") == Some(1.0)
+    });
     assert!(
-        slow.join().unwrap().is_err(),
-        "the overlong request was cut off"
+        left.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        left.elapsed()
     );
+    assert!(text.contains("# TYPE abort counter"), "{text}");
+    assert_eq!(metric(&text, "abort_total{reason=\"shutdown\"}"), Some(0.0));
+    assert_eq!(metric(&text, "http_connections_open"), Some(0.0));
 }
 
 #[test]
