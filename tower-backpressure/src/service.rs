@@ -95,6 +95,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let policy = &self.shared.policy;
         let head = RequestHead::new(&req);
@@ -184,6 +185,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let class = self.classify.classify(&req);
         if class.bypass {
