@@ -10,6 +10,11 @@
 //!
 //! `HEAD` is accepted wherever `GET` is. Malformed requests (`400`) and oversized heads
 //! (`431`) are answered by hyper before a request reaches this service.
+//!
+//! Every route except `/healthz` (and `/metrics`, which lives on the admin server) sits
+//! behind tower-backpressure: at most `--max-in-flight` requests run at once per worker,
+//! `--max-queued` more wait at most `--queue-timeout`, and the rest get `503` with
+//! `Retry-After`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,9 +29,13 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tower::Service;
+use tower_backpressure::{BackpressureLayer, ResponseBody};
 
 /// Response body of every route.
 pub(crate) type RouteBody = Full<Bytes>;
+
+/// Response body of the whole stack: a route's body carrying its backpressure permit.
+pub(crate) type AppBody = ResponseBody<RouteBody>;
 
 const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
@@ -37,23 +46,43 @@ pub(crate) struct RouteConfig {
     pub(crate) max_sleep: Duration,
 }
 
+/// The backpressure layer of one worker: its state (limit, queue, counters) is created
+/// here, once, and shared by every connection's clone of the stack.
+pub(crate) fn backpressure(
+    max_in_flight: usize,
+    max_queued: usize,
+    queue_timeout: Duration,
+) -> BackpressureLayer {
+    BackpressureLayer::builder(max_in_flight)
+        .max_queued(max_queued)
+        .queue_timeout(queue_timeout)
+        // Probes must see a live process even when it is saturated.
+        .bypass(|head| matches!(head.uri().path(), "/healthz" | "/metrics"))
+        .build()
+}
+
 /// Builds the service every connection of a worker clones.
 ///
-/// Later layers (abort, backpressure, singleflight, zerocopy) are added here, around
-/// [`Routes`], with `tower::ServiceBuilder`; the connection code only needs a cloneable
+/// Later layers (abort, singleflight, zerocopy) are added here, around [`Routes`], with
+/// `tower::ServiceBuilder`; the connection code only needs a cloneable
 /// `Service<Request<Incoming>>` that never fails.
 pub(crate) fn app(
     config: RouteConfig,
+    backpressure: BackpressureLayer,
 ) -> impl Service<
     Request<Incoming>,
-    Response = Response<RouteBody>,
+    Response = Response<AppBody>,
     Error = Infallible,
-    Future = impl Future<Output = Result<Response<RouteBody>, Infallible>> + Send + 'static,
+    Future = impl Future<Output = Result<Response<AppBody>, Infallible>> + Send + 'static,
 > + Clone
        + Send
        + Sync
        + 'static {
-    tower::ServiceBuilder::new().service(Routes::new(config))
+    tower::ServiceBuilder::new()
+        // Outermost of the application layers: a shed request costs no routing work, and
+        // the permit covers the whole response body.
+        .layer(backpressure)
+        .service(Routes::new(config))
 }
 
 /// The router: a plain tower [`Service`] whose future does not allocate.
