@@ -114,7 +114,7 @@ where
                 0
             },
         };
-        let admission = self.shared.limiter.admit(ticket, Instant::now());
+        let admission = self.shared.limiter.admit_with(ticket, Instant::now);
         ResponseFuture::start(admission, &mut self.inner, req, self.shared.clone())
     }
 }
@@ -196,7 +196,7 @@ where
             deadline: class.deadline,
             bytes: class.bytes,
         };
-        let admission = self.limiter.admit(ticket, Instant::now());
+        let admission = self.limiter.admit_with(ticket, Instant::now);
         TypedResponseFuture::start(admission, &mut self.inner, req)
     }
 }
