@@ -95,6 +95,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let policy = &self.shared.policy;
         let head = RequestHead::new(&req);
@@ -113,7 +114,7 @@ where
                 0
             },
         };
-        let admission = self.shared.limiter.admit(ticket, Instant::now());
+        let admission = self.shared.limiter.admit_with(ticket, Instant::now);
         ResponseFuture::start(admission, &mut self.inner, req, self.shared.clone())
     }
 }
@@ -184,6 +185,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let class = self.classify.classify(&req);
         if class.bypass {
@@ -194,7 +196,7 @@ where
             deadline: class.deadline,
             bytes: class.bytes,
         };
-        let admission = self.limiter.admit(ticket, Instant::now());
+        let admission = self.limiter.admit_with(ticket, Instant::now);
         TypedResponseFuture::start(admission, &mut self.inner, req)
     }
 }

@@ -14,6 +14,7 @@ use crate::control::{ToSupervisor, ToWorker};
 use crate::metrics::{self, WorkerMetrics};
 use crate::routes::{self, RouteConfig};
 use crate::server;
+use tower_backpressure::BackpressureLayer;
 
 fn runtime(flavor: RuntimeFlavor) -> std::io::Result<tokio::runtime::Runtime> {
     match flavor {
@@ -31,6 +32,7 @@ struct Serving {
     signal: Arc<Signal>,
     settings: Arc<Settings>,
     metrics: Arc<WorkerMetrics>,
+    backpressure: BackpressureLayer,
     tracker: TaskTracker,
     stop: CancellationToken,
 }
@@ -38,7 +40,11 @@ struct Serving {
 impl Serving {
     fn new(cli: &Cli) -> Self {
         let signal = Arc::new(Signal::default());
-        let metrics = Arc::new(WorkerMetrics::new());
+        let backpressure =
+            routes::backpressure(cli.max_in_flight, cli.max_queued, cli.queue_timeout);
+        let mut metrics = WorkerMetrics::new();
+        metrics.register_backpressure(backpressure.handle());
+        let metrics = Arc::new(metrics);
         let settings = Arc::new(Settings::new(
             cli.conn_config(),
             signal.clone(),
@@ -48,6 +54,7 @@ impl Serving {
             signal,
             settings,
             metrics,
+            backpressure,
             tracker: TaskTracker::new(),
             stop: CancellationToken::new(),
         }
@@ -62,6 +69,7 @@ impl Serving {
             },
             tower_abort::AbortLayer::with_root(self.metrics.abort_root.clone()),
             self.metrics.work_cancelled.clone(),
+            self.backpressure.clone(),
         );
         tokio::spawn(server::accept_loop(
             listener,

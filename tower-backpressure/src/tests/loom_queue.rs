@@ -28,7 +28,7 @@ fn ticket(bytes: u64) -> Ticket {
 
 /// Takes a slot (waiting if queued) and gives it back; returns whether it was served.
 fn serve(limiter: &Limiter, bytes: u64) -> bool {
-    match limiter.admit(ticket(bytes), Instant::now()) {
+    match limiter.admit_with(ticket(bytes), Instant::now) {
         Admission::Admitted(permit) => {
             drop(permit);
             true
@@ -71,11 +71,11 @@ fn loom_two_requests_hand_off_without_leaks() {
 fn loom_waiter_dropped_while_permit_is_released() {
     loom::model(|| {
         let l = limiter(1, None);
-        let permit = match l.admit(ticket(0), Instant::now()) {
+        let permit = match l.admit_with(ticket(0), Instant::now) {
             Admission::Admitted(p) => p,
             other => panic!("{other:?}"),
         };
-        let waiter = match l.admit(ticket(0), Instant::now()) {
+        let waiter = match l.admit_with(ticket(0), Instant::now) {
             Admission::Queued(w) => w,
             other => panic!("{other:?}"),
         };
@@ -87,7 +87,7 @@ fn loom_waiter_dropped_while_permit_is_released() {
         assert_idle(&l);
         // The slot is usable afterwards.
         assert!(matches!(
-            l.admit(ticket(0), Instant::now()),
+            l.admit_with(ticket(0), Instant::now),
             Admission::Admitted(_)
         ));
     });
@@ -97,7 +97,7 @@ fn loom_waiter_dropped_while_permit_is_released() {
 fn loom_close_races_a_waiter() {
     loom::model(|| {
         let l = limiter(1, None);
-        let permit = match l.admit(ticket(0), Instant::now()) {
+        let permit = match l.admit_with(ticket(0), Instant::now) {
             Admission::Admitted(p) => p,
             other => panic!("{other:?}"),
         };
