@@ -41,8 +41,6 @@ use tower_backpressure::{BackpressureLayer, ResponseBody};
 /// Response body of every route.
 pub(crate) type RouteBody = Full<Bytes>;
 
-/// Response body of the whole stack: a route's body carrying its backpressure permit.
-
 const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
 /// Settings of the routes.
