@@ -271,6 +271,10 @@ enum Expiry {
 #[derive(Debug)]
 pub(crate) struct ConnState {
     timing: Mutex<Timing>,
+    /// `timing.deadline` as nanoseconds after `epoch` plus one (0 = none), so the driver
+    /// reads it on every poll without taking the lock.
+    deadline_hint: AtomicU64,
+    epoch: Instant,
     header_timeout: Duration,
     keep_alive_timeout: Duration,
     /// Set while an HTTP/1 connection is idle, so `TimedIo` only locks on the first read.
@@ -289,6 +293,8 @@ impl ConnState {
                 deadline: Some(now + header_timeout),
                 in_flight: 0,
             }),
+            deadline_hint: AtomicU64::new(encode_deadline(now, Some(now + header_timeout))),
+            epoch: now,
             header_timeout,
             keep_alive_timeout,
             idle_h1: AtomicBool::new(false),
@@ -303,8 +309,19 @@ impl ConnState {
         self.timing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The current deadline, without locking.
     fn deadline(&self) -> Option<Instant> {
-        self.lock().deadline
+        match self.deadline_hint.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(self.epoch + Duration::from_nanos(n - 1)),
+        }
+    }
+
+    /// Sets the deadline; the caller holds the lock (`t`).
+    fn set_deadline(&self, t: &mut Timing, deadline: Option<Instant>) {
+        t.deadline = deadline;
+        self.deadline_hint
+            .store(encode_deadline(self.epoch, deadline), Ordering::Release);
     }
 
     #[cfg(test)]
@@ -320,7 +337,7 @@ impl ConnState {
         let mut t = self.lock();
         t.in_flight += 1;
         t.phase = Phase::Busy;
-        t.deadline = None;
+        self.set_deadline(&mut t, None);
         self.idle_h1.store(false, Ordering::Relaxed);
         drop(t);
         self.requests.fetch_add(1, Ordering::Relaxed) + 1
@@ -332,7 +349,7 @@ impl ConnState {
         t.in_flight = t.in_flight.saturating_sub(1);
         if t.in_flight == 0 && t.phase == Phase::Busy {
             t.phase = Phase::Idle;
-            t.deadline = Some(Instant::now() + self.keep_alive_timeout);
+            self.set_deadline(&mut t, Some(Instant::now() + self.keep_alive_timeout));
             let h2 = self.h2.load(Ordering::Relaxed);
             self.idle_h1.store(!h2, Ordering::Relaxed);
             drop(t);
@@ -350,7 +367,7 @@ impl ConnState {
         let mut t = self.lock();
         if t.phase == Phase::Idle {
             t.phase = Phase::Head;
-            t.deadline = Some(Instant::now() + self.header_timeout);
+            self.set_deadline(&mut t, Some(Instant::now() + self.header_timeout));
         }
         self.idle_h1.store(false, Ordering::Relaxed);
     }
@@ -362,7 +379,7 @@ impl ConnState {
                 Phase::Head => Expiry::Head,
                 Phase::Idle => {
                     t.phase = Phase::Closing;
-                    t.deadline = Some(now + CLOSING_GRACE);
+                    self.set_deadline(&mut t, Some(now + CLOSING_GRACE));
                     self.idle_h1.store(false, Ordering::Relaxed);
                     Expiry::Idle
                 }
@@ -372,6 +389,14 @@ impl ConnState {
             other => Expiry::NotYet(other),
         }
     }
+}
+
+fn encode_deadline(epoch: Instant, deadline: Option<Instant>) -> u64 {
+    deadline.map_or(0, |d| {
+        u64::try_from(d.saturating_duration_since(epoch).as_nanos())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    })
 }
 
 // ===== impl TimedIo =====
@@ -441,7 +466,7 @@ impl<IO: AsyncWrite> AsyncWrite for TimedIo<IO> {
 pub(crate) struct ConnService<S> {
     inner: S,
     state: Arc<ConnState>,
-    settings: Arc<Settings>,
+    settings: &'static Settings,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
@@ -472,7 +497,7 @@ where
         ConnFuture {
             inner: self.inner.clone().oneshot(req),
             guard: Some(InFlight(self.state.clone())),
-            settings: self.settings.clone(),
+            settings: self.settings,
             http1: matches!(version, Version::HTTP_10 | Version::HTTP_11),
             h1_keep_alive,
             last,
@@ -504,7 +529,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Oneshot<S, Request<Incoming>>,
         guard: Option<InFlight>,
-        settings: Arc<Settings>,
+        settings: &'static Settings,
         http1: bool,
         h1_keep_alive: bool,
         last: bool,
@@ -594,7 +619,7 @@ pub(crate) enum Outcome {
 pub(crate) async fn serve_connection<IO, S, B>(
     io: IO,
     service: S,
-    settings: Arc<Settings>,
+    settings: &'static Settings,
 ) -> Outcome
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -624,7 +649,7 @@ where
     let svc = ConnService {
         inner: service,
         state: state.clone(),
-        settings: settings.clone(),
+        settings,
     };
     let conn = settings.builder.serve_connection(io, svc);
     let outcome = drive(conn, |c| c.graceful_shutdown(), &state, &settings.signal).await;

@@ -29,7 +29,8 @@ fn runtime(flavor: RuntimeFlavor) -> std::io::Result<tokio::runtime::Runtime> {
 /// The pieces every serving process shares.
 struct Serving {
     signal: Arc<Signal>,
-    settings: Arc<Settings>,
+    /// Leaked once per process: the per-request path borrows it instead of counting references.
+    settings: &'static Settings,
     metrics: Arc<WorkerMetrics>,
     tracker: TaskTracker,
     stop: CancellationToken,
@@ -39,11 +40,11 @@ impl Serving {
     fn new(cli: &Cli) -> Self {
         let signal = Arc::new(Signal::default());
         let metrics = Arc::new(WorkerMetrics::new());
-        let settings = Arc::new(Settings::new(
+        let settings: &'static Settings = Box::leak(Box::new(Settings::new(
             cli.conn_config(),
             signal.clone(),
             metrics.clone(),
-        ));
+        )));
         Serving {
             signal,
             settings,
@@ -62,7 +63,7 @@ impl Serving {
         tokio::spawn(server::accept_loop(
             listener,
             app,
-            self.settings.clone(),
+            self.settings,
             self.tracker.clone(),
             self.stop.clone(),
         ));
