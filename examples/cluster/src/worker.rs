@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::cli::{Admin, Cli, RuntimeFlavor, WorkerArgs};
 use crate::conn::{DrainLevel, Settings, Signal};
@@ -60,13 +61,17 @@ impl Serving {
         let app = routes::app(RouteConfig {
             max_sleep: cli.max_sleep,
         });
-        tokio::spawn(server::accept_loop(
-            listener,
-            app,
-            self.settings,
-            self.tracker.clone(),
-            self.stop.clone(),
-        ));
+        // Carries the worker's span (slot, pid) into the task's log lines.
+        tokio::spawn(
+            server::accept_loop(
+                listener,
+                app,
+                self.settings,
+                self.tracker.clone(),
+                self.stop.clone(),
+            )
+            .instrument(tracing::Span::current()),
+        );
     }
 
     async fn drain(&self, first: DrainLevel, more: mpsc::UnboundedReceiver<DrainLevel>, cli: &Cli) {
@@ -157,29 +162,32 @@ pub(crate) fn run_child(cli: Cli, args: WorkerArgs) -> anyhow::Result<()> {
         {
             let drain_tx = drain_tx.clone();
             let (scrape_tx, scrape_metrics) = (out_tx.clone(), serving.metrics.clone());
-            tokio::spawn(async move {
-                loop {
-                    match ToWorker::read(&mut control_rd).await {
-                        Ok(Some(ToWorker::Scrape)) => {
-                            let snapshot = ToSupervisor::Metrics(scrape_metrics.encode());
-                            let _ = scrape_tx.send(Some(snapshot));
-                        }
-                        Ok(Some(ToWorker::Drain { gentle })) => {
-                            let level = if gentle {
-                                DrainLevel::Gentle
-                            } else {
-                                DrainLevel::Immediate
-                            };
-                            let _ = drain_tx.send(level);
-                        }
-                        Ok(None) | Err(_) => {
-                            tracing::warn!("supervisor gone (control socket closed): draining");
-                            let _ = drain_tx.send(DrainLevel::Immediate);
-                            break;
+            tokio::spawn(
+                async move {
+                    loop {
+                        match ToWorker::read(&mut control_rd).await {
+                            Ok(Some(ToWorker::Scrape)) => {
+                                let snapshot = ToSupervisor::Metrics(scrape_metrics.encode());
+                                let _ = scrape_tx.send(Some(snapshot));
+                            }
+                            Ok(Some(ToWorker::Drain { gentle })) => {
+                                let level = if gentle {
+                                    DrainLevel::Gentle
+                                } else {
+                                    DrainLevel::Immediate
+                                };
+                                let _ = drain_tx.send(level);
+                            }
+                            Ok(None) | Err(_) => {
+                                tracing::warn!("supervisor gone (control socket closed): draining");
+                                let _ = drain_tx.send(DrainLevel::Immediate);
+                                break;
+                            }
                         }
                     }
                 }
-            });
+                .instrument(tracing::Span::current()),
+            );
         }
         // Terminal signals reach only the supervisor (workers run in their own process
         // group), but an operator may signal a worker directly.
