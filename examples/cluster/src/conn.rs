@@ -22,7 +22,8 @@
 //! wrapper ([`TimedIo`]) when bytes arrive on an idle HTTP/1 connection. The driver
 //! ([`drive`]) owns one `Sleep`; it is only reset when a deadline moves *earlier* than the
 //! armed one, and re-armed lazily when it fires early, so a busy connection pays no timer
-//! work per request.
+//! work per request. Deadlines change inside the connection's poll (after which the driver
+//! looks at them), except when an HTTP/2 stream ends on its own task, which wakes the driver.
 //!
 //! # Drain
 //!
@@ -749,13 +750,15 @@ where
     .await
 }
 
-/// While busy there is no deadline; wake up this often so the next idle deadline (always
-/// later than "now + this") is never missed.
+/// While busy there is no deadline. Every later deadline is set either inside the
+/// connection's poll (after which the driver compares it with the armed one) or, for an
+/// HTTP/2 stream ending on its own task, together with a wake-up; so this is only a
+/// long safety net and a long-running request costs no periodic wake-ups.
 fn recheck(state: &ConnState) -> Duration {
     state
         .header_timeout
-        .min(state.keep_alive_timeout)
-        .max(Duration::from_millis(1))
+        .max(state.keep_alive_timeout)
+        .max(Duration::from_secs(1))
 }
 
 #[cfg(test)]
