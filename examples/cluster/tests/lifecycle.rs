@@ -90,7 +90,10 @@ async fn sighup_under_constant_load_fails_no_request() {
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
-    for _ in 0..4 {
+    // Four keep-alive clients and two that open a connection per request (these exercise
+    // the hand-over of connections queued on a socket between the old and new worker).
+    for client in 0..6 {
+        let fresh = client >= 4;
         let (stop, ok) = (stop.clone(), ok.clone());
         clients.push(tokio::spawn(async move {
             let mut failures = Vec::new();
@@ -115,6 +118,7 @@ async fn sighup_under_constant_load_fails_no_request() {
                 let s = sender.as_mut().unwrap();
                 let req = http::Request::get("/")
                     .header("host", "test")
+                    .header("connection", if fresh { "close" } else { "keep-alive" })
                     .body(Empty::<Bytes>::new())
                     .unwrap();
                 match s.send_request(req).await {
@@ -184,8 +188,8 @@ async fn sighup_under_constant_load_fails_no_request() {
         &failures[..failures.len().min(5)]
     );
     assert!(served > 100, "only {served} requests");
-    // Every client was moved off the old workers by `Connection: close`.
-    assert!(reconnects >= 4 + 4, "reconnects {reconnects}");
+    // Every keep-alive client was moved off the old workers by `Connection: close`.
+    assert!(reconnects >= 6 + 4, "reconnects {reconnects}");
     let new = server.workers();
     assert_eq!(new.len(), 2);
     assert!(
