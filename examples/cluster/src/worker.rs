@@ -55,8 +55,10 @@ impl Serving {
         }
     }
 
-    /// Starts accepting on `listener`.
-    fn start(&self, cli: &Cli, listener: tokio::net::TcpListener) {
+    /// Starts accepting on `listener`. The accept loop only ends when `stop` is cancelled;
+    /// if it ends otherwise (a panic), the handle lets the process notice and exit with an
+    /// error instead of living on without accepting.
+    fn start(&self, cli: &Cli, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
         // The one place the application stack is built; every connection clones it.
         let app = routes::app(RouteConfig {
             max_sleep: cli.max_sleep,
@@ -71,7 +73,26 @@ impl Serving {
                 self.stop.clone(),
             )
             .instrument(tracing::Span::current()),
-        );
+        )
+    }
+
+    /// Waits for the first drain request, or for the accept loop to die.
+    async fn wait_for_drain(
+        &self,
+        rx: &mut mpsc::UnboundedReceiver<DrainLevel>,
+        accepting: &mut tokio::task::JoinHandle<()>,
+    ) -> Result<DrainLevel, anyhow::Error> {
+        tokio::select! {
+            level = rx.recv() => Ok(level.unwrap_or(DrainLevel::Immediate)),
+            ended = accepting => {
+                let why = match ended {
+                    Err(e) if e.is_panic() => "it panicked".to_owned(),
+                    Err(e) => e.to_string(),
+                    Ok(()) => "it returned".to_owned(),
+                };
+                Err(anyhow::anyhow!("the accept loop stopped ({why}): exiting so this process is replaced"))
+            }
+        }
     }
 
     async fn drain(&self, first: DrainLevel, more: mpsc::UnboundedReceiver<DrainLevel>, cli: &Cli) {
@@ -110,7 +131,7 @@ pub(crate) fn run_standalone(cli: Cli) -> anyhow::Result<()> {
                 Some(admin_addr)
             }
         };
-        serving.start(&cli, server::into_tokio(std_listener)?);
+        let mut accepting = serving.start(&cli, server::into_tokio(std_listener)?);
         let (tx, mut rx) = mpsc::unbounded_channel();
         server::spawn_signal_handlers(tx, || async {
             tracing::warn!(
@@ -124,9 +145,15 @@ pub(crate) fn run_standalone(cli: Cli) -> anyhow::Result<()> {
             pid = std::process::id(),
             "listening (single process, no supervisor)"
         );
-        let first = rx.recv().await.unwrap_or(DrainLevel::Immediate);
-        serving.drain(first, rx, &cli).await;
-        anyhow::Ok(())
+        let first = serving.wait_for_drain(&mut rx, &mut accepting).await;
+        serving
+            .drain(
+                first.as_ref().copied().unwrap_or(DrainLevel::Immediate),
+                rx,
+                &cli,
+            )
+            .await;
+        first.map(|_| ())
     })
 }
 
@@ -143,7 +170,7 @@ pub(crate) fn run_child(cli: Cli, args: WorkerArgs) -> anyhow::Result<()> {
         control.set_nonblocking(true)?;
         let (mut control_rd, mut control_wr) =
             tokio::net::UnixStream::from_std(control)?.into_split();
-        serving.start(&cli, server::into_tokio(listener)?);
+        let mut accepting = serving.start(&cli, server::into_tokio(listener)?);
 
         // Outgoing control messages go through one writer task; `None` = flush and stop.
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Option<ToSupervisor>>();
@@ -218,14 +245,16 @@ pub(crate) fn run_child(cli: Cli, args: WorkerArgs) -> anyhow::Result<()> {
             "worker ready"
         );
 
-        let first = drain_rx.recv().await.unwrap_or(DrainLevel::Immediate);
-        serving.drain(first, drain_rx, &cli).await;
+        let first = serving.wait_for_drain(&mut drain_rx, &mut accepting).await;
+        let level = first.as_ref().copied().unwrap_or(DrainLevel::Immediate);
+        serving.drain(level, drain_rx, &cli).await;
         reporter.abort();
         // Final counters, so the supervisor's totals include everything this worker served.
         let _ = out_tx.send(Some(ToSupervisor::Metrics(serving.metrics.encode())));
         let _ = out_tx.send(None);
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer).await;
-        anyhow::Ok(())
+        // An error exit is a crash to the supervisor, which restarts this slot.
+        first.map(|_| ())
     })
 }
 
