@@ -951,6 +951,98 @@ mod tests {
         assert_eq!(signal.conns.lock().unwrap().len(), 0);
     }
 
+    // ----- the real hyper stack over an in-memory pipe, in paused time -----
+
+    fn settings(header: u64, keep_alive: u64, max_requests: Option<u64>) -> &'static Settings {
+        let config = ConnConfig {
+            keep_alive_timeout: Duration::from_secs(keep_alive),
+            header_timeout: Duration::from_secs(header),
+            max_requests_per_connection: max_requests.and_then(NonZeroU64::new),
+            max_head_size: 16 * 1024,
+            max_headers: 100,
+        };
+        Box::leak(Box::new(Settings::new(
+            config,
+            Arc::new(Signal::default()),
+            Arc::new(WorkerMetrics::new()),
+        )))
+    }
+
+    fn serve(
+        settings: &'static Settings,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<(Outcome, Duration)>,
+    ) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let app = crate::routes::app(crate::routes::RouteConfig {
+            max_sleep: Duration::from_secs(60),
+        });
+        let task = tokio::spawn(async move {
+            let start = Instant::now();
+            let outcome = serve_connection(server, app, settings).await;
+            (outcome, start.elapsed())
+        });
+        (client, task)
+    }
+
+    async fn read_until_eof(client: &mut tokio::io::DuplexStream) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hyper_stack_silent_client_closed_at_header_timeout() {
+        let (mut client, task) = serve(settings(3, 5, None));
+        assert_eq!(read_until_eof(&mut client).await, "");
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::HeaderTimeout), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hyper_stack_idle_close_after_keep_alive_with_header_values() {
+        use tokio::io::AsyncWriteExt;
+        // keep-alive 7 s > header 2 s: the idle connection must live 7 s.
+        let (mut client, task) = serve(settings(2, 7, None));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_until_eof(&mut client).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("keep-alive: timeout=7\r\n"), "{text}");
+        assert!(text.ends_with("Hello, World!"), "{text}");
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_secs(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hyper_stack_last_allowed_request_gets_connection_close() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, task) = serve(settings(2, 7, Some(2)));
+        // Two pipelined requests; the second is the last allowed one.
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_until_eof(&mut client).await;
+        let (first, second) = text.split_once("Hello, World!").unwrap();
+        assert!(first.contains("keep-alive: timeout=7"), "{first}");
+        assert!(second.contains("connection: close"), "{second}");
+        assert!(!second.contains("keep-alive"), "{second}");
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(
+            elapsed,
+            Duration::ZERO,
+            "closed right after the last response"
+        );
+    }
+
     #[test]
     fn in_flight_mark_released_when_the_future_is_dropped() {
         let state = Arc::new(ConnState::new(
