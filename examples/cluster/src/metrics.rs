@@ -2,9 +2,10 @@
 //!
 //! # How workers report
 //!
-//! A worker keeps an ordinary [`prometheus_client`] [`Registry`]. Every
-//! `--metrics-interval`, and once more when it finishes draining, it encodes the registry in
-//! the OpenMetrics text format and sends the text to the supervisor over its control socket.
+//! A worker keeps an ordinary [`prometheus_client`] [`Registry`]. When the supervisor is
+//! scraped it asks every worker for a snapshot and waits up to 250 ms for the answers; workers
+//! also report every `--metrics-interval` and once more when they finish draining. A snapshot
+//! is the registry encoded in the OpenMetrics text format, sent over the control socket.
 //! The supervisor parses each snapshot into `(family, kind, labels) -> value` samples and its
 //! [`ClusterCollector`] sums them by family and label set at scrape time. When a worker exits
 //! its last counter and histogram values are folded into a "retired" total, so cluster
@@ -16,7 +17,7 @@
 //! supervisor change.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -41,6 +42,8 @@ pub(crate) struct WorkerMetrics {
     pub(crate) requests: Family<StatusLabel, Counter>,
     /// `http_connections_open`: connections currently open.
     pub(crate) connections_open: Gauge,
+    /// Counters of statuses 100..=599, filled on first use.
+    status_cache: Box<[OnceLock<Counter>]>,
     /// `demo_work_cancelled_total`: `/sleep` requests that stopped early because their
     /// `AbortSignal` fired (client gone, deadline, shutdown).
     pub(crate) work_cancelled: Counter,
@@ -76,6 +79,7 @@ impl WorkerMetrics {
             registry,
             requests,
             connections_open,
+            status_cache: (100..600).map(|_| OnceLock::new()).collect(),
             work_cancelled,
             abort_root,
         }
@@ -83,7 +87,17 @@ impl WorkerMetrics {
 
     /// Counts one response.
     pub(crate) fn count_response(&self, status: u16) {
-        self.requests.get_or_create(&StatusLabel { status }).inc();
+        // The family's lookup takes a read lock and hashes per call; valid statuses keep
+        // their counter in a lock-free cache after the first response.
+        let Some(slot) = status
+            .checked_sub(100)
+            .and_then(|i| self.status_cache.get(usize::from(i)))
+        else {
+            self.requests.get_or_create(&StatusLabel { status }).inc();
+            return;
+        };
+        slot.get_or_init(|| self.requests.get_or_create(&StatusLabel { status }).clone())
+            .inc();
     }
 
     /// The registry in OpenMetrics text, as sent to the supervisor.

@@ -85,7 +85,10 @@ pub(crate) async fn accept_loop<S, B>(
                 // Out of descriptors or memory: back off instead of spinning; the
                 // connection stays in the backlog meanwhile.
                 tracing::warn!(error = %e, "accept failed; retrying in 100ms");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
             }
         }
     }
@@ -174,9 +177,10 @@ pub(crate) async fn drain(
 }
 
 /// Serves `GET /metrics` (from `render`) and `GET /healthz` until `stop` is cancelled.
-pub(crate) async fn admin_server<F>(listener: TcpListener, render: F, stop: CancellationToken)
+pub(crate) async fn admin_server<F, Fut>(listener: TcpListener, render: F, stop: CancellationToken)
 where
-    F: Fn() -> String + Clone + Send + Sync + 'static,
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = String> + Send + 'static,
 {
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -197,7 +201,24 @@ where
         conns.spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let render = render.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin_response(&req, render)) }
+                async move {
+                    let res = match (req.method(), req.uri().path()) {
+                        (&Method::GET, "/metrics") => admin_response(
+                            StatusCode::OK,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            render().await,
+                        ),
+                        (&Method::GET, "/healthz") => {
+                            admin_response(StatusCode::OK, "text/plain", "ok".to_owned())
+                        }
+                        _ => admin_response(
+                            StatusCode::NOT_FOUND,
+                            "text/plain",
+                            "not found\n".to_owned(),
+                        ),
+                    };
+                    Ok::<_, std::convert::Infallible>(res)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);
@@ -209,20 +230,11 @@ where
     conns.abort_all();
 }
 
-fn admin_response(req: &Request<Incoming>, render: impl Fn() -> String) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            render(),
-        ),
-        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok".to_owned()),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".to_owned(),
-        ),
-    };
+fn admin_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, content_type)

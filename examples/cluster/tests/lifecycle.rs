@@ -224,6 +224,29 @@ fn sigterm_lets_the_in_flight_request_finish_and_exits_0() {
 }
 
 #[test]
+fn sigterm_closes_idle_keep_alive_connections_at_once() {
+    let mut server = Server::start(&[
+        "--workers",
+        "2",
+        "--keep-alive-timeout",
+        "30s",
+        "--shutdown-grace",
+        "20s",
+    ]);
+    let mut idle = support::connect(server.addr);
+    std::io::Write::write_all(&mut idle, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    assert_eq!(support::read_response(&mut idle).unwrap().status, 200);
+    server.signal("TERM");
+    let t = support::time_until_closed(&mut idle);
+    assert!(
+        t < Duration::from_secs(5),
+        "idle connection closed after {t:?}"
+    );
+    let status = server.wait_exit(PATIENCE).expect("exited");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
 fn sigterm_aborts_what_exceeds_the_grace_period() {
     let mut server = Server::start(&["--workers", "1", "--shutdown-grace", "500ms"]);
     let addr = server.addr;
@@ -324,6 +347,21 @@ fn metrics_sum_over_workers_and_survive_restarts() {
 }
 
 #[test]
+fn metrics_are_fresh_at_scrape_time() {
+    // Periodic reports are an hour apart: only scrape-on-demand can show these requests.
+    let server = Server::start(&["--workers", "2", "--metrics-interval", "1h"]);
+    for _ in 0..20 {
+        assert_eq!(get(server.addr, "/").unwrap().status, 200);
+    }
+    let text = server.metrics();
+    assert_eq!(
+        metric(&text, "http_requests_total{status=\"200\"}"),
+        Some(20.0),
+        "{text}"
+    );
+}
+
+#[test]
 fn single_process_mode() {
     let mut server = Server::start(&["--workers", "0", "--shutdown-grace", "2s"]);
     assert!(server.workers().is_empty(), "no worker processes");
@@ -331,6 +369,6 @@ fn single_process_mode() {
     server.wait_metrics("own metrics", |t| {
         metric(t, "http_requests_total{status=\"200\"}") == Some(1.0)
     });
-    server.signal("TERM");
+    server.signal("INT");
     assert_eq!(server.wait_exit(PATIENCE).unwrap().code(), Some(0));
 }
