@@ -284,6 +284,16 @@ fn unreachable_bytes(_b: Bytes) {
     debug_assert!(false, "portable reads complete on the blocking pool");
 }
 
+/// Bytes read into the page cache by the sendfile path before sending (see [`warmed_bytes`]).
+static WARMED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bytes that the sendfile path found missing from the page cache (`mincore`) and read in on the
+/// blocking pool before handing them to `sendfile`, process-wide. A high rate means the working
+/// set does not fit in memory.
+pub fn warmed_bytes() -> u64 {
+    WARMED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Brings `range` of `file` into the page cache by reading it into a scratch buffer, like
 /// nginx's `aio threads`. Runs on the blocking pool.
 #[cfg(target_os = "linux")]
@@ -303,6 +313,7 @@ fn warm(file: &File, range: Range<u64>) -> io::Result<()> {
                 return Err(truncated());
             }
             off += got as u64;
+            WARMED.fetch_add(got as u64, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
     })

@@ -1,7 +1,4 @@
-//! File bodies that go out through `sendfile(2)` under hyper, and a static-file service.
-//!
-//! See README.md (included below via docs).
-
+#![doc = include_str!("docs.md")]
 #![deny(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(no_crate_inject, attr(deny(warnings, rust_2018_idioms))))]
@@ -22,7 +19,7 @@ mod serve;
 mod stream;
 mod sys;
 
-pub use body::{FileBody, DEFAULT_MAP_WINDOW, DEFAULT_READ_CHUNK};
+pub use body::{warmed_bytes, FileBody, DEFAULT_MAP_WINDOW, DEFAULT_READ_CHUNK};
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use listener::{MakeFuture, SendfileListener, WithSendfile};

@@ -58,6 +58,11 @@ impl SendfileListener {
         }
     }
 
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
     /// The counters shared by every accepted connection.
     pub fn stats(&self) -> SendfileStats {
         self.stats.clone()
