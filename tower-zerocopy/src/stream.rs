@@ -273,6 +273,8 @@ fn write_slices<S: SendfileSocket>(
         while sent < len && total < cap {
             let want = (len - sent).min(cap - total);
             match sys::send_file(fd, &file, &mut offset, want) {
+                // Report what was written; the next call meets the short file again.
+                Ok(0) if total > 0 => return Ok(total),
                 Ok(0) => {
                     stats.inner.truncations.fetch_add(1, Ordering::Relaxed);
                     return Err(io::Error::new(
