@@ -8,10 +8,15 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 9 {
         return;
     }
-    let len = u64::from_le_bytes(data[..8].try_into().unwrap()) >> (data[8] % 64);
-    let max = usize::from(data[8] % 32) + 1;
-    let header = &data[9..];
-    match parse_range(header, len, max) {
+    let len = u64::from_le_bytes(data[..8].try_into().unwrap()) >> (data[0] % 64);
+    let max = usize::from(data[8] & 0x1f) + 1;
+    // Half the inputs get the unit for free, so the fuzzer spends its time on the range list.
+    let mut header = Vec::with_capacity(data.len());
+    if data[8] & 0x80 != 0 {
+        header.extend_from_slice(b"bytes=");
+    }
+    header.extend_from_slice(&data[9..]);
+    match parse_range(&header, len, max) {
         RangeOutcome::Satisfiable(ranges) => {
             assert!(!ranges.is_empty());
             assert!(ranges.len() <= max);
