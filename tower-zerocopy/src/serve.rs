@@ -156,7 +156,8 @@ impl State {
 ///   the whole file;
 /// * precompressed `.br`/`.zst`/`.gz` siblings when enabled, chosen by `Accept-Encoding`, with
 ///   `Vary: Accept-Encoding`;
-/// * `index.html` for directories and a `308` redirect from `/dir` to `/dir/`;
+/// * `index.html` for directories and a `308` redirect from `/dir` to `/dir/` (a relative
+///   `Location: dir/`, so it stays right under a router prefix);
 /// * configurable `Cache-Control`; hidden files (any component starting with `.`) answer `404`
 ///   unless [`serve_hidden`](Self::serve_hidden);
 /// * path confinement: `..` (also encoded), encoded `/`, backslashes, `:`, NUL and control
@@ -609,7 +610,10 @@ fn respond(ctx: Ctx, resolved: Resolved, cfg: &Config) -> Response<FileBody> {
     let (file, encoding, content_type) = match resolved {
         Resolved::Status(code) => return status(code),
         Resolved::Redirect => {
-            let mut location = format!("{}/", ctx.request_path);
+            // A relative reference ("docs/" for "/static/docs"): correct even when a router
+            // stripped a prefix before us, and it can never point at another host.
+            let last = ctx.request_path.rsplit('/').next().unwrap_or_default();
+            let mut location = format!("{last}/");
             if let Some(q) = &ctx.query {
                 location.push('?');
                 location.push_str(q);

@@ -472,7 +472,14 @@ async fn content_type_index_redirect_hidden_cache_control_methods() {
     assert_eq!((st, &body[..]), (StatusCode::OK, &b"root"[..]));
     let (st, h, _) = call(&svc, Method::GET, "/docs?x=1", &[]).await;
     assert_eq!(st, StatusCode::PERMANENT_REDIRECT);
-    assert_eq!(h[header::LOCATION], "/docs/?x=1");
+    assert_eq!(h[header::LOCATION], "docs/?x=1");
+    let (st, h, _) = call(&svc, Method::GET, "//docs", &[]).await;
+    assert_eq!(st, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(
+        h[header::LOCATION],
+        "docs/",
+        "never a protocol-relative //host redirect"
+    );
     let (st, _, _) = call(&svc, Method::GET, "/empty/", &[]).await;
     assert_eq!(st, StatusCode::NOT_FOUND);
     let (_, h, _) = call(&svc, Method::GET, "/style.css", &[]).await;
