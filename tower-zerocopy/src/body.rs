@@ -151,6 +151,67 @@ impl FileBody {
         )
     }
 
+    /// A body of `range` of `file` for the request described by `version` and `extensions`,
+    /// choosing the path the way [`ServeDir`](crate::ServeDir) does: the sendfile path when the
+    /// target is Linux, `extensions` hold a [`SendfileCapability`](crate::SendfileCapability),
+    /// `version` is HTTP/1.x and the range has at least
+    /// [`DEFAULT_SENDFILE_MIN_LEN`](crate::DEFAULT_SENDFILE_MIN_LEN) bytes; the portable path with
+    /// [`DEFAULT_READ_CHUNK`] reads otherwise. The file is mapped for this body alone (no cache).
+    ///
+    /// Fails with [`io::ErrorKind::InvalidInput`] if `range` does not lie within the file.
+    ///
+    /// ```
+    /// use http::Request;
+    /// use tower_zerocopy::FileBody;
+    ///
+    /// async fn handler(req: Request<()>) -> std::io::Result<http::Response<FileBody>> {
+    ///     let file = std::fs::File::open("/etc/hostname")?; // use spawn_blocking in real code
+    ///     let len = file.metadata()?.len();
+    ///     let body = FileBody::for_request(file, 0..len, req.version(), req.extensions())?;
+    ///     Ok(http::Response::new(body))
+    /// }
+    /// # let _ = handler;
+    /// ```
+    pub fn for_request(
+        file: File,
+        range: Range<u64>,
+        version: http::Version,
+        extensions: &http::Extensions,
+    ) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        if range.start > range.end || range.end > len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range outside the file",
+            ));
+        }
+        let file = Arc::new(file);
+        let sendfile = crate::sys::HAS_SENDFILE
+            && extensions.get::<crate::SendfileCapability>().is_some()
+            && matches!(version, http::Version::HTTP_10 | http::Version::HTTP_11)
+            && range.end - range.start >= crate::DEFAULT_SENDFILE_MIN_LEN;
+        #[cfg(target_os = "linux")]
+        if sendfile {
+            let mapping = Mapping::new(file.clone(), len)?;
+            return Ok(Self::from_parts(
+                file,
+                vec![Part::File(range)],
+                Strategy::Mapped {
+                    mapping,
+                    window: DEFAULT_MAP_WINDOW,
+                },
+            ));
+        }
+        let _ = sendfile;
+        Ok(Self::from_parts(
+            file,
+            vec![Part::File(range)],
+            Strategy::Portable {
+                chunk: DEFAULT_READ_CHUNK,
+            },
+        ))
+    }
+
     pub(crate) fn from_parts(file: Arc<File>, parts: Vec<Part>, strategy: Strategy) -> Self {
         let parts: VecDeque<Part> = parts.into_iter().filter(|p| p.len() > 0).collect();
         let remaining = parts.iter().map(Part::len).sum();

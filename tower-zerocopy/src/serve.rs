@@ -295,8 +295,10 @@ impl ServeDir {
         self.with(|c| c.cache_capacity = entries).rebuild_cache()
     }
 
-    /// How long a cached entry is trusted before the path is opened again to notice a file
-    /// replaced by rename (default 2 s). In-place changes of size or mtime are noticed at once.
+    /// How long a cached entry is trusted before the path is opened again (default 2 s): a
+    /// file replaced by rename, deleted, or created where there was none (negative entries are
+    /// cached too) is noticed within this period. In-place changes of size or mtime are noticed
+    /// at once (every hit `fstat`s the cached descriptor).
     pub fn cache_validity(self, validity: Duration) -> Self {
         self.with(|c| c.cache_validity = validity).rebuild_cache()
     }

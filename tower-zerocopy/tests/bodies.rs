@@ -207,3 +207,26 @@ async fn multipart_parts_go_through_sendfile() {
     );
     assert!(server.stats.copied_bytes() < 1024, "{:?}", server.stats);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_over_http1_has_length_and_no_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = TempDir::new("head");
+    write_pattern(&dir.path().join("f.bin"), 200_000);
+    let server = spawn(ServeDir::new(dir.path()), Mode::Sendfile).await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(b"HEAD /f.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tcp.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-length: 200000\r\n"),
+        "{text}"
+    );
+    assert!(text.ends_with("\r\n\r\n"), "no body after the head: {text}");
+    assert_eq!(server.stats.sendfile_bytes(), 0);
+}

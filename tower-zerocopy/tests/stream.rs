@@ -151,3 +151,42 @@ async fn truncated_file_is_an_error_not_a_hang() {
     drop(stream);
     assert_eq!((&mut reader).await.unwrap(), 1000);
 }
+
+#[tokio::test]
+async fn for_request_picks_the_path_by_capability_and_version() {
+    let dir = TempDir::new("forreq");
+    let path = dir.path().join("f.bin");
+    write_pattern(&path, 300_000);
+    let (server, _client) = UnixStream::pair().unwrap();
+    let stream = SendfileStream::new(server);
+    let mut marked = http::Extensions::new();
+    marked.insert(stream.capability());
+    let plain = http::Extensions::new();
+    let open = || std::fs::File::open(&path).unwrap();
+    let cases = [
+        (http::Version::HTTP_11, &marked, 0..300_000u64, true),
+        (http::Version::HTTP_2, &marked, 0..300_000, false),
+        (http::Version::HTTP_11, &plain, 0..300_000, false),
+        (http::Version::HTTP_11, &marked, 10..1000, false),
+    ];
+    for (version, ext, range, want) in cases {
+        let mut body =
+            tower_zerocopy::FileBody::for_request(open(), range.clone(), version, ext).unwrap();
+        assert_eq!(body.is_sendfile(), want, "{version:?} {range:?}");
+        let mut got = Vec::new();
+        while let Some(frame) = body.frame().await {
+            got.extend_from_slice(&frame.unwrap().into_data().unwrap());
+        }
+        let want_bytes: Vec<u8> = range.clone().map(pattern).collect();
+        assert_eq!(hash(&got), hash(&want_bytes));
+    }
+    let err =
+        tower_zerocopy::FileBody::for_request(open(), 0..300_001, http::Version::HTTP_11, &plain)
+            .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    assert_eq!(
+        tower_zerocopy::live_mappings(),
+        0,
+        "bodies dropped, maps released"
+    );
+}
