@@ -87,6 +87,11 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
+    /// The metrics of the worker these connections belong to.
+    pub(crate) fn metrics(&self) -> &WorkerMetrics {
+        &self.metrics
+    }
+
     pub(crate) fn new(
         config: ConnConfig,
         signal: Arc<Signal>,
