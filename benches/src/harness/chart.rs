@@ -4,7 +4,7 @@
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
-use super::report::{fmt_sig, Headline, SuiteResult};
+use super::report::{fmt_count, fmt_sig, Headline, SuiteResult};
 use super::stats::Spread;
 
 /// One bar.
@@ -69,6 +69,15 @@ pub fn suite_panels(r: &SuiteResult) -> Vec<Panel> {
         });
     }
     panels
+}
+
+/// Axis and bar labels: `19.8k` for large values, three significant digits otherwise.
+fn fmt_value(v: f64) -> String {
+    if v >= 1e4 {
+        fmt_count(v)
+    } else {
+        fmt_sig(v)
+    }
 }
 
 /// Renders panels side by side as an SVG document.
@@ -137,7 +146,7 @@ fn draw_panel<DB: DrawingBackend>(
             }
             _ => String::new(),
         })
-        .x_label_formatter(&|v| fmt_sig(*v))
+        .x_label_formatter(&|v| fmt_value(*v))
         .x_labels(5)
         .draw()?;
     let ours = RGBColor(31, 90, 160);
@@ -171,7 +180,7 @@ fn draw_panel<DB: DrawingBackend>(
             )))?;
         }
         chart.draw_series(std::iter::once(Text::new(
-            format!(" {}", fmt_sig(v.median)),
+            format!(" {}", fmt_value(v.median)),
             (v.max.max(v.median), SegmentValue::CenterOf(row(i))),
             ("sans-serif", 12),
         )))?;

@@ -87,8 +87,9 @@ impl Wrk {
         let mut a = vec![
             format!("-t{}", self.threads.max(1)),
             format!("-c{}", self.connections.max(self.threads.max(1))),
-            format!("-d{}ms", self.duration.as_millis().max(1)),
-            format!("--timeout={}ms", self.timeout.as_millis().max(1)),
+            // wrk's time arguments take whole units (s, m, h), not milliseconds.
+            format!("-d{}s", whole_seconds(self.duration)),
+            format!("--timeout={}s", whole_seconds(self.timeout)),
             "-s".into(),
             script.display().to_string(),
         ];
@@ -99,6 +100,11 @@ impl Wrk {
         a.push(self.url.clone());
         a
     }
+}
+
+/// A duration rounded to whole seconds, at least one.
+pub fn whole_seconds(d: Duration) -> u64 {
+    (d.as_secs_f64().round() as u64).max(1)
 }
 
 #[derive(Deserialize)]
@@ -266,8 +272,8 @@ mod tests {
             [
                 "-t1",
                 "-c64",
-                "-d2000ms",
-                "--timeout=5000ms",
+                "-d2s",
+                "--timeout=5s",
                 "-s",
                 "/tmp/r.lua",
                 "-H",
@@ -285,6 +291,8 @@ mod tests {
         assert_eq!((s.p50_us, s.p99_us), (450.0, 3100.0));
         assert!((s.gbps() - 0.0125).abs() < 1e-12);
         assert!(parse_wrk("Running 2s test\n").is_err());
+        assert_eq!(whole_seconds(Duration::from_millis(400)), 1);
+        assert_eq!(whole_seconds(Duration::from_millis(2600)), 3);
     }
 
     #[test]

@@ -251,6 +251,21 @@ fn ratio_cell(s: &Option<Spread>, baseline: bool) -> String {
     spread_with(s, |v| format!("{v:.2}"))
 }
 
+/// Text made safe for one Markdown table cell: one line, no `|`, at most 160 characters.
+pub fn table_cell(s: &str) -> String {
+    let one_line = s
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace('|', "\\|");
+    if one_line.chars().count() > 160 {
+        let cut: String = one_line.chars().take(157).collect();
+        format!("{cut}...")
+    } else {
+        one_line
+    }
+}
+
 /// The suite's Markdown table (no heading).
 pub fn markdown_table(r: &SuiteResult) -> String {
     let h = r.headline.unwrap_or(Headline::Rps);
@@ -286,7 +301,7 @@ pub fn markdown_table(r: &SuiteResult) -> String {
     for c in &r.cases {
         let mut row = vec![c.group.clone(), c.label.clone()];
         if c.status != "ok" {
-            row.push(c.status.clone());
+            row.push(table_cell(&c.status));
             row.resize(head.len(), String::new());
             let _ = writeln!(out, "| {} |", row.join(" | "));
             continue;
@@ -520,6 +535,12 @@ mod tests {
         assert!(lines.iter().all(|l| cells(l) == cells(lines[0])));
         let md = markdown(&r, Some("hello.svg"), "##");
         assert!(md.contains("![hello chart](hello.svg)"));
+    }
+
+    #[test]
+    fn table_cells_stay_on_one_line() {
+        assert_eq!(table_cell("failed: a\n  b | c"), "failed: a b \\| c");
+        assert_eq!(table_cell(&"x".repeat(500)).chars().count(), 160);
     }
 
     #[test]
