@@ -237,7 +237,7 @@ mod tests {
             "keep-alive · node",
             "close · gone",
             "n/a",
-            "130000",
+            "130.0k",
         ] {
             assert!(s.contains(l), "missing {l}");
         }
