@@ -209,8 +209,19 @@ fn main() -> Result<()> {
     for name in names {
         let def = suites::define(name, &env, &opts)?;
         let started = std::time::Instant::now();
+        let load_before = loadavg();
         let mut result = suites::run(&def, &env, &opts, &command)?;
         result.notes.extend(notes.iter().cloned());
+        result.notes.push(format!(
+            "Load average (1 min) at start and end: {load_before} → {}; above 2 on this 2-core \
+             machine means other work competed with the benchmark.",
+            loadavg()
+        ));
+        if env.ours_bin.components().any(|c| c.as_os_str() == "debug") {
+            result
+                .notes
+                .push("ours is a debug build: its numbers are not representative.".into());
+        }
         if env.ours_bin != target.join("release").join("cluster") {
             result
                 .notes
@@ -254,6 +265,14 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The 1-minute load average from `/proc/loadavg`.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
 }
 
 const BENCHMARKS_HEADER: &str =

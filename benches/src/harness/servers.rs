@@ -62,10 +62,14 @@ pub enum Kind {
     Hyper,
     /// `peer-axum`: axum 0.8 with stock tower 0.5 layers, with these arguments.
     Axum(Vec<String>),
-    /// `peers/node/server.js`, one process.
-    Node,
-    /// `peers/node/server.js` under Node's `cluster` with this many workers.
-    NodeCluster(u32),
+    /// `peers/node/server.js`: one process with `workers: 0`, else Node's `cluster` with that
+    /// many workers; `root` is served under `/static/`.
+    Node {
+        /// Worker processes (0: a single process).
+        workers: u32,
+        /// Directory served under `/static/`.
+        root: Option<PathBuf>,
+    },
     /// `peer-servedir`: tower-http `ServeDir` over this directory.
     ServeDir(PathBuf),
     /// nginx with `sendfile on` serving this directory under `/static/`.
@@ -141,9 +145,7 @@ impl ServerSpec {
                 }
                 Ok(())
             }
-            Kind::Node | Kind::NodeCluster(_) if !super::tools::on_path("node") => {
-                Err("node not installed".into())
-            }
+            Kind::Node { .. } if !super::tools::on_path("node") => Err("node not installed".into()),
             Kind::Nginx(_) if !super::tools::on_path("nginx") => Err("nginx not installed".into()),
             _ => Ok(()),
         }
@@ -211,15 +213,17 @@ impl ServerSpec {
                 c.arg("--listen").arg(addr.to_string()).args(args);
                 c
             }
-            Kind::Node | Kind::NodeCluster(_) => {
+            Kind::Node { workers, root } => {
                 let mut c = env.command(Path::new("node"), server_cpus);
                 c.arg(env.peers_dir().join("node").join("server.js"))
                     .arg("--listen")
                     .arg(addr.to_string())
                     .arg("--admin")
-                    .arg(admin.to_string());
-                if let Kind::NodeCluster(n) = self.kind {
-                    c.arg("--workers").arg(n.to_string());
+                    .arg(admin.to_string())
+                    .arg("--workers")
+                    .arg(workers.to_string());
+                if let Some(root) = root {
+                    c.arg("--root").arg(root);
                 }
                 c
             }

@@ -39,15 +39,28 @@ pub fn ensure(program: &str, package: &str) -> Result<()> {
         }
         Ok(())
     };
-    run(&["apt-get", "update", "-qq"])?;
-    run(&[
-        "apt-get",
-        "install",
-        "-y",
-        "-qq",
-        "--no-install-recommends",
-        package,
-    ])?;
+    // Debian starts a packaged service (nginx) on install unless policy-rc.d says no; we only
+    // ever run nginx in the foreground ourselves, so deny it for the install if nothing does.
+    const POLICY: &str = "/usr/sbin/policy-rc.d";
+    let add_policy = !std::path::Path::new(POLICY).exists();
+    if add_policy {
+        let script = format!("printf '#!/bin/sh\\nexit 101\\n' > {POLICY} && chmod 755 {POLICY}");
+        run(&["sh", "-c", &script])?;
+    }
+    let installed = run(&["apt-get", "update", "-qq"]).and_then(|()| {
+        run(&[
+            "apt-get",
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            package,
+        ])
+    });
+    if add_policy {
+        run(&["rm", "-f", POLICY])?;
+    }
+    installed?;
     if !on_path(program) {
         bail!("installed {package} but {program} is still not on PATH");
     }

@@ -29,7 +29,14 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
             "axum, work in a spawned task (no abort signal)",
             Kind::Axum(Vec::new()),
         ),
-        ServerSpec::new("node", "Node http (no abort handling)", Kind::Node),
+        ServerSpec::new(
+            "node",
+            "Node http (no abort handling)",
+            Kind::Node {
+                workers: 0,
+                root: None,
+            },
+        ),
     ];
     let run_for = opts.duration(Duration::from_secs(2), Duration::from_secs(5));
     let cases = servers
@@ -55,7 +62,7 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
             },
             counter: Some(match s.kind {
                 Kind::Ours(_) => Counter::AdminPrometheus(OURS_WASTED.into()),
-                Kind::Node | Kind::NodeCluster(_) => Counter::AdminJson("wasted_ms".into()),
+                Kind::Node { .. } => Counter::AdminJson("wasted_ms".into()),
                 _ => Counter::MainJson("wasted_ms".into()),
             }),
             // Work started just before the end of the run finishes up to WORK_MS later.

@@ -66,7 +66,15 @@ pub fn define(env: &Env, opts: &Options) -> Result<SuiteDef> {
             "nginx, sendfile on, tcp_nopush on",
             Kind::Nginx(root.clone()),
         ),
-        ServerSpec::new("node", "Node createReadStream().pipe(res)", Kind::Node),
+        ServerSpec::new(
+            "node",
+            "Node createReadStream().pipe(res)",
+            Kind::Node {
+                workers: 0,
+                root: Some(root.clone()),
+            },
+        )
+        .route("/static/1mib.bin"),
     ];
     let downloads = if opts.quick { 2 } else { 6 };
     let mut cases = Vec::new();

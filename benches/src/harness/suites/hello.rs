@@ -42,11 +42,21 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
             "axum 0.8 + tower LoadShed + ConcurrencyLimit(1024) + Timeout(30s)",
             Kind::Axum(owned(&AXUM_ARGS)),
         ),
-        ServerSpec::new("node", "Node http, 1 process", Kind::Node),
+        ServerSpec::new(
+            "node",
+            "Node http, 1 process",
+            Kind::Node {
+                workers: 0,
+                root: None,
+            },
+        ),
         ServerSpec::new(
             "node-cluster",
             "Node cluster, 2 workers",
-            Kind::NodeCluster(2),
+            Kind::Node {
+                workers: 2,
+                root: None,
+            },
         ),
     ];
     let mut cases = Vec::new();

@@ -33,11 +33,21 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
             .route(probe)
             .metric(OURS_BACKEND_CALLS),
         ServerSpec::new("axum", "axum 0.8, no single-flight", Kind::Axum(Vec::new())),
-        ServerSpec::new("node", "Node http, in-process single-flight", Kind::Node),
+        ServerSpec::new(
+            "node",
+            "Node http, in-process single-flight",
+            Kind::Node {
+                workers: 0,
+                root: None,
+            },
+        ),
         ServerSpec::new(
             "node-cluster",
             "Node cluster (2 workers), single-flight per worker",
-            Kind::NodeCluster(2),
+            Kind::Node {
+                workers: 2,
+                root: None,
+            },
         ),
     ];
     let bursts = if opts.quick { 2 } else { 5 };
@@ -61,7 +71,7 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
             },
             counter: Some(match s.kind {
                 Kind::Ours(_) => Counter::AdminPrometheus(OURS_BACKEND_CALLS.into()),
-                Kind::Node | Kind::NodeCluster(_) => Counter::AdminJson("backend_calls".into()),
+                Kind::Node { .. } => Counter::AdminJson("backend_calls".into()),
                 _ => Counter::MainJson("backend_calls".into()),
             }),
             settle: Duration::ZERO,
