@@ -467,3 +467,150 @@ fn main() -> Result<()> {
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+
+    /// A server that answers every request after `delay`, with 503 for paths under `/shed`.
+    async fn server(delay: Duration) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let svc = service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| async move {
+                            tokio::time::sleep(delay).await;
+                            let status = if req.uri().path().starts_with("/shed") {
+                                503
+                            } else {
+                                200
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from_static(b"hello")))
+                                    .unwrap(),
+                            )
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn target(addr: SocketAddr, path: &str) -> Target {
+        Target::parse(&format!("http://{addr}{path}")).unwrap()
+    }
+
+    #[test]
+    fn parses_targets() {
+        let t = Target::parse("http://127.0.0.1:8080/sleep?ms=5").unwrap();
+        assert_eq!(t.addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(
+            (t.host.as_str(), t.path.as_str()),
+            ("127.0.0.1:8080", "/sleep?ms=5")
+        );
+        assert!(Target::parse("https://127.0.0.1/").is_err());
+        assert!(Target::parse("not a url").is_err());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn open_loop_sends_at_the_rate_and_counts_answers() {
+        let addr = server(Duration::from_millis(1)).await;
+        let r = open_loop(
+            target(addr, "/"),
+            200.0,
+            Duration::from_millis(250),
+            100,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        // 250 ms at 200/s: due times 0, 5, ..., 245 ms.
+        assert_eq!(r.sent, 50);
+        assert_eq!((r.ok, r.errors, r.timeouts), (50, 0, 0));
+        assert_eq!(r.bytes, 50 * 5);
+        let r = open_loop(
+            target(addr, "/shed"),
+            100.0,
+            Duration::from_millis(100),
+            100,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.sent, r.shed, r.ok), (10, 10, 0));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn open_loop_charges_queueing_to_latency() {
+        // One connection, 100 ms per answer, a request due every 25 ms: request i waits for the
+        // i answers before it, so it completes about (i + 1) × 100 ms after start although it was
+        // due at i × 25 ms. A closed-loop client would report 100 ms for every one of them.
+        let addr = server(Duration::from_millis(100)).await;
+        let r = open_loop(
+            target(addr, "/"),
+            40.0,
+            Duration::from_millis(200),
+            1,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.sent, r.ok), (8, 8));
+        // At 175 ms only the first has been answered.
+        assert!(r.peak_in_flight >= 5, "peak {}", r.peak_in_flight);
+        // The last one was due at 175 ms and answered no earlier than 800 ms.
+        assert!(r.ok_max_us >= 600_000.0, "max latency {} µs", r.ok_max_us);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn open_loop_times_out_from_the_due_time() {
+        let addr = server(Duration::from_millis(300)).await;
+        let r = open_loop(
+            target(addr, "/"),
+            20.0,
+            Duration::from_millis(100),
+            10,
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.sent, r.timeouts, r.ok), (2, 2, 0));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn bursts_and_abandon() {
+        let addr = server(Duration::from_millis(20)).await;
+        let r = bursts(
+            target(addr, "/"),
+            20,
+            3,
+            Duration::from_millis(5),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.sent, r.ok, r.errors), (60, 60, 0));
+        let slow = server(Duration::from_secs(5)).await;
+        let r = abandon(
+            target(slow, "/"),
+            4,
+            Duration::from_millis(20),
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+        assert!(r.abandoned >= 4, "{r:?}");
+        assert_eq!(r.abandoned, r.sent);
+        assert_eq!(r.ok, 0);
+    }
+}
