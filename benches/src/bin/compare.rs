@@ -179,6 +179,10 @@ fn main() -> Result<()> {
         keep: args.keep_work,
     };
     std::fs::create_dir_all(&scratch.path)?;
+    if !args.keep_work {
+        process::remove_on_signal(scratch.path.clone());
+    }
+    let ours_bin = std::fs::canonicalize(&ours_bin).unwrap_or(ours_bin);
     let env = Env {
         repo: repo.clone(),
         bin_dir,
@@ -206,6 +210,7 @@ fn main() -> Result<()> {
     };
     std::fs::create_dir_all(&out_dir)?;
 
+    let mut failed = Vec::new();
     for name in names {
         let def = suites::define(name, &env, &opts)?;
         let started = std::time::Instant::now();
@@ -246,6 +251,13 @@ fn main() -> Result<()> {
             out_dir.join(format!("{stem}.md")).display()
         );
         println!("{}", report::markdown_table(&result));
+        failed.extend(
+            result
+                .cases
+                .iter()
+                .filter(|c| c.status.starts_with("failed"))
+                .map(|c| format!("{name} {}: {}", c.id, c.status)),
+        );
         if save && !args.no_benchmarks_md {
             let bm = repo.join("BENCHMARKS.md");
             let existing =
@@ -257,6 +269,11 @@ fn main() -> Result<()> {
             let section = report::markdown(&result, Some(&rel.display().to_string()), "##");
             std::fs::write(&bm, report::update_benchmarks(&existing, name, &section))?;
         }
+    }
+    if !failed.is_empty() {
+        // "not available" is expected while crates land; "failed" means a server or the harness
+        // broke, which CI's smoke run must notice (it asserts nothing about speed).
+        bail!("cases failed: {}", failed.join("; "));
     }
     if process::live_count() != 0 {
         bail!(

@@ -18,6 +18,14 @@ use rustix::process::{kill_process, kill_process_group, Pid, Signal};
 /// Process groups started by this harness and not yet stopped.
 static LIVE: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
 
+/// Scratch directories to remove if a signal ends the harness (drop guards do not run then).
+static SCRATCH: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+
+/// Registers a directory that [`install_signal_handler`]'s handler removes before exiting.
+pub fn remove_on_signal(dir: std::path::PathBuf) {
+    SCRATCH.lock().unwrap_or_else(|e| e.into_inner()).push(dir);
+}
+
 /// How long a server gets to exit after `SIGTERM` before its group is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(3);
 
@@ -147,6 +155,9 @@ pub fn install_signal_handler() -> Result<()> {
             if let Some(sig) = signals.forever().next() {
                 eprintln!("compare: signal {sig}, stopping every server started");
                 stop_all();
+                for dir in SCRATCH.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
                 std::process::exit(130);
             }
         })?;

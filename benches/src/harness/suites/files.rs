@@ -76,7 +76,7 @@ pub fn define(env: &Env, opts: &Options) -> Result<SuiteDef> {
         )
         .route("/static/1mib.bin"),
     ];
-    let downloads = if opts.quick { 2 } else { 6 };
+    let downloads = if opts.quick { 2 } else { 12 };
     let mut cases = Vec::new();
     for s in &servers {
         cases.push(CaseDef {
