@@ -91,6 +91,9 @@ pub struct ServerSpec {
     pub needs_route: Option<String>,
     /// A Prometheus series that must appear on the admin address's `/metrics` once started.
     pub needs_metric: Option<String>,
+    /// A path and the exact body it must answer with `200` (so a misconfigured server is never
+    /// measured serving an error page fast).
+    pub expect: Option<(String, String)>,
 }
 
 impl ServerSpec {
@@ -103,6 +106,7 @@ impl ServerSpec {
             needs_flags: Vec::new(),
             needs_route: None,
             needs_metric: None,
+            expect: None,
         }
     }
 
@@ -115,6 +119,12 @@ impl ServerSpec {
     /// Requires a route.
     pub fn route(mut self, path: &str) -> ServerSpec {
         self.needs_route = Some(path.into());
+        self
+    }
+
+    /// Requires `GET path` to answer `200` with exactly `body`.
+    pub fn expect(mut self, path: &str, body: &str) -> ServerSpec {
+        self.expect = Some((path.into(), body.into()));
         self
     }
 
@@ -312,6 +322,19 @@ impl Running {
                 Ok(r) if r.status == 404 => return Err(format!("no route {path} (404)")),
                 Ok(r) if r.status >= 500 => return Err(format!("{path} answers {}", r.status)),
                 Ok(_) => {}
+                Err(e) => return Err(format!("{path}: {e}")),
+            }
+        }
+        if let Some((path, body)) = &self.spec.expect {
+            match probe::get(self.addr, path, Duration::from_secs(10)) {
+                Ok(r) if r.status == 200 && r.body == *body => {}
+                Ok(r) => {
+                    return Err(format!(
+                        "{path} answered {} {:?}, expected 200 {body:?}",
+                        r.status,
+                        r.body.chars().take(60).collect::<String>()
+                    ))
+                }
                 Err(e) => return Err(format!("{path}: {e}")),
             }
         }

@@ -92,5 +92,6 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
         ),
         tools: vec!["node", "rustc", "kernel"],
         notes: vec![],
+        files: Vec::new(),
     })
 }

@@ -44,8 +44,6 @@ pub fn define(env: &Env, opts: &Options) -> Result<SuiteDef> {
     fs::create_dir_all(&root)?;
     let big_mib: u64 = if opts.quick { 32 } else { 256 };
     let big = format!("{big_mib}mib.bin");
-    make_file(&root.join("1mib.bin"), 1 << 20)?;
-    make_file(&root.join(&big), big_mib << 20)?;
     let root_s = root.display().to_string();
     let ours_args = vec!["--workers".into(), "2".into(), "--root".into(), root_s];
     let servers = vec![
@@ -130,6 +128,7 @@ pub fn define(env: &Env, opts: &Options) -> Result<SuiteDef> {
             "Pin with `--pin` (servers on CPU 1, clients on CPU 0) to reproduce the research note's setup."
                 .into(),
         ],
+        files: vec![(root.join("1mib.bin"), 1 << 20), (root.join(&big), big_mib << 20)],
     })
 }
 

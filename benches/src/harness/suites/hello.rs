@@ -30,7 +30,7 @@ pub const CONNECTIONS: u32 = 64;
 /// The suite.
 pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
     let ours_args = owned(&OURS_ARGS);
-    let servers = vec![
+    let servers: Vec<ServerSpec> = vec![
         ServerSpec::new("ours", &ours_label(&ours_args), Kind::Ours(ours_args)).flags(&[
             "--workers",
             "--listen",
@@ -58,7 +58,10 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
                 root: None,
             },
         ),
-    ];
+    ]
+    .into_iter()
+    .map(|s| s.expect("/", "Hello, World!"))
+    .collect();
     let mut cases = Vec::new();
     for (group, close) in [("keep-alive", false), ("close", true)] {
         for s in &servers {
@@ -102,5 +105,6 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
              drift 10–25% between runs; quote the ratios, which pair runs made back to back."
                 .into(),
         ],
+        files: Vec::new(),
     })
 }

@@ -97,5 +97,6 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
         load: format!("loadgen burst: {bursts} bursts of {CONCURRENCY} concurrent requests, 100 ms apart"),
         tools: vec!["node", "rustc", "kernel"],
         notes: vec![],
+        files: Vec::new(),
     })
 }

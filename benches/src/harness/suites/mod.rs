@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -165,6 +165,28 @@ pub struct SuiteDef {
     pub tools: Vec<&'static str>,
     /// Remarks for the results.
     pub notes: Vec<String>,
+    /// Files to create (path, size) before the servers start.
+    pub files: Vec<(PathBuf, u64)>,
+}
+
+impl SuiteDef {
+    /// About how long the measuring takes (warm-ups and rounds, not start-up or builds): every
+    /// run is bounded by its own arguments, so this is what `--quick` promises to keep short.
+    pub fn estimated_duration(&self) -> Duration {
+        let whole = |d: Duration| Duration::from_secs(load::whole_seconds(d));
+        self.cases
+            .iter()
+            .map(|c| {
+                let (warmup, run) = match c.load {
+                    // wrk rounds its duration to whole seconds.
+                    LoadDef::Wrk { .. } => (whole(self.warmup), whole(self.run_for)),
+                    LoadDef::Curl { .. } => (self.warmup, self.run_for),
+                    LoadDef::Loadgen { .. } => (Duration::ZERO, self.run_for),
+                };
+                warmup + (run + c.settle) * self.rounds as u32
+            })
+            .sum()
+    }
 }
 
 /// Builds the named suite.
@@ -304,6 +326,10 @@ pub fn run(def: &SuiteDef, env: &Env, opts: &Options, command: &str) -> Result<S
         notes: def.notes.clone(),
         ..SuiteResult::default()
     };
+
+    for (path, len) in &def.files {
+        files::make_file(path, *len)?;
+    }
 
     // Start every server; one that is missing or broken is reported, not fatal.
     let mut running: BTreeMap<String, Running> = BTreeMap::new();
@@ -489,6 +515,75 @@ mod tests {
             o.duration(Duration::from_secs(1), Duration::from_secs(5)),
             Duration::from_millis(1500)
         );
+    }
+
+    fn test_env() -> Env {
+        let work = std::env::temp_dir().join(format!("benches-suites-{}", std::process::id()));
+        std::fs::create_dir_all(&work).unwrap();
+        Env {
+            repo: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."),
+            bin_dir: PathBuf::from("/nonexistent"),
+            ours_bin: PathBuf::from("/nonexistent/cluster"),
+            ours_extra: Vec::new(),
+            work,
+            ports: crate::harness::ports::PortAllocator::new(),
+            pin: false,
+            wrk_threads: 1,
+        }
+    }
+
+    #[test]
+    fn every_suite_is_well_formed_and_quick_is_quick() {
+        let env = test_env();
+        for quick in [true, false] {
+            let opts = Options {
+                quick,
+                rounds: None,
+                duration: None,
+            };
+            for name in SUITES {
+                let def = define(name, &env, &opts).unwrap();
+                assert_eq!(def.name, name);
+                let ids: Vec<&str> = def.servers.iter().map(|s| s.id.as_str()).collect();
+                let mut groups: BTreeMap<&str, usize> = BTreeMap::new();
+                for c in &def.cases {
+                    assert!(
+                        ids.contains(&c.server.as_str()),
+                        "{name}: unknown server {}",
+                        c.server
+                    );
+                    *groups.entry(c.group.as_str()).or_default() += usize::from(c.baseline);
+                }
+                assert!(
+                    groups.values().all(|&n| n == 1),
+                    "{name}: one baseline per group: {groups:?}"
+                );
+                assert!(
+                    def.servers.iter().any(|s| s.id.starts_with("ours")),
+                    "{name} has no ours"
+                );
+                if quick {
+                    let t = def.estimated_duration();
+                    assert!(
+                        t <= Duration::from_secs(50),
+                        "{name} --quick takes about {t:?}"
+                    );
+                } else {
+                    assert!(def.rounds >= 3, "{name}: medians need at least 3 runs");
+                }
+            }
+        }
+        // The peers and configs the suites start are in the repository.
+        for f in [
+            "node/server.js",
+            "nginx/nginx.conf",
+            "hyper_hello.rs",
+            "axum_tower.rs",
+            "servedir.rs",
+        ] {
+            assert!(env.peers_dir().join(f).is_file(), "missing peers/{f}");
+        }
+        std::fs::remove_dir_all(&env.work).unwrap();
     }
 
     #[test]

@@ -106,5 +106,6 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
         ),
         tools: vec!["rustc", "kernel"],
         notes: vec![],
+        files: Vec::new(),
     })
 }
