@@ -23,6 +23,9 @@ pub struct Sample {
     pub socket_errors: u64,
     /// Requests that hit the client's timeout.
     pub timeouts: u64,
+    /// Requests the client gave up on on purpose (`loadgen abandon`).
+    #[serde(default)]
+    pub abandoned: u64,
     /// Median latency, microseconds.
     pub p50_us: f64,
     /// 99th percentile latency, microseconds.
@@ -136,6 +139,7 @@ pub fn parse_wrk(stdout: &str) -> Result<Sample> {
         status_errors: j.status,
         socket_errors: j.connect + j.read + j.write,
         timeouts: j.timeout,
+        abandoned: 0,
         p50_us: j.p50_us,
         p99_us: j.p99_us,
         max_us: j.max_us,
@@ -245,6 +249,7 @@ impl LoadgenReport {
             status_errors: self.shed + self.other_status,
             socket_errors: self.errors,
             timeouts: self.timeouts,
+            abandoned: self.abandoned,
             p50_us: self.ok_p50_us,
             p99_us: self.ok_p99_us,
             max_us: self.ok_max_us,
@@ -317,6 +322,7 @@ mod tests {
             ok: 7,
             shed: 2,
             other_status: 1,
+            abandoned: 4,
             duration_s: 2.0,
             ok_p99_us: 1234.0,
             ..Default::default()
@@ -326,6 +332,7 @@ mod tests {
         assert_eq!(back, r);
         let s = back.to_sample();
         assert_eq!((s.requests, s.status_errors, s.p99_us), (10, 3, 1234.0));
+        assert_eq!(s.abandoned, 4);
         assert_eq!(s.rps(), 5.0);
     }
 }

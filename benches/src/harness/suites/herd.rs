@@ -74,7 +74,8 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
                 Kind::Node { .. } => Counter::AdminJson("backend_calls".into()),
                 _ => Counter::MainJson("backend_calls".into()),
             }),
-            settle: Duration::ZERO,
+            // Our workers report their counters to the admin endpoint once a second.
+            settle: Duration::from_millis(1500),
         })
         .collect();
     Ok(SuiteDef {
@@ -92,7 +93,8 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
         servers,
         cases,
         rounds: opts.rounds(3, 5),
-        run_for: Duration::from_secs(bursts as u64),
+        // Each burst lasts about one backend call; bursts are 100 ms apart.
+        run_for: Duration::from_millis(bursts as u64 * (u64::from(BACKEND_MS) + 100)),
         warmup: Duration::from_millis(300),
         load: format!("loadgen burst: {bursts} bursts of {CONCURRENCY} concurrent requests, 100 ms apart"),
         tools: vec!["node", "rustc", "kernel"],

@@ -89,13 +89,28 @@ pub enum Counter {
     AdminJson(String),
     /// A numeric field of the JSON at the server's own `/stats` (the Rust peers).
     MainJson(String),
+    /// Work wasted on abandoned requests, for a server that counts the work it *cancelled*
+    /// (a Prometheus series on the admin `/metrics`): every abandoned request whose work was not
+    /// cancelled is counted as `work_ms` wasted. Requests abandoned before the server even saw
+    /// them count as wasted too, so this errs against the server measured.
+    WastedFromCancelled {
+        /// The counter of cancelled work.
+        metric: String,
+        /// The work of one request, ms.
+        work_ms: u64,
+    },
+}
+
+/// Wasted work (ms) from the requests abandoned in a run and the work the server cancelled.
+pub fn wasted_from_cancelled(abandoned: u64, cancelled: f64, work_ms: u64) -> f64 {
+    (abandoned as f64 - cancelled).max(0.0) * work_ms as f64
 }
 
 impl Counter {
     fn read(&self, s: &Running) -> Result<f64> {
         let t = Duration::from_secs(5);
         match self {
-            Counter::AdminPrometheus(name) => {
+            Counter::AdminPrometheus(name) | Counter::WastedFromCancelled { metric: name, .. } => {
                 let r = probe::get(s.admin, "/metrics", t)?;
                 probe::prometheus_sum(&r.body, name)
                     .with_context(|| format!("{name} not in {}'s /metrics", s.spec.id))
@@ -460,18 +475,23 @@ fn measure(env: &Env, c: &CaseDef, s: &Running, length: Duration) -> Result<Run>
     let counter_before = c.counter.as_ref().map(|k| k.read(s)).transpose()?;
     let before = procfs::snapshot(pid)?;
     let (_, sample) = run_load(env, &c.load, s, length)?;
-    std::thread::sleep(c.settle);
     let after = procfs::snapshot(pid)?;
+    // Counters may trail the load (work still finishing, workers reporting periodically).
+    std::thread::sleep(c.settle);
     let counter_after = c.counter.as_ref().map(|k| k.read(s)).transpose()?;
     let ticks = procfs::ticks_between(&before, &after);
+    let counter = match (counter_before, counter_after, &c.counter) {
+        (Some(b), Some(a), Some(Counter::WastedFromCancelled { work_ms, .. })) => {
+            Some(wasted_from_cancelled(sample.abandoned, a - b, *work_ms))
+        }
+        (Some(b), Some(a), _) => Some(a - b),
+        _ => None,
+    };
     Ok(Run {
         round: 0,
         sample,
         cpu_s: ticks as f64 / procfs::ticks_per_second() as f64,
-        counter: match (counter_before, counter_after) {
-            (Some(b), Some(a)) => Some(a - b),
-            _ => None,
-        },
+        counter,
     })
 }
 
@@ -584,6 +604,13 @@ mod tests {
             assert!(env.peers_dir().join(f).is_file(), "missing peers/{f}");
         }
         std::fs::remove_dir_all(&env.work).unwrap();
+    }
+
+    #[test]
+    fn wasted_work_from_cancelled_work() {
+        assert_eq!(wasted_from_cancelled(100, 97.0, 1000), 3000.0);
+        // The counter may include cancellations of requests from before the run: never negative.
+        assert_eq!(wasted_from_cancelled(10, 12.0, 1000), 0.0);
     }
 
     #[test]
