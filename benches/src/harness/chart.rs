@@ -4,7 +4,7 @@
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
-use super::report::{fmt_count, fmt_sig, Headline, SuiteResult};
+use super::report::{fmt_count, fmt_sig, CaseResult, ChartMetric, Headline, SuiteResult};
 use super::stats::Spread;
 
 /// One bar.
@@ -27,10 +27,10 @@ pub struct Panel {
     pub bars: Vec<Bar>,
 }
 
-/// The two panels of a suite: its headline metric and server CPU per unit.
+/// The panels of a suite, as its results ask (`SuiteResult::chart`; headline and CPU if empty).
 pub fn suite_panels(r: &SuiteResult) -> Vec<Panel> {
     let h = r.headline.unwrap_or(Headline::Rps);
-    let bars = |f: &dyn Fn(&super::report::CaseResult) -> Option<Spread>| -> Vec<Bar> {
+    let bars = |f: &dyn Fn(&CaseResult) -> Option<Spread>| -> Vec<Bar> {
         r.cases
             .iter()
             .map(|c| Bar {
@@ -40,35 +40,67 @@ pub fn suite_panels(r: &SuiteResult) -> Vec<Panel> {
             })
             .collect()
     };
-    let mut panels = match h {
-        Headline::Rps => vec![
-            Panel {
+    let metrics = if r.chart.is_empty() {
+        vec![ChartMetric::Headline, ChartMetric::CpuPerUnit]
+    } else {
+        r.chart.clone()
+    };
+    metrics
+        .into_iter()
+        .map(|m| match (m, h) {
+            (ChartMetric::Headline, Headline::Rps) => Panel {
                 title: "requests/s (higher is better)".into(),
                 bars: bars(&|c| c.rps),
             },
-            Panel {
-                title: "server CPU µs per request (lower is better)".into(),
-                bars: bars(&|c| c.cpu_us_per_req),
-            },
-        ],
-        Headline::Gbps => vec![
-            Panel {
+            (ChartMetric::Headline, Headline::Gbps) => Panel {
                 title: "GB/s (higher is better)".into(),
                 bars: bars(&|c| c.gbps),
             },
-            Panel {
+            (ChartMetric::CpuPerUnit, Headline::Rps) => Panel {
+                title: "server CPU µs per request (lower is better)".into(),
+                bars: bars(&|c| c.cpu_us_per_req),
+            },
+            (ChartMetric::CpuPerUnit, Headline::Gbps) => Panel {
                 title: "server CPU s per GB (lower is better)".into(),
                 bars: bars(&|c| c.cpu_s_per_gb),
             },
-        ],
-    };
-    if let Some(name) = &r.counter_name {
-        panels.push(Panel {
-            title: format!("{name} per run (lower is better)"),
-            bars: bars(&|c| c.counter),
-        });
+            (ChartMetric::P99, _) => Panel {
+                title: "p99 latency, ms (lower is better)".into(),
+                bars: bars(&|c| c.p99_us.map(|s| scale(s, 1e-3))),
+            },
+            (ChartMetric::SuccessPct, _) => Panel {
+                title: "answered 2xx, % (higher is better)".into(),
+                bars: bars(&|c| c.success_pct),
+            },
+            (ChartMetric::Counter, _) => Panel {
+                title: format!(
+                    "{} per run (lower is better)",
+                    r.counter_name.as_deref().unwrap_or("counter")
+                ),
+                bars: bars(&|c| c.counter),
+            },
+            (ChartMetric::PeakRss, _) => Panel {
+                title: "peak RSS, MiB (lower is better)".into(),
+                bars: bars(&|c| {
+                    c.peak_rss_mib.map(|m| Spread {
+                        median: m,
+                        min: m,
+                        max: m,
+                        n: 1,
+                    })
+                }),
+            },
+        })
+        .collect()
+}
+
+fn scale(s: Spread, k: f64) -> Spread {
+    Spread {
+        median: s.median * k,
+        min: s.min * k,
+        max: s.max * k,
+        n: s.n,
     }
-    panels
 }
 
 /// Axis and bar labels: `19.8k` for large values, three significant digits otherwise.
@@ -199,6 +231,49 @@ mod tests {
             max: m * 1.1,
             n: 3,
         })
+    }
+
+    #[test]
+    fn suite_panels_follow_the_suite() {
+        let ok = CaseResult {
+            group: "g".into(),
+            server: "ours".into(),
+            status: "ok".into(),
+            p99_us: spread(2_000.0),
+            success_pct: spread(33.0),
+            peak_rss_mib: Some(12.0),
+            ..CaseResult::default()
+        };
+        let gone = CaseResult {
+            group: "g".into(),
+            server: "peer".into(),
+            status: "not available: no flag".into(),
+            p99_us: spread(1.0),
+            ..CaseResult::default()
+        };
+        let mut r = SuiteResult {
+            cases: vec![ok, gone],
+            chart: vec![
+                ChartMetric::SuccessPct,
+                ChartMetric::P99,
+                ChartMetric::PeakRss,
+            ],
+            ..SuiteResult::default()
+        };
+        let p = suite_panels(&r);
+        assert_eq!(p.len(), 3);
+        assert!(p[0].title.contains("2xx"));
+        assert_eq!(p[1].bars[0].value.unwrap().median, 2.0, "p99 in ms");
+        assert!(p[1].bars[0].ours && !p[1].bars[1].ours);
+        assert!(
+            p[1].bars[1].value.is_none(),
+            "an unavailable case draws no bar"
+        );
+        assert_eq!(p[2].bars[0].value.unwrap().median, 12.0);
+        r.chart.clear();
+        let p = suite_panels(&r);
+        assert_eq!(p.len(), 2);
+        assert!(p[0].title.starts_with("requests/s"));
     }
 
     #[test]

@@ -31,6 +31,23 @@ pub enum Headline {
     Gbps,
 }
 
+/// A metric drawn as one panel of a suite's chart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChartMetric {
+    /// The headline (req/s or GB/s).
+    Headline,
+    /// Server CPU per request or per GB.
+    CpuPerUnit,
+    /// p99 latency.
+    P99,
+    /// Share of 2xx answers.
+    SuccessPct,
+    /// The suite's server-side counter.
+    Counter,
+    /// Peak resident memory.
+    PeakRss,
+}
+
 /// Results of one case (a server under one load).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CaseResult {
@@ -191,6 +208,8 @@ pub struct SuiteResult {
     pub counter_name: Option<String>,
     /// Whether to show the success rate column.
     pub show_success: bool,
+    /// The panels of the chart, left to right.
+    pub chart: Vec<ChartMetric>,
     /// The harness command that produced this.
     pub command: String,
     /// Each server's start command (or why it did not start), by id.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use super::{ours_label, owned, CaseDef, Counter, LoadDef, Options, SuiteDef};
-use crate::harness::report::Headline;
+use crate::harness::report::{ChartMetric, Headline};
 use crate::harness::servers::{Env, Kind, ServerSpec};
 
 /// How long each request's work takes.
@@ -87,6 +87,7 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
         headline: Headline::Rps,
         counter_name: Some("wasted work ms".into()),
         show_success: false,
+        chart: vec![ChartMetric::Counter],
         servers,
         cases,
         rounds: opts.rounds(1, 3),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use super::{ours_label, owned, CaseDef, LoadDef, Options, SuiteDef};
-use crate::harness::report::Headline;
+use crate::harness::report::{ChartMetric, Headline};
 use crate::harness::servers::{Env, Kind, ServerSpec};
 
 /// Writes `len` bytes of deterministic, incompressible-looking data (xorshift) to `path`, unless
@@ -114,6 +114,7 @@ pub fn define(env: &Env, opts: &Options) -> Result<SuiteDef> {
         headline: Headline::Gbps,
         counter_name: None,
         show_success: false,
+        chart: vec![ChartMetric::Headline, ChartMetric::CpuPerUnit],
         servers,
         cases,
         rounds: opts.rounds(3, 7),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use super::{ours_label, owned, CaseDef, LoadDef, Options, SuiteDef};
-use crate::harness::report::Headline;
+use crate::harness::report::{ChartMetric, Headline};
 use crate::harness::servers::{Env, Kind, ServerSpec};
 
 /// Flags ours runs with in this suite (our example turns its layers on by default).
@@ -90,6 +90,7 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
         headline: Headline::Rps,
         counter_name: None,
         show_success: false,
+        chart: vec![ChartMetric::Headline, ChartMetric::CpuPerUnit, ChartMetric::P99],
         servers,
         cases,
         rounds: opts.rounds(3, 10),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use super::{ours_label, owned, CaseDef, Counter, LoadDef, Options, SuiteDef};
-use crate::harness::report::Headline;
+use crate::harness::report::{ChartMetric, Headline};
 use crate::harness::servers::{Env, Kind, ServerSpec};
 
 /// Concurrent identical requests per burst.
@@ -90,6 +90,7 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
         headline: Headline::Rps,
         counter_name: Some("backend calls".into()),
         show_success: true,
+        chart: vec![ChartMetric::Counter, ChartMetric::P99],
         servers,
         cases,
         rounds: opts.rounds(3, 5),

@@ -14,7 +14,7 @@ use super::load::{self, LoadgenReport, Sample, Wrk};
 use super::probe;
 use super::process::Guarded;
 use super::procfs;
-use super::report::{compute_ratios, CaseResult, Headline, Run, SuiteResult};
+use super::report::{compute_ratios, CaseResult, ChartMetric, Headline, Run, SuiteResult};
 use super::servers::{Env, Running, ServerSpec};
 
 pub mod disconnect;
@@ -164,6 +164,8 @@ pub struct SuiteDef {
     pub counter_name: Option<String>,
     /// Show the success-rate column.
     pub show_success: bool,
+    /// The chart's panels.
+    pub chart: Vec<ChartMetric>,
     /// Servers, started once each.
     pub servers: Vec<ServerSpec>,
     /// Cases in table order.
@@ -337,6 +339,7 @@ pub fn run(def: &SuiteDef, env: &Env, opts: &Options, command: &str) -> Result<S
         headline: Some(def.headline),
         counter_name: def.counter_name.clone(),
         show_success: def.show_success,
+        chart: def.chart.clone(),
         command: command.to_owned(),
         notes: def.notes.clone(),
         ..SuiteResult::default()

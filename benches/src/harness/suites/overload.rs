@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use super::{ours_label, owned, CaseDef, LoadDef, Options, SuiteDef};
-use crate::harness::report::Headline;
+use crate::harness::report::{ChartMetric, Headline};
 use crate::harness::servers::{Env, Kind, ServerSpec};
 
 /// Requests allowed in flight (the capacity of the stand-in backend).
@@ -95,6 +95,11 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
         headline: Headline::Rps,
         counter_name: None,
         show_success: true,
+        chart: vec![
+            ChartMetric::SuccessPct,
+            ChartMetric::P99,
+            ChartMetric::PeakRss,
+        ],
         servers,
         cases,
         rounds: opts.rounds(1, 3),
