@@ -66,6 +66,9 @@ use crate::metrics::WorkerMetrics;
 /// How long an idle connection that was told to close may take to do so.
 const CLOSING_GRACE: Duration = Duration::from_secs(1);
 
+/// hyper's `DEFAULT_MAX_HEADERS`.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
 /// `Keep-Alive` is not in `http::header`.
 const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
 
@@ -91,19 +94,27 @@ impl Settings {
     ) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         let keep_alive = !config.keep_alive_timeout.is_zero();
-        builder
-            .http1()
+        let mut http1 = builder.http1();
+        http1
             .keep_alive(keep_alive)
             // Our driver enforces the header and idle timeouts (see the module docs).
             .header_read_timeout(None)
-            .max_buf_size(config.max_head_size)
-            .max_headers(config.max_headers)
+            .max_buf_size(config.max_head_size);
+        // hyper parses into an inline array of its default size (100) unless a limit is
+        // set, in which case it allocates and fills one per request: set only when needed.
+        if config.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            http1.max_headers(config.max_headers);
+        }
+        builder
             .http2()
             .max_header_list_size(u32::try_from(config.max_head_size).unwrap_or(u32::MAX));
         let keep_alive_header = keep_alive.then(|| {
             // Rounded down: the client should give up on the connection before we do.
-            HeaderValue::from_str(&format!("timeout={}", config.keep_alive_timeout.as_secs()))
-                .expect("digits are a valid header value")
+            // Leaked once per process so cloning it per response is a copy, not a refcount.
+            let value: &'static str = Box::leak(
+                format!("timeout={}", config.keep_alive_timeout.as_secs()).into_boxed_str(),
+            );
+            HeaderValue::from_static(value)
         });
         Settings {
             config,
@@ -318,15 +329,20 @@ impl ConnState {
     /// A response body ended or was dropped.
     fn on_response_done(&self) {
         let mut t = self.lock();
-        t.in_flight -= 1;
+        t.in_flight = t.in_flight.saturating_sub(1);
         if t.in_flight == 0 && t.phase == Phase::Busy {
             t.phase = Phase::Idle;
             t.deadline = Some(Instant::now() + self.keep_alive_timeout);
-            self.idle_h1
-                .store(!self.h2.load(Ordering::Relaxed), Ordering::Relaxed);
+            let h2 = self.h2.load(Ordering::Relaxed);
+            self.idle_h1.store(!h2, Ordering::Relaxed);
+            drop(t);
+            // HTTP/1 bodies end inside the connection's poll, after which the driver looks
+            // at the new deadline anyway. HTTP/2 bodies end on their stream's task: wake the
+            // driver, whose armed timer may be later than the new idle deadline.
+            if h2 {
+                self.waker.wake();
+            }
         }
-        // The new deadline is never earlier than the armed one (see `drive`), so the driver
-        // needs no wake-up here.
     }
 
     /// Bytes arrived on an idle HTTP/1 connection: the next request head has started.
@@ -830,6 +846,35 @@ mod tests {
         state.on_response_done();
         assert!(!state.idle_h1.load(Ordering::Relaxed));
         assert_eq!(state.phase(), Phase::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_idle_deadline_set_on_another_task_is_not_missed() {
+        // header 10 s, keep-alive 1 s: the driver's timer is armed at 10 s when the stream
+        // task ends the only response at 0.2 s; the idle close must still come at 1.2 s.
+        let (state, signal, conn, shutdowns) = setup(10, 1, true);
+        let task = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                (
+                    drive(conn, graceful, &state, &signal).await,
+                    start.elapsed(),
+                )
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        state.on_request(Version::HTTP_2);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stream_task = {
+            let state = state.clone();
+            tokio::spawn(async move { drop(InFlight(state)) })
+        };
+        stream_task.await.unwrap();
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_millis(1200));
+        assert_eq!(shutdowns.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]

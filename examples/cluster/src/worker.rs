@@ -56,9 +56,13 @@ impl Serving {
     /// Starts accepting on `listener`.
     fn start(&self, cli: &Cli, listener: tokio::net::TcpListener) {
         // The one place the application stack is built; every connection clones it.
-        let app = routes::app(RouteConfig {
-            max_sleep: cli.max_sleep,
-        });
+        let app = routes::app(
+            RouteConfig {
+                max_sleep: cli.max_sleep,
+            },
+            tower_abort::AbortLayer::with_root(self.metrics.abort_root.clone()),
+            self.metrics.work_cancelled.clone(),
+        );
         tokio::spawn(server::accept_loop(
             listener,
             app,
@@ -76,6 +80,7 @@ impl Serving {
             &self.stop,
             &self.tracker,
             cli.shutdown_grace,
+            &self.metrics.abort_root,
         )
         .await
     }
@@ -98,7 +103,7 @@ pub(crate) fn run_standalone(cli: Cli) -> anyhow::Result<()> {
                 let m = serving.metrics.clone();
                 tokio::spawn(server::admin_server(
                     listener,
-                    move || metrics::encode_registry(&m.registry),
+                    move || std::future::ready(metrics::encode_registry(&m.registry)),
                     serving.stop.clone(),
                 ));
                 Some(admin_addr)
@@ -139,25 +144,30 @@ pub(crate) fn run_child(cli: Cli, args: WorkerArgs) -> anyhow::Result<()> {
             tokio::net::UnixStream::from_std(control)?.into_split();
         serving.start(&cli, server::into_tokio(listener)?);
 
-        // Outgoing control messages go through one writer task.
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ToSupervisor>();
+        // Outgoing control messages go through one writer task; `None` = flush and stop.
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Option<ToSupervisor>>();
         let writer = tokio::spawn(async move {
-            while let Some(msg) = out_rx.recv().await {
+            while let Some(Some(msg)) = out_rx.recv().await {
                 if let Err(e) = msg.write(&mut control_wr).await {
                     tracing::debug!(error = %e, "control socket write failed");
                     break;
                 }
             }
         });
-        let _ = out_tx.send(ToSupervisor::Ready);
+        let _ = out_tx.send(Some(ToSupervisor::Ready));
 
         let (drain_tx, mut drain_rx) = mpsc::unbounded_channel();
         // Supervisor commands; end-of-file means the supervisor died: drain and exit.
         {
             let drain_tx = drain_tx.clone();
+            let (scrape_tx, scrape_metrics) = (out_tx.clone(), serving.metrics.clone());
             tokio::spawn(async move {
                 loop {
                     match ToWorker::read(&mut control_rd).await {
+                        Ok(Some(ToWorker::Scrape)) => {
+                            let snapshot = ToSupervisor::Metrics(scrape_metrics.encode());
+                            let _ = scrape_tx.send(Some(snapshot));
+                        }
                         Ok(Some(ToWorker::Drain { gentle })) => {
                             let level = if gentle {
                                 DrainLevel::Gentle
@@ -189,7 +199,10 @@ pub(crate) fn run_child(cli: Cli, args: WorkerArgs) -> anyhow::Result<()> {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
-                    if out_tx.send(ToSupervisor::Metrics(m.encode())).is_err() {
+                    if out_tx
+                        .send(Some(ToSupervisor::Metrics(m.encode())))
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -205,8 +218,8 @@ pub(crate) fn run_child(cli: Cli, args: WorkerArgs) -> anyhow::Result<()> {
         serving.drain(first, drain_rx, &cli).await;
         reporter.abort();
         // Final counters, so the supervisor's totals include everything this worker served.
-        let _ = out_tx.send(ToSupervisor::Metrics(serving.metrics.encode()));
-        drop(out_tx);
+        let _ = out_tx.send(Some(ToSupervisor::Metrics(serving.metrics.encode())));
+        let _ = out_tx.send(None);
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer).await;
         anyhow::Ok(())
     })

@@ -2,6 +2,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -223,7 +224,30 @@ fn sigterm_lets_the_in_flight_request_finish_and_exits_0() {
 }
 
 #[test]
-fn sigterm_forces_what_exceeds_the_grace_period() {
+fn sigterm_closes_idle_keep_alive_connections_at_once() {
+    let mut server = Server::start(&[
+        "--workers",
+        "2",
+        "--keep-alive-timeout",
+        "30s",
+        "--shutdown-grace",
+        "20s",
+    ]);
+    let mut idle = support::connect(server.addr);
+    std::io::Write::write_all(&mut idle, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    assert_eq!(support::read_response(&mut idle).unwrap().status, 200);
+    server.signal("TERM");
+    let t = support::time_until_closed(&mut idle);
+    assert!(
+        t < Duration::from_secs(5),
+        "idle connection closed after {t:?}"
+    );
+    let status = server.wait_exit(PATIENCE).expect("exited");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn sigterm_aborts_what_exceeds_the_grace_period() {
     let mut server = Server::start(&["--workers", "1", "--shutdown-grace", "500ms"]);
     let addr = server.addr;
     let slow = std::thread::spawn(move || get(addr, "/sleep?ms=10000"));
@@ -239,10 +263,42 @@ fn sigterm_forces_what_exceeds_the_grace_period() {
         "{:?}",
         signalled.elapsed()
     );
+    // When the grace ran out the request's AbortSignal fired: `/sleep` stopped and
+    // answered instead of being cut off mid-request.
+    let res = slow
+        .join()
+        .unwrap()
+        .expect("the overlong request was stopped and answered");
+    assert_eq!(res.status, 503);
+    assert_eq!(res.body, b"stopped: server shutting down\n");
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_work_at_once() {
+    let server = Server::start(&["--workers", "1", "--metrics-interval", "100ms"]);
+    let mut stream = support::connect(server.addr);
+    stream
+        .write_all(b"GET /sleep?ms=30000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    server.wait_metrics("request in flight", |t| {
+        metric(t, "http_connections_open").unwrap_or(0.0) >= 1.0
+    });
+    // The head is parsed as soon as it arrives; leave it a moment to reach the handler.
+    std::thread::sleep(Duration::from_millis(300));
+    let left = Instant::now();
+    drop(stream);
+    let text = server.wait_metrics("work cancelled", |t| {
+        metric(t, "demo_work_cancelled_total") == Some(1.0)
+            && metric(t, "abort_total{reason=\"client_gone\"}") == Some(1.0)
+    });
     assert!(
-        slow.join().unwrap().is_err(),
-        "the overlong request was cut off"
+        left.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        left.elapsed()
     );
+    assert!(text.contains("# TYPE abort counter"), "{text}");
+    assert_eq!(metric(&text, "abort_total{reason=\"shutdown\"}"), Some(0.0));
+    assert_eq!(metric(&text, "http_connections_open"), Some(0.0));
 }
 
 #[test]
@@ -289,6 +345,21 @@ fn metrics_sum_over_workers_and_survive_restarts() {
 }
 
 #[test]
+fn metrics_are_fresh_at_scrape_time() {
+    // Periodic reports are an hour apart: only scrape-on-demand can show these requests.
+    let server = Server::start(&["--workers", "2", "--metrics-interval", "1h"]);
+    for _ in 0..20 {
+        assert_eq!(get(server.addr, "/").unwrap().status, 200);
+    }
+    let text = server.metrics();
+    assert_eq!(
+        metric(&text, "http_requests_total{status=\"200\"}"),
+        Some(20.0),
+        "{text}"
+    );
+}
+
+#[test]
 fn single_process_mode() {
     let mut server = Server::start(&["--workers", "0", "--shutdown-grace", "2s"]);
     assert!(server.workers().is_empty(), "no worker processes");
@@ -296,6 +367,6 @@ fn single_process_mode() {
     server.wait_metrics("own metrics", |t| {
         metric(t, "http_requests_total{status=\"200\"}") == Some(1.0)
     });
-    server.signal("TERM");
+    server.signal("INT");
     assert_eq!(server.wait_exit(PATIENCE).unwrap().code(), Some(0));
 }
