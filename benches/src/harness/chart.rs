@@ -211,10 +211,11 @@ fn draw_panel<DB: DrawingBackend>(
                 BLACK.stroke_width(1),
             )))?;
         }
+        // The label sits at the end of the bar it names (the whisker may reach further).
         chart.draw_series(std::iter::once(Text::new(
             format!(" {}", fmt_value(v.median)),
-            (v.max.max(v.median), SegmentValue::CenterOf(row(i))),
-            ("sans-serif", 12),
+            (v.median, SegmentValue::Exact(row(i) + 1)),
+            ("sans-serif", 11),
         )))?;
     }
     Ok(())
