@@ -21,12 +21,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tower::Service;
 
 /// Response body of every route.
 pub(crate) type RouteBody = Full<Bytes>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
@@ -41,14 +44,16 @@ pub(crate) struct RouteConfig {
 ///
 /// Later layers (abort, backpressure, singleflight, zerocopy) are added here, around
 /// [`Routes`], with `tower::ServiceBuilder`; the connection code only needs a cloneable
-/// `Service<Request<Incoming>>` that never fails.
+/// `Service<Request<Incoming>>` that never fails, with a `Send` future and any `Bytes` body,
+/// so a layer that changes the body type (a streaming or file body) needs no change here
+/// or in the connection code.
 pub(crate) fn app(
     config: RouteConfig,
 ) -> impl Service<
     Request<Incoming>,
-    Response = Response<RouteBody>,
+    Response = Response<impl Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static>,
     Error = Infallible,
-    Future = impl Future<Output = Result<Response<RouteBody>, Infallible>> + Send + 'static,
+    Future: Send + 'static,
 > + Clone
        + Send
        + Sync
