@@ -44,15 +44,15 @@ pub(crate) struct RouteConfig {
 ///
 /// Later layers (abort, backpressure, singleflight, zerocopy) are added here, around
 /// [`Routes`], with `tower::ServiceBuilder`; the connection code only needs a cloneable
-/// `Service<Request<Incoming>>` that never fails, with a `Send` future and any `Bytes` body,
-/// so a layer that changes the body type (a streaming or file body) needs no change here
-/// or in the connection code.
+/// `Service<Request<Incoming>>` with a `Send` future, any `Bytes` body and any boxable error
+/// (answered with a logged `500`, the connection kept), so a layer that changes the body or
+/// error type needs no change here or in the connection code.
 pub(crate) fn app(
     config: RouteConfig,
 ) -> impl Service<
     Request<Incoming>,
     Response = Response<impl Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static>,
-    Error = Infallible,
+    Error: Into<BoxError>,
     Future: Send + 'static,
 > + Clone
        + Send

@@ -74,10 +74,8 @@ pub(crate) async fn accept_loop<S, B>(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) where
-    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = std::convert::Infallible>
-        + Clone
-        + Send
-        + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     S::Future: Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
