@@ -30,17 +30,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use tower::Service;
 use tower_abort::future::Aborted;
-use tower_abort::{AbortBody, AbortLayer, AbortReason, AbortSignal, TimeoutFormat};
-use tower_backpressure::{BackpressureLayer, ResponseBody};
+use tower_abort::{AbortLayer, AbortReason, AbortSignal, TimeoutFormat};
+use tower_backpressure::BackpressureLayer;
 use tower_zerocopy::{FileBody, ServeDir};
 
 /// Response body of every route: literal bytes, or a file for `/static` (tower-zerocopy's
 /// body, which goes out through sendfile on a capable connection).
 pub(crate) type RouteBody = FileBody;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
@@ -73,8 +76,10 @@ pub(crate) fn backpressure(
 /// `AbortLayer` is outermost, so every request (404s included) gets its signal and the
 /// signal fires whatever the inner layers do. tower-backpressure comes next, so a shed
 /// request costs no routing work and the permit covers the whole response body. Later
-/// layers (singleflight, zerocopy) go between them and [`Routes`]; the connection code only needs a cloneable
-/// `Service<Request<Incoming>>` that never fails.
+/// layers go between them and [`Routes`]. The connection code only needs a cloneable
+/// `Service<Request<Incoming>>` with a `Send` future, any `Bytes` body and any boxable error
+/// (answered with a logged `500`, the connection kept), so a layer that changes the body or
+/// error type needs no change here or in the connection code.
 ///
 /// `work_cancelled` counts `/sleep` requests stopped by their signal.
 pub(crate) fn app(
@@ -84,9 +89,9 @@ pub(crate) fn app(
     backpressure: BackpressureLayer,
 ) -> impl Service<
     Request<Incoming>,
-    Response = Response<AppBody>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<Response<AppBody>, Infallible>> + Send + 'static,
+    Response = Response<impl Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static>,
+    Error: Into<BoxError>,
+    Future: Send + 'static,
 > + Clone
        + Send
        + Sync
@@ -98,9 +103,6 @@ pub(crate) fn app(
         .layer(backpressure)
         .service(Routes::new(config, work_cancelled))
 }
-
-/// Response body of [`app`].
-pub(crate) type AppBody = AbortBody<ResponseBody<RouteBody>>;
 
 /// The abort layer's settings: clients may shorten their own requests with `grpc-timeout`
 /// or `request-timeout` (milliseconds). There is no server-wide default deadline: `/sleep`

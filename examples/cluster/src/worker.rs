@@ -124,6 +124,7 @@ impl Serving {
 
 /// `--workers 0`: one process, no supervisor; it serves `/metrics` itself.
 pub(crate) fn run_standalone(cli: Cli) -> anyhow::Result<()> {
+    server::ensure_port_free(cli.listen)?;
     let std_listener = server::bind_listener(cli.listen, cli.backlog)?;
     let addr = std_listener.local_addr()?;
     let rt = runtime(RuntimeFlavor::MultiThread)?;
