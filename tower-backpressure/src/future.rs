@@ -44,6 +44,7 @@ where
 {
     /// Acts on an admission decision. `svc` must have been driven to readiness by the
     /// caller's `poll_ready`, as the `Service` contract requires before `call`.
+    #[inline]
     fn start(
         admission: Admission,
         svc: &mut S,
@@ -76,6 +77,7 @@ where
         }
     }
 
+    #[inline]
     fn bypass(svc: &mut S, req: Req) -> Self {
         State::Called {
             fut: svc.call(req),
@@ -95,6 +97,7 @@ enum Step<F> {
 }
 
 /// Drives waiting, readiness and the call; `wrap` may rewrite the request once admitted.
+#[inline]
 fn poll_state<S, Req>(
     mut state: Pin<&mut State<S, Req>>,
     cx: &mut Context<'_>,
@@ -154,6 +157,7 @@ where
 }
 
 /// Wraps the request body in a [`MeteredBody`] when the layer meters bodies of this type.
+#[inline]
 pub(crate) fn meter_request<ReqB: 'static>(
     shared: &HttpShared,
     req: Request<ReqB>,
@@ -187,6 +191,7 @@ where
     S: Service<Request<ReqB>>,
     ReqB: 'static,
 {
+    #[inline]
     pub(crate) fn start(
         admission: Admission,
         svc: &mut S,
@@ -240,6 +245,7 @@ where
 {
     type Output = Result<Response<ResponseBody<ResB>>, S::Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let shared: &HttpShared = this.shared;
@@ -291,6 +297,7 @@ impl<S, Req> TypedResponseFuture<S, Req>
 where
     S: Service<Req>,
 {
+    #[inline]
     pub(crate) fn start(admission: Admission, svc: &mut S, req: Req) -> Self
     where
         S: Clone,
@@ -314,6 +321,7 @@ where
 {
     type Output = Result<S::Response, crate::BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match ready!(poll_state(self.project().state, cx, |req, _| req)) {
             Step::Shed(overloaded) => Poll::Ready(Err(overloaded.into())),

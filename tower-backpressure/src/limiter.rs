@@ -98,6 +98,8 @@ struct State {
     nonempty_since: Option<Instant>,
     standing: bool,
     closed: bool,
+    /// Requests admitted at low load since the last timed one.
+    untimed: u32,
     // Statistics.
     admitted: u64,
     shed: [u64; ShedReason::ALL.len()],
@@ -145,10 +147,13 @@ impl Wakers {
     }
 }
 
+#[inline]
 fn wake_all(wakers: Wakers) {
-    if let Some(w) = wakers.first {
-        w.wake();
-    }
+    // The common case, nobody to wake, must cost nothing.
+    let Some(first) = wakers.first else {
+        return;
+    };
+    first.wake();
     for w in wakers.rest {
         w.wake();
     }
@@ -212,7 +217,11 @@ impl std::ops::Index<&u64> for Slab {
 impl State {
     /// The limit a class may fill: high priority the whole limit, normal priority the limit
     /// less the reserved share (always leaving it at least one slot).
+    #[inline]
     fn class_limit(&self, config: &Config, priority: Priority) -> usize {
+        if config.high_priority_share == 0.0 {
+            return self.limit;
+        }
         match priority {
             Priority::High => self.limit,
             Priority::Normal => {
@@ -222,6 +231,7 @@ impl State {
         }
     }
 
+    #[inline]
     fn fits(&self, config: &Config, priority: Priority, bytes: u64) -> bool {
         let bytes_fit = match config.max_bytes {
             Some(max) => self.bytes.saturating_add(bytes) <= max,
@@ -350,11 +360,33 @@ impl State {
         self.observe_queue(config, now, wakers);
     }
 
-    /// Returns a slot's resources after its permit ends.
-    fn release(&mut self, config: &Config, bytes: u64, now: Instant, wakers: &mut Wakers) {
+    /// Returns a slot's resources after its permit ends. The clock is read only if
+    /// someone is waiting for them.
+    fn release(&mut self, config: &Config, bytes: u64, now: Option<Instant>, wakers: &mut Wakers) {
         self.in_flight -= 1;
         self.bytes -= bytes;
-        self.dispatch(config, now, wakers);
+        if self.queued == 0 {
+            self.nonempty_since = None;
+            self.standing = false;
+            return;
+        }
+        self.dispatch(config, now.unwrap_or_else(Instant::now), wakers);
+    }
+
+    /// Whether a request admitted now has its service time measured. Under load (half the
+    /// limit in use, or anyone queued), with an adaptive strategy or a deadline, always;
+    /// otherwise one request in [`UNTIMED_SAMPLE`], so the uncontended fast path rarely pays
+    /// for reading the clock.
+    fn times(&mut self, config: &Config, ticket: &Ticket) -> bool {
+        if self.in_flight * 2 >= self.limit
+            || self.queued > 0
+            || ticket.deadline.is_some()
+            || !matches!(config.strategy, LimitStrategy::Fixed)
+        {
+            return true;
+        }
+        self.untimed = self.untimed.wrapping_add(1);
+        self.untimed % UNTIMED_SAMPLE == 0
     }
 }
 
@@ -376,6 +408,7 @@ impl Limiter {
             nonempty_since: None,
             standing: false,
             closed: false,
+            untimed: 0,
             admitted: 0,
             shed: [0; ShedReason::ALL.len()],
             peak_in_flight: 0,
@@ -397,16 +430,23 @@ impl Limiter {
         &self.shared.config
     }
 
-    /// Admits the request now, queues it, or sheds it.
-    pub(crate) fn admit(&self, ticket: Ticket, now: Instant) -> Admission {
+    /// Admits the request now, queues it, or sheds it, reading `clock` only if it must.
+    pub(crate) fn admit_with(&self, ticket: Ticket, clock: impl FnMut() -> Instant) -> Admission {
         let config = &self.shared.config;
         let mut wakers = Wakers::new();
+        let mut now = LazyNow { clock, now: None };
         let admission = {
             let mut state = lock(&self.shared.state);
-            self.admit_locked(&mut state, config, ticket, now, &mut wakers)
+            self.admit_locked(&mut state, config, ticket, &mut now, &mut wakers)
         };
         wake_all(wakers);
         admission
+    }
+
+    /// [`admit_with`](Self::admit_with) at a known instant.
+    #[cfg(test)]
+    pub(crate) fn admit(&self, ticket: Ticket, now: Instant) -> Admission {
+        self.admit_with(ticket, || now)
     }
 
     fn admit_locked(
@@ -414,7 +454,7 @@ impl Limiter {
         state: &mut State,
         config: &Config,
         ticket: Ticket,
-        now: Instant,
+        now: &mut LazyNow<impl FnMut() -> Instant>,
         wakers: &mut Wakers,
     ) -> Admission {
         if state.closed {
@@ -423,7 +463,7 @@ impl Limiter {
         if config.max_bytes.is_some_and(|max| ticket.bytes > max) {
             return Admission::Shed(state.overloaded(ShedReason::TooLarge));
         }
-        if ticket.deadline.is_some_and(|d| d <= now) {
+        if ticket.deadline.is_some_and(|d| d <= now.get()) {
             return Admission::Shed(state.overloaded(ShedReason::DeadlineUnreachable));
         }
         if state.waiters_at_or_above(ticket.priority) == 0
@@ -434,7 +474,8 @@ impl Limiter {
             state.admitted += 1;
             state.peak_in_flight = state.peak_in_flight.max(state.in_flight);
             state.queue_wait.record(Duration::ZERO);
-            return Admission::Admitted(Permit::new(self.clone(), ticket, now));
+            let admitted_at = state.times(config, &ticket).then(|| now.get());
+            return Admission::Admitted(Permit::new(self.clone(), ticket, admitted_at));
         }
         if config.queue_timeout == Some(Duration::ZERO) {
             return Admission::Shed(state.overloaded(ShedReason::QueueFull));
@@ -468,10 +509,11 @@ impl Limiter {
                 state.waiters_at_or_above(ticket.priority)
             };
             let expected = (ahead + 1) as f64 * mean / state.limit.max(1) as f64;
-            if now + Duration::from_secs_f64(expected.min(1e6)) > deadline {
+            if now.get() + Duration::from_secs_f64(expected.min(1e6)) > deadline {
                 return Admission::Shed(state.overloaded(ShedReason::DeadlineUnreachable));
             }
         }
+        let now = now.get();
         let id = state.slots.insert(Slot {
             status: Status::Waiting,
             waker: None,
@@ -660,7 +702,11 @@ impl Waiter {
                     let granted_at = slot.granted_at;
                     state.slots.remove(&self.id);
                     self.done = true;
-                    WaitPoll::Ready(Ok(Permit::new(limiter.clone(), self.ticket, granted_at)))
+                    WaitPoll::Ready(Ok(Permit::new(
+                        limiter.clone(),
+                        self.ticket,
+                        Some(granted_at),
+                    )))
                 }
                 Status::Shed(reason) => {
                     let retry_after = slot.retry_after;
@@ -725,7 +771,7 @@ impl Drop for Waiter {
                     // Leaving may unblock a smaller request stuck behind this one's bytes.
                     state.dispatch(config, now, wakers);
                 }
-                Status::Granted => state.release(config, slot.bytes, now, wakers),
+                Status::Granted => state.release(config, slot.bytes, Some(now), wakers),
                 Status::Shed(_) => {}
             }
         });
@@ -738,18 +784,19 @@ impl Drop for Waiter {
 pub(crate) struct Permit {
     limiter: Limiter,
     bytes: u64,
-    admitted_at: Instant,
+    /// Set when this request's service time is measured (see `State::times`).
+    admitted_at: Option<Instant>,
     outcome: Outcome,
     completed: bool,
     meter: Option<Arc<MeterState>>,
 }
 
 impl Permit {
-    fn new(limiter: Limiter, ticket: Ticket, now: Instant) -> Self {
+    fn new(limiter: Limiter, ticket: Ticket, admitted_at: Option<Instant>) -> Self {
         Permit {
             limiter,
             bytes: ticket.bytes,
-            admitted_at: now,
+            admitted_at,
             outcome: Outcome::Ignore,
             completed: false,
             meter: None,
@@ -785,8 +832,10 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let now = Instant::now();
-        let elapsed = now.saturating_duration_since(self.admitted_at);
+        let timing = self.admitted_at.map(|at| {
+            let now = Instant::now();
+            (now, now.saturating_duration_since(at))
+        });
         let outcome = if self.completed {
             self.outcome
         } else {
@@ -795,26 +844,46 @@ impl Drop for Permit {
         let extra = self.meter.as_ref().map_or(0, |m| m.release());
         let bytes = self.bytes + extra;
         self.limiter.with_state(|state, config, wakers| {
-            if outcome == Outcome::Success {
-                state.service_time.record(elapsed);
-                let secs = elapsed.as_secs_f64();
-                state.mean_service = Some(match state.mean_service {
-                    Some(m) => m * 0.9 + secs * 0.1,
-                    None => secs,
-                });
+            if let Some((now, elapsed)) = timing {
+                if outcome == Outcome::Success {
+                    state.service_time.record(elapsed);
+                    let secs = elapsed.as_secs_f64();
+                    state.mean_service = Some(match state.mean_service {
+                        Some(m) => m * 0.9 + secs * 0.1,
+                        None => secs,
+                    });
+                }
+                let in_flight = state.in_flight;
+                if let Some(limit) =
+                    state
+                        .adaptive
+                        .sample(&config.strategy, now, elapsed, outcome, in_flight)
+                {
+                    state.limit = limit;
+                }
             }
-            let in_flight = state.in_flight;
-            if let Some(limit) =
-                state
-                    .adaptive
-                    .sample(&config.strategy, now, elapsed, outcome, in_flight)
-            {
-                state.limit = limit;
-            }
-            state.release(config, bytes, now, wakers);
+            state.release(config, bytes, timing.map(|(now, _)| now), wakers);
         });
     }
 }
+
+/// Reads the clock at most once, and only when asked.
+struct LazyNow<F> {
+    clock: F,
+    now: Option<Instant>,
+}
+
+impl<F: FnMut() -> Instant> LazyNow<F> {
+    fn get(&mut self) -> Instant {
+        match self.now {
+            Some(now) => now,
+            None => *self.now.insert((self.clock)()),
+        }
+    }
+}
+
+/// At low load, one request in this many has its service time measured.
+const UNTIMED_SAMPLE: u32 = 16;
 
 #[cfg(all(test, not(loom)))]
 mod tests {

@@ -8,10 +8,10 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::body::ResponseBody;
-use crate::classify::{Classify, RequestHead};
+use crate::classify::{Classify, DefaultClassify, RequestHead};
 use crate::future::{ResponseFuture, TypedResponseFuture};
 use crate::handle::BackpressureHandle;
-use crate::layer::HttpShared;
+use crate::layer::{BackpressureLayer, HttpShared};
 use crate::limiter::{Limiter, Ticket};
 use crate::order::Priority;
 
@@ -40,6 +40,18 @@ impl<S: Clone> Clone for Backpressure<S> {
 }
 
 impl<S> Backpressure<S> {
+    /// Wraps `inner` with a limiter of its own admitting `max_in_flight` requests at once,
+    /// every other setting at its default. Use [`BackpressureLayer::builder`] to configure.
+    pub fn new(inner: S, max_in_flight: usize) -> Self {
+        tower_layer::Layer::layer(&BackpressureLayer::new(max_in_flight), inner)
+    }
+
+    /// A layer admitting `max_in_flight` requests at once; the same as
+    /// [`BackpressureLayer::new`].
+    pub fn layer(max_in_flight: usize) -> BackpressureLayer {
+        BackpressureLayer::new(max_in_flight)
+    }
+
     pub(crate) fn from_shared(inner: S, shared: Arc<HttpShared>) -> Self {
         Backpressure { inner, shared }
     }
@@ -95,6 +107,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let policy = &self.shared.policy;
         let head = RequestHead::new(&req);
@@ -113,7 +126,7 @@ where
                 0
             },
         };
-        let admission = self.shared.limiter.admit(ticket, Instant::now());
+        let admission = self.shared.limiter.admit_with(ticket, Instant::now);
         ResponseFuture::start(admission, &mut self.inner, req, self.shared.clone())
     }
 }
@@ -135,6 +148,19 @@ impl<S: Clone, C: Clone> Clone for TypedBackpressure<S, C> {
             limiter: self.limiter.clone(),
             classify: self.classify.clone(),
         }
+    }
+}
+
+impl<S> TypedBackpressure<S, DefaultClassify> {
+    /// Wraps `inner` with a limiter of its own admitting `max_in_flight` requests at once,
+    /// every request normal, every other setting at its default. Use
+    /// [`BackpressureLayer::builder`] and [`build_typed`](crate::BackpressureBuilder::build_typed)
+    /// to configure.
+    pub fn new(inner: S, max_in_flight: usize) -> Self {
+        tower_layer::Layer::layer(
+            &BackpressureLayer::builder(max_in_flight).build_typed(),
+            inner,
+        )
     }
 }
 
@@ -184,6 +210,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let class = self.classify.classify(&req);
         if class.bypass {
@@ -194,7 +221,7 @@ where
             deadline: class.deadline,
             bytes: class.bytes,
         };
-        let admission = self.limiter.admit(ticket, Instant::now());
+        let admission = self.limiter.admit_with(ticket, Instant::now);
         TypedResponseFuture::start(admission, &mut self.inner, req)
     }
 }

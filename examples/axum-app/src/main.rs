@@ -14,6 +14,7 @@ use axum::{routing::get, BoxError, Router};
 use serde::Deserialize;
 use tower::ServiceBuilder;
 use tower_abort::{AbortLayer, AbortReason, AbortRoot, AbortSignal};
+use tower_backpressure::BackpressureLayer;
 use tower_singleflight::{SingleflightLayer, WaitTimeoutPolicy};
 
 /// How long in-flight requests may keep running after a shutdown signal before their
@@ -25,20 +26,44 @@ const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// `abort_root` is the server-wide parent of every request's cancellation signal; `main`
 /// shuts it down when the drain grace runs out.
 fn app(abort_root: &AbortRoot) -> Router {
-    app_with(abort_root, Arc::default())
+    app_with(abort_root, backpressure(256, 512), Arc::default())
 }
 
-/// [`app`], counting the computations of `/summary` in `summary_generations`.
-fn app_with(abort_root: &AbortRoot, summary_generations: Arc<AtomicU64>) -> Router {
+/// tower-backpressure: one concurrency budget for the whole app, a bounded queue, and
+/// `503` + `Retry-After` beyond it. `Router::layer` is enough: the layer's state is shared
+/// by every route and every connection, and it needs no `HandleErrorLayer`. Health checks
+/// bypass it so an overloaded instance is not also declared dead. It reads each request's
+/// deadline from tower-abort's signal, so a request that cannot finish in time is shed
+/// before it waits.
+fn backpressure(max_in_flight: usize, max_queued: usize) -> BackpressureLayer {
+    BackpressureLayer::builder(max_in_flight)
+        .max_queued(max_queued)
+        .queue_timeout(Duration::from_secs(1))
+        .bypass(|head| head.uri().path() == "/healthz")
+        .deadline(|head| head.extensions().get::<AbortSignal>()?.deadline())
+        .build()
+}
+
+/// [`app`] with the given backpressure layer, counting the computations of `/summary` in
+/// `summary_generations`.
+fn app_with(
+    abort_root: &AbortRoot,
+    backpressure: BackpressureLayer,
+    summary_generations: Arc<AtomicU64>,
+) -> Router {
     Router::new()
         .route("/", get(|| async { "Hello, World!" }))
         .route("/healthz", get(|| async { "ok" }))
         .route("/report", get(report))
         .route("/summary", get(summary).with_state(summary_generations))
+        // Inside tower-abort (layers added later wrap earlier ones), so the signal and its
+        // deadline are in the request's extensions when the limiter looks.
+        .layer(backpressure)
         // tower-singleflight: concurrent identical GETs run the handler once and share the
-        // streamed response. Safe by default: requests with credentials and responses with
-        // Set-Cookie or Cache-Control: private are never shared. Its errors (a shared
-        // upstream error, a panicking handler) become 502s.
+        // streamed response. Outside the limiter, so followers wait without holding a
+        // permit: a burst of identical requests costs one slot. Safe by default: requests
+        // with credentials and responses with Set-Cookie or Cache-Control: private are never
+        // shared. Its errors (a shared upstream error, a panicking handler) become 502s.
         .layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(|err: BoxError| async move {
@@ -160,7 +185,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn concurrent_summaries_are_computed_once() {
         let generations = Arc::new(AtomicU64::new(0));
-        let app = app_with(&AbortRoot::new(), Arc::clone(&generations));
+        let app = app_with(
+            &AbortRoot::new(),
+            backpressure(256, 512),
+            Arc::clone(&generations),
+        );
         let requests: Vec<_> = (0..50)
             .map(|_| {
                 let app = app.clone();
@@ -183,7 +212,11 @@ mod tests {
     #[tokio::test]
     async fn summaries_with_credentials_are_not_coalesced() {
         let generations = Arc::new(AtomicU64::new(0));
-        let app = app_with(&AbortRoot::new(), Arc::clone(&generations));
+        let app = app_with(
+            &AbortRoot::new(),
+            backpressure(256, 512),
+            Arc::clone(&generations),
+        );
         let ask = |token: &'static str| {
             let app = app.clone();
             tokio::spawn(async move {
@@ -198,6 +231,48 @@ mod tests {
         assert_eq!(a.await.unwrap(), StatusCode::OK);
         assert_eq!(b.await.unwrap(), StatusCode::OK);
         assert_eq!(generations.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn backpressure_sheds_beyond_the_limit_but_not_health_checks() {
+        let layer = backpressure(1, 0);
+        let handle = layer.handle();
+        let app = app_with(&AbortRoot::new(), layer, Arc::default());
+        let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+        // The permit is held until the response body is read, so an unread body keeps
+        // the one slot busy.
+        let first = app.clone().oneshot(get("/")).await.unwrap();
+        assert_eq!(first.status(), StatusCode::OK);
+        assert_eq!(handle.in_flight(), 1);
+        let shed = app.clone().oneshot(get("/")).await.unwrap();
+        assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(shed.headers().contains_key("retry-after"));
+        let health = app.clone().oneshot(get("/healthz")).await.unwrap();
+        assert_eq!(health.status(), StatusCode::OK);
+        let body = first.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"Hello, World!");
+        assert_eq!(handle.in_flight(), 0);
+        let again = app.oneshot(get("/")).await.unwrap();
+        assert_eq!(again.status(), StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backpressure_sheds_requests_whose_abort_deadline_has_passed() {
+        let layer = backpressure(4, 4);
+        let handle = layer.handle();
+        let app = app_with(&AbortRoot::new(), layer, Arc::default());
+        // tower-abort turns `grpc-timeout` into the signal's deadline; the limiter reads it
+        // and does not start work that cannot finish in time.
+        let request = Request::get("/")
+            .header("grpc-timeout", "0m")
+            .body(Body::empty())
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            handle.shed_count(tower_backpressure::ShedReason::DeadlineUnreachable),
+            1
+        );
     }
 
     #[tokio::test]

@@ -103,6 +103,20 @@ pub(crate) struct Cli {
     #[arg(long, env = "CLUSTER_READY_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub(crate) ready_timeout: Duration,
 
+    /// Most requests each worker process runs at once (tower-backpressure); more wait in
+    /// its queue. The cluster-wide limit is this times the number of workers.
+    #[arg(long, env = "CLUSTER_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = parse_at_least_one)]
+    pub(crate) max_in_flight: usize,
+
+    /// Most requests each worker process queues beyond `--max-in-flight`; more are answered
+    /// `503` with `Retry-After` at once. `0` sheds as soon as the limit is reached.
+    #[arg(long, env = "CLUSTER_MAX_QUEUED", default_value_t = 1024)]
+    pub(crate) max_queued: usize,
+
+    /// Longest a request may wait in the queue before it is answered `503`.
+    #[arg(long, env = "CLUSTER_QUEUE_TIMEOUT", default_value = "1s", value_parser = parse_positive_duration)]
+    pub(crate) queue_timeout: Duration,
+
     /// Internal: run as a worker of a supervisor (`SLOT:GENERATION:LISTEN_FD:CONTROL_FD`).
     /// Deliberately not readable from the environment.
     #[arg(long, hide = true)]
@@ -251,6 +265,11 @@ mod tests {
         assert_eq!(cli.header_timeout, Duration::from_secs(10));
         assert_eq!(cli.shutdown_grace, Duration::from_secs(10));
         assert_eq!(cli.max_requests_per_connection, None);
+        assert_eq!(cli.max_in_flight, 1024);
+        assert_eq!(cli.max_queued, 1024);
+        assert_eq!(cli.queue_timeout, Duration::from_secs(1));
+        assert!(Cli::try_parse_from(["cluster", "--max-in-flight", "0"]).is_err());
+        assert!(Cli::try_parse_from(["cluster", "--queue-timeout", "0s"]).is_err());
         assert!(cli.worker_count() >= 1);
         assert_eq!(cli.internal_worker, None);
     }

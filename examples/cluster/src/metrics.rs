@@ -22,10 +22,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tower_abort::AbortRoot;
+use tower_backpressure::{BackpressureHandle, ShedReason};
 
 /// Label set of `http_requests_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,6 +86,14 @@ impl WorkerMetrics {
         }
     }
 
+    /// Reports a backpressure layer's live state with every snapshot:
+    /// `backpressure_in_flight`, `backpressure_queued`, `backpressure_limit` (gauges, summed
+    /// over workers into the cluster's totals) and `backpressure_shed_total{reason}`.
+    pub(crate) fn register_backpressure(&mut self, handle: BackpressureHandle) {
+        self.registry
+            .register_collector(Box::new(BackpressureCollector { handle }));
+    }
+
     /// Counts one response.
     pub(crate) fn count_response(&self, status: u16) {
         // The family's lookup takes a read lock and hashes per call; valid statuses keep
@@ -125,6 +134,51 @@ impl prometheus_client::collector::Collector for AbortCollector {
         for (reason, count) in stats.iter() {
             let labels = [("reason", reason.as_str())];
             ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a [`BackpressureHandle`] at encode time.
+#[derive(Debug)]
+struct BackpressureCollector {
+    handle: BackpressureHandle,
+}
+
+impl prometheus_client::collector::Collector for BackpressureCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let gauges = [
+            (
+                "backpressure_in_flight",
+                "Requests inside the application now (holding a backpressure permit)",
+                self.handle.in_flight(),
+            ),
+            (
+                "backpressure_queued",
+                "Requests waiting for a backpressure permit now",
+                self.handle.queued(),
+            ),
+            (
+                "backpressure_limit",
+                "Concurrency limit in force (per worker; summed over workers)",
+                self.handle.limit(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value as i64);
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "backpressure_shed",
+            "Requests shed by backpressure (answered 503, or 413 for too large), by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for reason in ShedReason::ALL {
+            let labels = vec![("reason".to_owned(), reason.as_str().to_owned())];
+            let counter = ConstCounter::new(self.handle.shed_count(reason));
+            counter.encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }

@@ -14,6 +14,11 @@
 //! Every request carries a `tower_abort::AbortSignal` (the `AbortLayer` is outermost). It
 //! fires when the client disconnects, when a deadline the client sent (`grpc-timeout`, or
 //! `request-timeout` in milliseconds) passes, or when the drain's grace period runs out.
+//!
+//! Every route except `/healthz` (and `/metrics`, which lives on the admin server) sits
+//! behind tower-backpressure: at most `--max-in-flight` requests run at once per worker,
+//! `--max-queued` more wait at most `--queue-timeout`, and the rest get `503` with
+//! `Retry-After`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -31,6 +36,7 @@ use prometheus_client::metrics::counter::Counter;
 use tower::Service;
 use tower_abort::future::Aborted;
 use tower_abort::{AbortBody, AbortLayer, AbortReason, AbortSignal, TimeoutFormat};
+use tower_backpressure::{BackpressureLayer, ResponseBody};
 
 /// Response body of every route.
 pub(crate) type RouteBody = Full<Bytes>;
@@ -44,11 +50,27 @@ pub(crate) struct RouteConfig {
     pub(crate) max_sleep: Duration,
 }
 
+/// The backpressure layer of one worker: its state (limit, queue, counters) is created
+/// here, once, and shared by every connection's clone of the stack.
+pub(crate) fn backpressure(
+    max_in_flight: usize,
+    max_queued: usize,
+    queue_timeout: Duration,
+) -> BackpressureLayer {
+    BackpressureLayer::builder(max_in_flight)
+        .max_queued(max_queued)
+        .queue_timeout(queue_timeout)
+        // Probes must see a live process even when it is saturated.
+        .bypass(|head| matches!(head.uri().path(), "/healthz" | "/metrics"))
+        .build()
+}
+
 /// Builds the service every connection of a worker clones.
 ///
 /// `AbortLayer` is outermost, so every request (404s included) gets its signal and the
-/// signal fires whatever the inner layers do. Later layers (backpressure, singleflight,
-/// zerocopy) go between it and [`Routes`]; the connection code only needs a cloneable
+/// signal fires whatever the inner layers do. tower-backpressure comes next, so a shed
+/// request costs no routing work and the permit covers the whole response body. Later
+/// layers (singleflight, zerocopy) go between them and [`Routes`]; the connection code only needs a cloneable
 /// `Service<Request<Incoming>>` that never fails.
 ///
 /// `work_cancelled` counts `/sleep` requests stopped by their signal.
@@ -56,6 +78,7 @@ pub(crate) fn app(
     config: RouteConfig,
     abort: AbortLayer,
     work_cancelled: Counter,
+    backpressure: BackpressureLayer,
 ) -> impl Service<
     Request<Incoming>,
     Response = Response<AppBody>,
@@ -67,11 +90,14 @@ pub(crate) fn app(
        + 'static {
     tower::ServiceBuilder::new()
         .layer(abort_layer(abort))
+        // Outermost of the application layers after the signal: a shed request costs no
+        // routing work, and the permit covers the whole response body.
+        .layer(backpressure)
         .service(Routes::new(config, work_cancelled))
 }
 
 /// Response body of [`app`].
-pub(crate) type AppBody = AbortBody<RouteBody>;
+pub(crate) type AppBody = AbortBody<ResponseBody<RouteBody>>;
 
 /// The abort layer's settings: clients may shorten their own requests with `grpc-timeout`
 /// or `request-timeout` (milliseconds). There is no server-wide default deadline: `/sleep`

@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -48,7 +47,7 @@ pub(crate) fn into_tokio(listener: std::net::TcpListener) -> io::Result<TcpListe
 pub(crate) async fn accept_loop<S, B>(
     listener: TcpListener,
     app: S,
-    settings: Arc<Settings>,
+    settings: &'static Settings,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) where
@@ -72,7 +71,6 @@ pub(crate) async fn accept_loop<S, B>(
                     tracing::debug!(%peer, error = %e, "TCP_NODELAY failed");
                 }
                 let app = app.clone();
-                let settings = settings.clone();
                 tracker.spawn(async move {
                     let outcome = conn::serve_connection(stream, app, settings).await;
                     tracing::trace!(%peer, ?outcome, "connection ended");

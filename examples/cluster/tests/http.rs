@@ -194,6 +194,22 @@ fn half_a_head_closed_after_header_timeout() {
 }
 
 #[test]
+fn keep_alive_can_be_disabled() {
+    let server = Server::start(&["--workers", "1", "--keep-alive-timeout", "0s"]);
+    let mut s = connect(server.addr);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let res = read_response(&mut s).unwrap();
+    assert_eq!(res.status, 200);
+    assert_eq!(res.header("connection"), Some("close"));
+    assert_eq!(res.header("keep-alive"), None);
+    let t = time_until_closed(&mut s);
+    assert!(t < Duration::from_secs(2), "closed after {t:?}");
+    // A slow request is not disturbed by a zero keep-alive timeout.
+    let res = get(server.addr, "/sleep?ms=300").unwrap();
+    assert_eq!(res.status, 200);
+}
+
+#[test]
 fn max_requests_per_connection_closes_after_the_last() {
     let server = Server::start(&["--workers", "1", "--max-requests-per-connection", "3"]);
     let mut s = connect(server.addr);

@@ -28,7 +28,7 @@ fn ticket(bytes: u64) -> Ticket {
 
 /// Takes a slot (waiting if queued) and gives it back; returns whether it was served.
 fn serve(limiter: &Limiter, bytes: u64) -> bool {
-    match limiter.admit(ticket(bytes), Instant::now()) {
+    match limiter.admit_with(ticket(bytes), Instant::now) {
         Admission::Admitted(permit) => {
             drop(permit);
             true
@@ -71,11 +71,11 @@ fn loom_two_requests_hand_off_without_leaks() {
 fn loom_waiter_dropped_while_permit_is_released() {
     loom::model(|| {
         let l = limiter(1, None);
-        let permit = match l.admit(ticket(0), Instant::now()) {
+        let permit = match l.admit_with(ticket(0), Instant::now) {
             Admission::Admitted(p) => p,
             other => panic!("{other:?}"),
         };
-        let waiter = match l.admit(ticket(0), Instant::now()) {
+        let waiter = match l.admit_with(ticket(0), Instant::now) {
             Admission::Queued(w) => w,
             other => panic!("{other:?}"),
         };
@@ -87,7 +87,7 @@ fn loom_waiter_dropped_while_permit_is_released() {
         assert_idle(&l);
         // The slot is usable afterwards.
         assert!(matches!(
-            l.admit(ticket(0), Instant::now()),
+            l.admit_with(ticket(0), Instant::now),
             Admission::Admitted(_)
         ));
     });
@@ -97,7 +97,7 @@ fn loom_waiter_dropped_while_permit_is_released() {
 fn loom_close_races_a_waiter() {
     loom::model(|| {
         let l = limiter(1, None);
-        let permit = match l.admit(ticket(0), Instant::now()) {
+        let permit = match l.admit_with(ticket(0), Instant::now) {
             Admission::Admitted(p) => p,
             other => panic!("{other:?}"),
         };
@@ -107,6 +107,76 @@ fn loom_close_races_a_waiter() {
         drop(permit);
         // The waiter is either served before the close or shed by it; it never hangs.
         let _ = t.join().unwrap();
+        assert_idle(&l);
+    });
+}
+
+#[test]
+fn loom_release_hand_off_and_cancel_race_three_ways() {
+    loom::model(|| {
+        let l = limiter(2, Some(10));
+        let permit = match l.admit_with(ticket(4), Instant::now) {
+            Admission::Admitted(p) => p,
+            other => panic!("{other:?}"),
+        };
+        // A waiter that will be served, racing a waiter that gives up, racing the release.
+        let served = {
+            let l = l.clone();
+            thread::spawn(move || serve(&l, 4))
+        };
+        let leaver = {
+            let l = l.clone();
+            thread::spawn(move || {
+                if let Admission::Queued(waiter) = l.admit_with(ticket(4), Instant::now) {
+                    drop(waiter);
+                }
+            })
+        };
+        drop(permit);
+        leaver.join().unwrap();
+        assert!(served.join().unwrap(), "a queued waiter is never stranded");
+        assert_idle(&l);
+    });
+}
+
+#[test]
+fn loom_high_priority_eviction_races_release() {
+    loom::model(|| {
+        let mut config = Config::new(1);
+        config.max_queued = 1;
+        config.queue_timeout = None;
+        let l = Limiter::new(config);
+        let permit = match l.admit_with(ticket(0), Instant::now) {
+            Admission::Admitted(p) => p,
+            other => panic!("{other:?}"),
+        };
+        let normal = match l.admit_with(ticket(0), Instant::now) {
+            Admission::Queued(w) => w,
+            other => panic!("{other:?}"),
+        };
+        let high = {
+            let l = l.clone();
+            thread::spawn(move || {
+                let t = Ticket {
+                    priority: Priority::High,
+                    ..ticket(0)
+                };
+                match l.admit_with(t, Instant::now) {
+                    Admission::Admitted(p) => drop(p),
+                    Admission::Queued(mut w) => {
+                        let r = loom::future::block_on(poll_fn(|cx| w.poll_permit(cx)));
+                        drop(r);
+                    }
+                    Admission::Shed(_) => {}
+                }
+            })
+        };
+        drop(permit);
+        let mut normal = normal;
+        // Either served (the release came first) or evicted by the high-priority request.
+        let _ = loom::future::block_on(poll_fn(|cx| normal.poll_permit(cx)));
+        drop(normal);
+        high.join().unwrap();
         assert_idle(&l);
     });
 }
