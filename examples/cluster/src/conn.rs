@@ -975,9 +975,14 @@ mod tests {
         tokio::task::JoinHandle<(Outcome, Duration)>,
     ) {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        let app = crate::routes::app(crate::routes::RouteConfig {
-            max_sleep: Duration::from_secs(60),
-        });
+        let app = crate::routes::app(
+            crate::routes::RouteConfig {
+                max_sleep: Duration::from_secs(60),
+            },
+            tower_abort::AbortLayer::new(),
+            prometheus_client::metrics::counter::Counter::default(),
+            crate::routes::backpressure(1024, 1024, Duration::from_secs(1)),
+        );
         let task = tokio::spawn(async move {
             let start = Instant::now();
             let outcome = serve_connection(server, app, settings).await;
