@@ -243,9 +243,9 @@ impl AbortSignal {
 
     /// Runs `future` until it completes or the signal fires, whichever comes first.
     ///
-    /// Resolves to `Ok(output)` or `Err(reason)`; on `Err` the future has been dropped at
-    /// its current `.await`. The future is polled before the signal, so work that is
-    /// ready is never thrown away.
+    /// Resolves to `Ok(output)` or `Err(reason)`; on `Err` the future is abandoned at its
+    /// current `.await` (it is dropped along with the returned future). The future is
+    /// polled before the signal, so work that is ready is never thrown away.
     ///
     /// ```
     /// # use tower_abort::{AbortReason, AbortSignal};

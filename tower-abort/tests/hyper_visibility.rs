@@ -320,3 +320,27 @@ async fn http2_connection_closed_is_seen_for_a_get() {
     socket.shutdown(std::net::Shutdown::Both).unwrap(); // the connection closes
     assert_seen(&signal).await;
 }
+
+#[tokio::test]
+async fn http2_streaming_response_dropped_by_the_client_is_seen() {
+    let mut server = Server::start(Protocol::Http2, Handler::Stream).await;
+    let (mut sender, _socket) = h2_client(server.addr).await;
+    let get = Request::get("http://test/events")
+        .body(Full::default())
+        .unwrap();
+    let response = timeout(SEEN_WITHIN, sender.send_request(get))
+        .await
+        .unwrap()
+        .unwrap();
+    let signal = server.handler_started().await;
+    let mut body = response.into_body();
+    let frame = timeout(SEEN_WITHIN, body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(frame.into_data().unwrap(), "data: hello\n\n");
+    assert!(!signal.is_aborted(), "streaming, client still reading");
+    drop(body); // RST_STREAM(CANCEL) for this stream only
+    assert_seen(&signal).await;
+}

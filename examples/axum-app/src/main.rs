@@ -3,14 +3,19 @@
 //! why it sits where it does; see README.md.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::Query;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use axum::{routing::get, Router};
+use axum::{routing::get, BoxError, Router};
 use serde::Deserialize;
+use tower::ServiceBuilder;
 use tower_abort::{AbortLayer, AbortReason, AbortRoot, AbortSignal};
 use tower_backpressure::BackpressureLayer;
+use tower_singleflight::{SingleflightLayer, WaitTimeoutPolicy};
 
 /// How long in-flight requests may keep running after a shutdown signal before their
 /// `AbortSignal`s fire with `Shutdown`.
@@ -21,7 +26,7 @@ const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// `abort_root` is the server-wide parent of every request's cancellation signal; `main`
 /// shuts it down when the drain grace runs out.
 fn app(abort_root: &AbortRoot) -> Router {
-    app_with(abort_root, backpressure(256, 512))
+    app_with(abort_root, backpressure(256, 512), Arc::default())
 }
 
 /// tower-backpressure: one concurrency budget for the whole app, a bounded queue, and
@@ -39,14 +44,38 @@ fn backpressure(max_in_flight: usize, max_queued: usize) -> BackpressureLayer {
         .build()
 }
 
-fn app_with(abort_root: &AbortRoot, backpressure: BackpressureLayer) -> Router {
+/// [`app`] with the given backpressure layer, counting the computations of `/summary` in
+/// `summary_generations`.
+fn app_with(
+    abort_root: &AbortRoot,
+    backpressure: BackpressureLayer,
+    summary_generations: Arc<AtomicU64>,
+) -> Router {
     Router::new()
         .route("/", get(|| async { "Hello, World!" }))
         .route("/healthz", get(|| async { "ok" }))
         .route("/report", get(report))
+        .route("/summary", get(summary).with_state(summary_generations))
         // Inside tower-abort (layers added later wrap earlier ones), so the signal and its
         // deadline are in the request's extensions when the limiter looks.
         .layer(backpressure)
+        // tower-singleflight: concurrent identical GETs run the handler once and share the
+        // streamed response. Outside the limiter, so followers wait without holding a
+        // permit: a burst of identical requests costs one slot. Safe by default: requests
+        // with credentials and responses with Set-Cookie or Cache-Control: private are never
+        // shared. Its errors (a shared upstream error, a panicking handler) become 502s.
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(|err: BoxError| async move {
+                    (StatusCode::BAD_GATEWAY, err.to_string())
+                }))
+                .layer(
+                    SingleflightLayer::new()
+                        .max_wait(Duration::from_secs(10), WaitTimeoutPolicy::OwnCall)
+                        .max_followers(10_000)
+                        .max_keys(100_000),
+                ),
+        )
         // tower-abort: every request gets an `AbortSignal` that fires when the client goes
         // away, after 10 s (or sooner if the client sent `grpc-timeout`), or on shutdown.
         // `Router::layer` wraps each route, so 404s cost nothing; every route shares the
@@ -91,6 +120,14 @@ async fn report(signal: AbortSignal, Query(params): Query<ReportParams>) -> (Sta
         }
     }
     (StatusCode::OK, format!("{rows} rows\n"))
+}
+
+/// An expensive handler: many clients asking at once should cost one computation. The
+/// state counts how many times it was actually computed.
+async fn summary(State(generations): State<Arc<AtomicU64>>) -> String {
+    let generation = generations.fetch_add(1, Ordering::SeqCst) + 1;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    format!("summary generation {generation}")
 }
 
 #[tokio::main]
@@ -145,11 +182,62 @@ mod tests {
         assert_eq!(&body[..], b"Hello, World!");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_summaries_are_computed_once() {
+        let generations = Arc::new(AtomicU64::new(0));
+        let app = app_with(
+            &AbortRoot::new(),
+            backpressure(256, 512),
+            Arc::clone(&generations),
+        );
+        let requests: Vec<_> = (0..50)
+            .map(|_| {
+                let app = app.clone();
+                tokio::spawn(async move {
+                    let response = app
+                        .oneshot(Request::get("/summary").body(Body::empty()).unwrap())
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), StatusCode::OK);
+                    response.into_body().collect().await.unwrap().to_bytes()
+                })
+            })
+            .collect();
+        for request in requests {
+            assert_eq!(request.await.unwrap(), "summary generation 1".as_bytes());
+        }
+        assert_eq!(generations.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn summaries_with_credentials_are_not_coalesced() {
+        let generations = Arc::new(AtomicU64::new(0));
+        let app = app_with(
+            &AbortRoot::new(),
+            backpressure(256, 512),
+            Arc::clone(&generations),
+        );
+        let ask = |token: &'static str| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let request = Request::get("/summary")
+                    .header("authorization", token)
+                    .body(Body::empty())
+                    .unwrap();
+                app.oneshot(request).await.unwrap().status()
+            })
+        };
+        let (a, b) = (ask("Bearer alice"), ask("Bearer bob"));
+        assert_eq!(a.await.unwrap(), StatusCode::OK);
+        assert_eq!(b.await.unwrap(), StatusCode::OK);
+        assert_eq!(generations.load(Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn backpressure_sheds_beyond_the_limit_but_not_health_checks() {
         let layer = backpressure(1, 0);
         let handle = layer.handle();
-        let app = app_with(&AbortRoot::new(), layer);
+        let app = app_with(&AbortRoot::new(), layer, Arc::default());
         let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
         // The permit is held until the response body is read, so an unread body keeps
         // the one slot busy.
@@ -172,7 +260,7 @@ mod tests {
     async fn backpressure_sheds_requests_whose_abort_deadline_has_passed() {
         let layer = backpressure(4, 4);
         let handle = layer.handle();
-        let app = app_with(&AbortRoot::new(), layer);
+        let app = app_with(&AbortRoot::new(), layer, Arc::default());
         // tower-abort turns `grpc-timeout` into the signal's deadline; the limiter reads it
         // and does not start work that cannot finish in time.
         let request = Request::get("/")

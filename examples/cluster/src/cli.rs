@@ -64,11 +64,11 @@ pub(crate) struct Cli {
     pub(crate) max_head_size: usize,
 
     /// Most header fields in one request; more get `431`.
-    #[arg(long, env = "CLUSTER_MAX_HEADERS", default_value_t = 100)]
+    #[arg(long, env = "CLUSTER_MAX_HEADERS", default_value_t = 100, value_parser = parse_at_least_one)]
     pub(crate) max_headers: usize,
 
     /// Length of each listening socket's accept queue.
-    #[arg(long, env = "CLUSTER_BACKLOG", default_value_t = 1024)]
+    #[arg(long, env = "CLUSTER_BACKLOG", default_value_t = 1024, value_parser = clap::value_parser!(i32).range(1..))]
     pub(crate) backlog: i32,
 
     /// Tokio runtime of each worker process (see the README for the measurement behind the
@@ -91,7 +91,7 @@ pub(crate) struct Cli {
 
     /// Crashes of one worker slot inside `--crash-window` after which the whole server
     /// stops (exit code 1) instead of restarting the worker again.
-    #[arg(long, env = "CLUSTER_CRASH_LIMIT", default_value_t = 5)]
+    #[arg(long, env = "CLUSTER_CRASH_LIMIT", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) crash_limit: u32,
 
     /// Window for `--crash-limit`.
@@ -105,7 +105,7 @@ pub(crate) struct Cli {
 
     /// Most requests each worker process runs at once (tower-backpressure); more wait in
     /// its queue. The cluster-wide limit is this times the number of workers.
-    #[arg(long, env = "CLUSTER_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = parse_nonzero)]
+    #[arg(long, env = "CLUSTER_MAX_IN_FLIGHT", default_value_t = 1024, value_parser = parse_at_least_one)]
     pub(crate) max_in_flight: usize,
 
     /// Most requests each worker process queues beyond `--max-in-flight`; more are answered
@@ -205,12 +205,12 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-fn parse_nonzero(s: &str) -> Result<usize, String> {
-    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
-    if n == 0 {
-        return Err("must be at least 1".into());
+fn parse_at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
     }
-    Ok(n)
 }
 
 fn parse_head_size(s: &str) -> Result<usize, String> {
@@ -303,9 +303,61 @@ mod tests {
             &["cluster", "--max-requests-per-connection", "0"],
             &["cluster", "--admin", "nowhere"],
             &["cluster", "--internal-worker", "1:2:1:5"],
+            &["cluster", "--crash-limit", "0"],
+            &["cluster", "--backlog", "-1"],
+            &["cluster", "--max-headers", "0"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?} accepted");
         }
+    }
+
+    #[test]
+    fn help_documents_every_default_and_env_variable() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        for needle in [
+            "[default: number of CPU cores]",
+            "[default: 127.0.0.1:3000]",
+            "[default: 127.0.0.1:9000]",
+            "[default: 5s]",
+            "[default: 10s]",
+            "[default: unlimited]",
+            "CLUSTER_WORKERS",
+            "CLUSTER_KEEP_ALIVE_TIMEOUT",
+            "CLUSTER_HEADER_TIMEOUT",
+            "CLUSTER_MAX_REQUESTS_PER_CONNECTION",
+            "CLUSTER_SHUTDOWN_GRACE",
+        ] {
+            assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
+        }
+        assert!(
+            !help.contains("internal-worker"),
+            "the worker mode is hidden"
+        );
+    }
+
+    #[test]
+    fn options_are_read_from_the_environment() {
+        // Parsed through clap's `env` support; set on a private command to avoid touching
+        // this test process's environment.
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "keep_alive_timeout")
+            .unwrap();
+        assert_eq!(
+            arg.get_env().and_then(|e| e.to_str()),
+            Some("CLUSTER_KEEP_ALIVE_TIMEOUT")
+        );
+        let without_env: Vec<_> = cmd
+            .get_arguments()
+            .filter(|a| {
+                a.get_env().is_none()
+                    && !matches!(a.get_id().as_str(), "internal_worker" | "help" | "version")
+            })
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert!(without_env.is_empty(), "no env variable: {without_env:?}");
     }
 
     #[test]

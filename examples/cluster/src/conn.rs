@@ -22,7 +22,8 @@
 //! wrapper ([`TimedIo`]) when bytes arrive on an idle HTTP/1 connection. The driver
 //! ([`drive`]) owns one `Sleep`; it is only reset when a deadline moves *earlier* than the
 //! armed one, and re-armed lazily when it fires early, so a busy connection pays no timer
-//! work per request.
+//! work per request. Deadlines change inside the connection's poll (after which the driver
+//! looks at them), except when an HTTP/2 stream ends on its own task, which wakes the driver.
 //!
 //! # Drain
 //!
@@ -66,6 +67,9 @@ use crate::metrics::WorkerMetrics;
 /// How long an idle connection that was told to close may take to do so.
 const CLOSING_GRACE: Duration = Duration::from_secs(1);
 
+/// hyper's `DEFAULT_MAX_HEADERS`.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
 /// `Keep-Alive` is not in `http::header`.
 const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
 
@@ -91,19 +95,27 @@ impl Settings {
     ) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         let keep_alive = !config.keep_alive_timeout.is_zero();
-        builder
-            .http1()
+        let mut http1 = builder.http1();
+        http1
             .keep_alive(keep_alive)
             // Our driver enforces the header and idle timeouts (see the module docs).
             .header_read_timeout(None)
-            .max_buf_size(config.max_head_size)
-            .max_headers(config.max_headers)
+            .max_buf_size(config.max_head_size);
+        // hyper parses into an inline array of its default size (100) unless a limit is
+        // set, in which case it allocates and fills one per request: set only when needed.
+        if config.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            http1.max_headers(config.max_headers);
+        }
+        builder
             .http2()
             .max_header_list_size(u32::try_from(config.max_head_size).unwrap_or(u32::MAX));
         let keep_alive_header = keep_alive.then(|| {
             // Rounded down: the client should give up on the connection before we do.
-            HeaderValue::from_str(&format!("timeout={}", config.keep_alive_timeout.as_secs()))
-                .expect("digits are a valid header value")
+            // Leaked once per process so cloning it per response is a copy, not a refcount.
+            let value: &'static str = Box::leak(
+                format!("timeout={}", config.keep_alive_timeout.as_secs()).into_boxed_str(),
+            );
+            HeaderValue::from_static(value)
         });
         Settings {
             config,
@@ -260,6 +272,10 @@ enum Expiry {
 #[derive(Debug)]
 pub(crate) struct ConnState {
     timing: Mutex<Timing>,
+    /// `timing.deadline` as nanoseconds after `epoch` plus one (0 = none), so the driver
+    /// reads it on every poll without taking the lock.
+    deadline_hint: AtomicU64,
+    epoch: Instant,
     header_timeout: Duration,
     keep_alive_timeout: Duration,
     /// Set while an HTTP/1 connection is idle, so `TimedIo` only locks on the first read.
@@ -278,6 +294,8 @@ impl ConnState {
                 deadline: Some(now + header_timeout),
                 in_flight: 0,
             }),
+            deadline_hint: AtomicU64::new(encode_deadline(now, Some(now + header_timeout))),
+            epoch: now,
             header_timeout,
             keep_alive_timeout,
             idle_h1: AtomicBool::new(false),
@@ -292,8 +310,19 @@ impl ConnState {
         self.timing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The current deadline, without locking.
     fn deadline(&self) -> Option<Instant> {
-        self.lock().deadline
+        match self.deadline_hint.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(self.epoch + Duration::from_nanos(n - 1)),
+        }
+    }
+
+    /// Sets the deadline; the caller holds the lock (`t`).
+    fn set_deadline(&self, t: &mut Timing, deadline: Option<Instant>) {
+        t.deadline = deadline;
+        self.deadline_hint
+            .store(encode_deadline(self.epoch, deadline), Ordering::Release);
     }
 
     #[cfg(test)]
@@ -309,7 +338,7 @@ impl ConnState {
         let mut t = self.lock();
         t.in_flight += 1;
         t.phase = Phase::Busy;
-        t.deadline = None;
+        self.set_deadline(&mut t, None);
         self.idle_h1.store(false, Ordering::Relaxed);
         drop(t);
         self.requests.fetch_add(1, Ordering::Relaxed) + 1
@@ -318,15 +347,20 @@ impl ConnState {
     /// A response body ended or was dropped.
     fn on_response_done(&self) {
         let mut t = self.lock();
-        t.in_flight -= 1;
+        t.in_flight = t.in_flight.saturating_sub(1);
         if t.in_flight == 0 && t.phase == Phase::Busy {
             t.phase = Phase::Idle;
-            t.deadline = Some(Instant::now() + self.keep_alive_timeout);
-            self.idle_h1
-                .store(!self.h2.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.set_deadline(&mut t, Some(Instant::now() + self.keep_alive_timeout));
+            let h2 = self.h2.load(Ordering::Relaxed);
+            self.idle_h1.store(!h2, Ordering::Relaxed);
+            drop(t);
+            // HTTP/1 bodies end inside the connection's poll, after which the driver looks
+            // at the new deadline anyway. HTTP/2 bodies end on their stream's task: wake the
+            // driver, whose armed timer may be later than the new idle deadline.
+            if h2 {
+                self.waker.wake();
+            }
         }
-        // The new deadline is never earlier than the armed one (see `drive`), so the driver
-        // needs no wake-up here.
     }
 
     /// Bytes arrived on an idle HTTP/1 connection: the next request head has started.
@@ -334,7 +368,7 @@ impl ConnState {
         let mut t = self.lock();
         if t.phase == Phase::Idle {
             t.phase = Phase::Head;
-            t.deadline = Some(Instant::now() + self.header_timeout);
+            self.set_deadline(&mut t, Some(Instant::now() + self.header_timeout));
         }
         self.idle_h1.store(false, Ordering::Relaxed);
     }
@@ -346,7 +380,7 @@ impl ConnState {
                 Phase::Head => Expiry::Head,
                 Phase::Idle => {
                     t.phase = Phase::Closing;
-                    t.deadline = Some(now + CLOSING_GRACE);
+                    self.set_deadline(&mut t, Some(now + CLOSING_GRACE));
                     self.idle_h1.store(false, Ordering::Relaxed);
                     Expiry::Idle
                 }
@@ -356,6 +390,14 @@ impl ConnState {
             other => Expiry::NotYet(other),
         }
     }
+}
+
+fn encode_deadline(epoch: Instant, deadline: Option<Instant>) -> u64 {
+    deadline.map_or(0, |d| {
+        u64::try_from(d.saturating_duration_since(epoch).as_nanos())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    })
 }
 
 // ===== impl TimedIo =====
@@ -425,7 +467,7 @@ impl<IO: AsyncWrite> AsyncWrite for TimedIo<IO> {
 pub(crate) struct ConnService<S> {
     inner: S,
     state: Arc<ConnState>,
-    settings: Arc<Settings>,
+    settings: &'static Settings,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
@@ -456,7 +498,7 @@ where
         ConnFuture {
             inner: self.inner.clone().oneshot(req),
             guard: Some(InFlight(self.state.clone())),
-            settings: self.settings.clone(),
+            settings: self.settings,
             http1: matches!(version, Version::HTTP_10 | Version::HTTP_11),
             h1_keep_alive,
             last,
@@ -488,7 +530,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Oneshot<S, Request<Incoming>>,
         guard: Option<InFlight>,
-        settings: Arc<Settings>,
+        settings: &'static Settings,
         http1: bool,
         h1_keep_alive: bool,
         last: bool,
@@ -578,7 +620,7 @@ pub(crate) enum Outcome {
 pub(crate) async fn serve_connection<IO, S, B>(
     io: IO,
     service: S,
-    settings: Arc<Settings>,
+    settings: &'static Settings,
 ) -> Outcome
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -608,7 +650,7 @@ where
     let svc = ConnService {
         inner: service,
         state: state.clone(),
-        settings: settings.clone(),
+        settings,
     };
     let conn = settings.builder.serve_connection(io, svc);
     let outcome = drive(conn, |c| c.graceful_shutdown(), &state, &settings.signal).await;
@@ -708,13 +750,15 @@ where
     .await
 }
 
-/// While busy there is no deadline; wake up this often so the next idle deadline (always
-/// later than "now + this") is never missed.
+/// While busy there is no deadline. Every later deadline is set either inside the
+/// connection's poll (after which the driver compares it with the armed one) or, for an
+/// HTTP/2 stream ending on its own task, together with a wake-up; so this is only a
+/// long safety net and a long-running request costs no periodic wake-ups.
 fn recheck(state: &ConnState) -> Duration {
     state
         .header_timeout
-        .min(state.keep_alive_timeout)
-        .max(Duration::from_millis(1))
+        .max(state.keep_alive_timeout)
+        .max(Duration::from_secs(1))
 }
 
 #[cfg(test)]
@@ -833,6 +877,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn http2_idle_deadline_set_on_another_task_is_not_missed() {
+        // header 10 s, keep-alive 1 s: the driver's timer is armed at 10 s when the stream
+        // task ends the only response at 0.2 s; the idle close must still come at 1.2 s.
+        let (state, signal, conn, shutdowns) = setup(10, 1, true);
+        let task = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                (
+                    drive(conn, graceful, &state, &signal).await,
+                    start.elapsed(),
+                )
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        state.on_request(Version::HTTP_2);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stream_task = {
+            let state = state.clone();
+            tokio::spawn(async move { drop(InFlight(state)) })
+        };
+        stream_task.await.unwrap();
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_millis(1200));
+        assert_eq!(shutdowns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_close_that_hangs_is_dropped() {
         let (state, signal, conn, shutdowns) = setup(2, 3, false);
         state.on_request(Version::HTTP_11);
@@ -876,6 +949,98 @@ mod tests {
         assert!(matches!(outcome, Outcome::Forced), "{outcome:?}");
         signal.unregister(key);
         assert_eq!(signal.conns.lock().unwrap().len(), 0);
+    }
+
+    // ----- the real hyper stack over an in-memory pipe, in paused time -----
+
+    fn settings(header: u64, keep_alive: u64, max_requests: Option<u64>) -> &'static Settings {
+        let config = ConnConfig {
+            keep_alive_timeout: Duration::from_secs(keep_alive),
+            header_timeout: Duration::from_secs(header),
+            max_requests_per_connection: max_requests.and_then(NonZeroU64::new),
+            max_head_size: 16 * 1024,
+            max_headers: 100,
+        };
+        Box::leak(Box::new(Settings::new(
+            config,
+            Arc::new(Signal::default()),
+            Arc::new(WorkerMetrics::new()),
+        )))
+    }
+
+    fn serve(
+        settings: &'static Settings,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<(Outcome, Duration)>,
+    ) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let app = crate::routes::app(crate::routes::RouteConfig {
+            max_sleep: Duration::from_secs(60),
+        });
+        let task = tokio::spawn(async move {
+            let start = Instant::now();
+            let outcome = serve_connection(server, app, settings).await;
+            (outcome, start.elapsed())
+        });
+        (client, task)
+    }
+
+    async fn read_until_eof(client: &mut tokio::io::DuplexStream) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hyper_stack_silent_client_closed_at_header_timeout() {
+        let (mut client, task) = serve(settings(3, 5, None));
+        assert_eq!(read_until_eof(&mut client).await, "");
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::HeaderTimeout), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hyper_stack_idle_close_after_keep_alive_with_header_values() {
+        use tokio::io::AsyncWriteExt;
+        // keep-alive 7 s > header 2 s: the idle connection must live 7 s.
+        let (mut client, task) = serve(settings(2, 7, None));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_until_eof(&mut client).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("keep-alive: timeout=7\r\n"), "{text}");
+        assert!(text.ends_with("Hello, World!"), "{text}");
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_secs(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hyper_stack_last_allowed_request_gets_connection_close() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, task) = serve(settings(2, 7, Some(2)));
+        // Two pipelined requests; the second is the last allowed one.
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_until_eof(&mut client).await;
+        let (first, second) = text.split_once("Hello, World!").unwrap();
+        assert!(first.contains("keep-alive: timeout=7"), "{first}");
+        assert!(second.contains("connection: close"), "{second}");
+        assert!(!second.contains("keep-alive"), "{second}");
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(
+            elapsed,
+            Duration::ZERO,
+            "closed right after the last response"
+        );
     }
 
     #[test]

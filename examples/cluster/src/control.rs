@@ -17,6 +17,8 @@ const MAX_FRAME: usize = 16 * 1024 * 1024;
 pub(crate) enum ToWorker {
     /// Stop accepting and drain. `gentle`: the rolling-restart flavour (see `conn`).
     Drain { gentle: bool },
+    /// Send a metrics snapshot now (someone is scraping `/metrics`).
+    Scrape,
 }
 
 /// Worker to supervisor.
@@ -30,6 +32,7 @@ pub(crate) enum ToSupervisor {
 
 const TAG_DRAIN_GENTLE: u8 = 1;
 const TAG_DRAIN_IMMEDIATE: u8 = 2;
+const TAG_SCRAPE: u8 = 3;
 const TAG_READY: u8 = 10;
 const TAG_METRICS: u8 = 11;
 
@@ -76,6 +79,7 @@ impl ToWorker {
         let tag = match self {
             ToWorker::Drain { gentle: true } => TAG_DRAIN_GENTLE,
             ToWorker::Drain { gentle: false } => TAG_DRAIN_IMMEDIATE,
+            ToWorker::Scrape => TAG_SCRAPE,
         };
         write_frame(w, tag, &[]).await
     }
@@ -85,6 +89,7 @@ impl ToWorker {
             None => None,
             Some((TAG_DRAIN_GENTLE, _)) => Some(ToWorker::Drain { gentle: true }),
             Some((TAG_DRAIN_IMMEDIATE, _)) => Some(ToWorker::Drain { gentle: false }),
+            Some((TAG_SCRAPE, _)) => Some(ToWorker::Scrape),
             Some((tag, _)) => return Err(invalid(format!("unknown control tag {tag}"))),
         })
     }
@@ -125,6 +130,7 @@ mod tests {
                 .write(&mut a)
                 .await
                 .unwrap();
+            ToWorker::Scrape.write(&mut a).await.unwrap();
         });
         assert_eq!(
             ToSupervisor::read(&mut b).await.unwrap(),
@@ -137,6 +143,10 @@ mod tests {
         assert_eq!(
             ToWorker::read(&mut b).await.unwrap(),
             Some(ToWorker::Drain { gentle: true })
+        );
+        assert_eq!(
+            ToWorker::read(&mut b).await.unwrap(),
+            Some(ToWorker::Scrape)
         );
         writer.await.unwrap();
         assert_eq!(ToWorker::read(&mut b).await.unwrap(), None);

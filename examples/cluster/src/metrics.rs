@@ -2,9 +2,10 @@
 //!
 //! # How workers report
 //!
-//! A worker keeps an ordinary [`prometheus_client`] [`Registry`]. Every
-//! `--metrics-interval`, and once more when it finishes draining, it encodes the registry in
-//! the OpenMetrics text format and sends the text to the supervisor over its control socket.
+//! A worker keeps an ordinary [`prometheus_client`] [`Registry`]. When the supervisor is
+//! scraped it asks every worker for a snapshot and waits up to 250 ms for the answers; workers
+//! also report every `--metrics-interval` and once more when they finish draining. A snapshot
+//! is the registry encoded in the OpenMetrics text format, sent over the control socket.
 //! The supervisor parses each snapshot into `(family, kind, labels) -> value` samples and its
 //! [`ClusterCollector`] sums them by family and label set at scrape time. When a worker exits
 //! its last counter and histogram values are folded into a "retired" total, so cluster
@@ -16,7 +17,7 @@
 //! supervisor change.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -24,6 +25,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use tower_abort::AbortRoot;
 use tower_backpressure::{BackpressureHandle, ShedReason};
 
 /// Label set of `http_requests_total`.
@@ -41,6 +43,14 @@ pub(crate) struct WorkerMetrics {
     pub(crate) requests: Family<StatusLabel, Counter>,
     /// `http_connections_open`: connections currently open.
     pub(crate) connections_open: Gauge,
+    /// Counters of statuses 100..=599, filled on first use.
+    status_cache: Box<[OnceLock<Counter>]>,
+    /// `demo_work_cancelled_total`: `/sleep` requests that stopped early because their
+    /// `AbortSignal` fired (client gone, deadline, shutdown).
+    pub(crate) work_cancelled: Counter,
+    /// The parent of every request's `AbortSignal` in this process; the drain shuts it
+    /// down, and its per-reason counts are exported as `abort_total{reason}`.
+    pub(crate) abort_root: AbortRoot,
 }
 
 impl WorkerMetrics {
@@ -58,10 +68,21 @@ impl WorkerMetrics {
             "HTTP connections currently open",
             connections_open.clone(),
         );
+        let work_cancelled = Counter::default();
+        registry.register(
+            "demo_work_cancelled",
+            "/sleep requests stopped early because their AbortSignal fired",
+            work_cancelled.clone(),
+        );
+        let abort_root = AbortRoot::new();
+        registry.register_collector(Box::new(AbortCollector(abort_root.clone())));
         WorkerMetrics {
             registry,
             requests,
             connections_open,
+            status_cache: (100..600).map(|_| OnceLock::new()).collect(),
+            work_cancelled,
+            abort_root,
         }
     }
 
@@ -75,7 +96,17 @@ impl WorkerMetrics {
 
     /// Counts one response.
     pub(crate) fn count_response(&self, status: u16) {
-        self.requests.get_or_create(&StatusLabel { status }).inc();
+        // The family's lookup takes a read lock and hashes per call; valid statuses keep
+        // their counter in a lock-free cache after the first response.
+        let Some(slot) = status
+            .checked_sub(100)
+            .and_then(|i| self.status_cache.get(usize::from(i)))
+        else {
+            self.requests.get_or_create(&StatusLabel { status }).inc();
+            return;
+        };
+        slot.get_or_init(|| self.requests.get_or_create(&StatusLabel { status }).clone())
+            .inc();
     }
 
     /// The registry in OpenMetrics text, as sent to the supervisor.
@@ -84,6 +115,27 @@ impl WorkerMetrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// Encodes `abort_total{reason}` from the root's counters at encode time.
+#[derive(Debug)]
+struct AbortCollector(AbortRoot);
+
+impl prometheus_client::collector::Collector for AbortCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let stats = self.0.stats();
+        let mut family = encoder.encode_descriptor(
+            "abort",
+            "Requests whose AbortSignal fired, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, count) in stats.iter() {
+            let labels = [("reason", reason.as_str())];
+            ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -604,7 +656,7 @@ mod tests {
                 }
                 let fam = Family::<Reason, Counter>::default();
                 m.registry
-                    .register("abort", "aborts \"quoted\"", fam.clone());
+                    .register("example", "examples \"quoted\"", fam.clone());
                 fam.get_or_create(&Reason {
                     reason: "client \"gone\"\\".into(),
                 })
@@ -621,7 +673,7 @@ mod tests {
         agg.update(2, snaps[1].clone());
         let text = cluster_text(agg);
         assert!(
-            text.contains("abort_total{reason=\"client \\\"gone\\\"\\\\\"} 3\n"),
+            text.contains("example_total{reason=\"client \\\"gone\\\"\\\\\"} 3\n"),
             "{text}"
         );
         assert!(text.contains("wait_seconds_count 4\n"), "{text}");

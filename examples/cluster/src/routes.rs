@@ -5,11 +5,15 @@
 //! | --- | --- |
 //! | `GET /` | `200 text/plain` `Hello, World!` |
 //! | `GET /healthz` | `200 text/plain` `ok` |
-//! | `GET /sleep?ms=N` | waits `N` ms (at most `--max-sleep`) then `200`; a missing, malformed or too large `N` gets `400` |
+//! | `GET /sleep?ms=N` | waits `N` ms (at most `--max-sleep`) then `200`; a missing, malformed or too large `N` gets `400`; stops at once when the request's `AbortSignal` fires (`503` on shutdown, `504` past a deadline; a client that left gets nothing), counted in `demo_work_cancelled_total` |
 //! | anything else | `404` (`405` with `Allow` for another method on a known path) |
 //!
 //! `HEAD` is accepted wherever `GET` is. Malformed requests (`400`) and oversized heads
 //! (`431`) are answered by hyper before a request reaches this service.
+//!
+//! Every request carries a `tower_abort::AbortSignal` (the `AbortLayer` is outermost). It
+//! fires when the client disconnects, when a deadline the client sent (`grpc-timeout`, or
+//! `request-timeout` in milliseconds) passes, or when the drain's grace period runs out.
 //!
 //! Every route except `/healthz` (and `/metrics`, which lives on the admin server) sits
 //! behind tower-backpressure: at most `--max-in-flight` requests run at once per worker,
@@ -28,14 +32,14 @@ use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
 use tower::Service;
+use tower_abort::future::Aborted;
+use tower_abort::{AbortBody, AbortLayer, AbortReason, AbortSignal, TimeoutFormat};
 use tower_backpressure::{BackpressureLayer, ResponseBody};
 
 /// Response body of every route.
 pub(crate) type RouteBody = Full<Bytes>;
-
-/// Response body of the whole stack: a route's body carrying its backpressure permit.
-pub(crate) type AppBody = ResponseBody<RouteBody>;
 
 const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
@@ -63,11 +67,17 @@ pub(crate) fn backpressure(
 
 /// Builds the service every connection of a worker clones.
 ///
-/// Later layers (abort, singleflight, zerocopy) are added here, around [`Routes`], with
-/// `tower::ServiceBuilder`; the connection code only needs a cloneable
+/// `AbortLayer` is outermost, so every request (404s included) gets its signal and the
+/// signal fires whatever the inner layers do. tower-backpressure comes next, so a shed
+/// request costs no routing work and the permit covers the whole response body. Later
+/// layers (singleflight, zerocopy) go between them and [`Routes`]; the connection code only needs a cloneable
 /// `Service<Request<Incoming>>` that never fails.
+///
+/// `work_cancelled` counts `/sleep` requests stopped by their signal.
 pub(crate) fn app(
     config: RouteConfig,
+    abort: AbortLayer,
+    work_cancelled: Counter,
     backpressure: BackpressureLayer,
 ) -> impl Service<
     Request<Incoming>,
@@ -79,22 +89,38 @@ pub(crate) fn app(
        + Sync
        + 'static {
     tower::ServiceBuilder::new()
-        // Outermost of the application layers: a shed request costs no routing work, and
-        // the permit covers the whole response body.
+        .layer(abort_layer(abort))
+        // Outermost of the application layers after the signal: a shed request costs no
+        // routing work, and the permit covers the whole response body.
         .layer(backpressure)
-        .service(Routes::new(config))
+        .service(Routes::new(config, work_cancelled))
+}
+
+/// Response body of [`app`].
+pub(crate) type AppBody = AbortBody<ResponseBody<RouteBody>>;
+
+/// The abort layer's settings: clients may shorten their own requests with `grpc-timeout`
+/// or `request-timeout` (milliseconds). There is no server-wide default deadline: `/sleep`
+/// is bounded by `--max-sleep`.
+fn abort_layer(abort: AbortLayer) -> AbortLayer {
+    abort.with_grpc_timeout(true).with_timeout_header(
+        http::HeaderName::from_static("request-timeout"),
+        TimeoutFormat::Milliseconds,
+    )
 }
 
 /// The router: a plain tower [`Service`] whose future does not allocate.
 #[derive(Debug, Clone)]
 pub(crate) struct Routes {
     config: Arc<RouteConfig>,
+    work_cancelled: Counter,
 }
 
 impl Routes {
-    pub(crate) fn new(config: RouteConfig) -> Self {
+    pub(crate) fn new(config: RouteConfig, work_cancelled: Counter) -> Self {
         Routes {
             config: Arc::new(config),
+            work_cancelled,
         }
     }
 
@@ -175,11 +201,20 @@ impl<B> Service<Request<B>> for Routes {
             Route::Respond(res) => RouteFuture {
                 state: State::Ready { res: Some(res) },
             },
-            Route::Sleep(d) => RouteFuture {
-                state: State::Sleep {
-                    sleep: tokio::time::sleep(d),
-                },
-            },
+            Route::Sleep(d) => {
+                let signal = req.extensions().get::<AbortSignal>().cloned();
+                RouteFuture {
+                    state: State::Sleep {
+                        sleep: tokio::time::sleep(d),
+                        aborted: signal.as_ref().map(AbortSignal::aborted),
+                        work: WorkGuard {
+                            signal,
+                            counter: self.work_cancelled.clone(),
+                            done: false,
+                        },
+                    },
+                }
+            }
         }
     }
 }
@@ -199,7 +234,39 @@ pin_project_lite::pin_project! {
     #[derive(Debug)]
     enum State {
         Ready { res: Option<Response<RouteBody>> },
-        Sleep { #[pin] sleep: tokio::time::Sleep },
+        Sleep {
+            #[pin]
+            sleep: tokio::time::Sleep,
+            #[pin]
+            aborted: Option<Aborted>,
+            work: WorkGuard,
+        },
+    }
+}
+
+/// Counts a `/sleep` that ends because its signal fired: when the future sees the signal
+/// and answers, or when it is dropped after the signal fired (a client that went away:
+/// `AbortLayer` fires `ClientGone` before it drops the handler).
+#[derive(Debug)]
+struct WorkGuard {
+    signal: Option<AbortSignal>,
+    counter: Counter,
+    done: bool,
+}
+
+impl WorkGuard {
+    fn finish(&mut self, cancelled: bool) {
+        if !self.done && cancelled {
+            self.counter.inc();
+        }
+        self.done = true;
+    }
+}
+
+impl Drop for WorkGuard {
+    fn drop(&mut self) {
+        let cancelled = self.signal.as_ref().is_some_and(AbortSignal::is_aborted);
+        self.finish(cancelled);
     }
 }
 
@@ -211,9 +278,34 @@ impl Future for RouteFuture {
             StateProj::Ready { res } => {
                 Poll::Ready(Ok(res.take().expect("RouteFuture polled after completion")))
             }
-            StateProj::Sleep { sleep } => {
-                std::task::ready!(sleep.poll(cx));
-                Poll::Ready(Ok(text(StatusCode::OK, "slept\n")))
+            StateProj::Sleep {
+                sleep,
+                aborted,
+                work,
+            } => {
+                // The work first: a sleep that is over is not cancelled.
+                if sleep.poll(cx).is_ready() {
+                    work.finish(false);
+                    return Poll::Ready(Ok(text(StatusCode::OK, "slept\n")));
+                }
+                let Some(aborted) = aborted.as_pin_mut() else {
+                    return Poll::Pending;
+                };
+                let reason = std::task::ready!(aborted.poll(cx));
+                work.finish(true);
+                let (status, body) = match reason {
+                    AbortReason::Shutdown => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "stopped: server shutting down\n",
+                    ),
+                    // The layer answers a passed deadline with its own 504.
+                    AbortReason::DeadlineExceeded => {
+                        (StatusCode::GATEWAY_TIMEOUT, "stopped: deadline exceeded\n")
+                    }
+                    // Nobody is left to read it.
+                    _ => (StatusCode::SERVICE_UNAVAILABLE, "stopped\n"),
+                };
+                Poll::Ready(Ok(text(status, body)))
             }
         }
     }
@@ -226,9 +318,12 @@ mod tests {
     use tower::ServiceExt;
 
     fn routes() -> Routes {
-        Routes::new(RouteConfig {
-            max_sleep: Duration::from_secs(5),
-        })
+        Routes::new(
+            RouteConfig {
+                max_sleep: Duration::from_secs(5),
+            },
+            Counter::default(),
+        )
     }
 
     async fn get(method: Method, uri: &str) -> (StatusCode, Bytes, Response<RouteBody>) {
@@ -289,5 +384,80 @@ mod tests {
             );
         }
         assert_eq!(get(Method::GET, "/sleep?x=1&ms=0").await.0, StatusCode::OK);
+    }
+
+    /// `Routes` is generic over the request body; the app takes hyper's `Incoming`, which
+    /// tests cannot build, so they drive the same stack over `()`.
+    fn stack(root: &tower_abort::AbortRoot, cancelled: &Counter) -> tower_abort::Abort<Routes> {
+        tower::ServiceBuilder::new()
+            .layer(abort_layer(AbortLayer::with_root(root.clone())))
+            .service(Routes::new(
+                RouteConfig {
+                    max_sleep: Duration::from_secs(60),
+                },
+                cancelled.clone(),
+            ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sleep_stops_on_shutdown_and_counts_the_cancelled_work() {
+        let root = tower_abort::AbortRoot::new();
+        let cancelled = Counter::default();
+        let svc = stack(&root, &cancelled);
+        let req = Request::get("/sleep?ms=10000").body(()).unwrap();
+        let call = tokio::spawn(svc.oneshot(req));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        root.shutdown();
+        let res = call.await.unwrap().unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"stopped: server shutting down\n");
+        assert_eq!(cancelled.get(), 1);
+        assert_eq!(root.stats().get(AbortReason::Shutdown), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_deadline_header_stops_sleep_with_504() {
+        let root = tower_abort::AbortRoot::new();
+        let cancelled = Counter::default();
+        let start = tokio::time::Instant::now();
+        let req = Request::get("/sleep?ms=10000")
+            .header("request-timeout", "250")
+            .body(())
+            .unwrap();
+        let res = stack(&root, &cancelled).oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(start.elapsed(), Duration::from_millis(250));
+        assert_eq!(cancelled.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_leaves_frees_the_sleep_and_is_counted() {
+        let root = tower_abort::AbortRoot::new();
+        let cancelled = Counter::default();
+        let mut svc = stack(&root, &cancelled);
+        let req = Request::get("/sleep?ms=10000").body(()).unwrap();
+        let fut = ServiceExt::<Request<()>>::ready(&mut svc)
+            .await
+            .unwrap()
+            .call(req);
+        let mut fut = Box::pin(fut);
+        assert!(futures_util::poll!(fut.as_mut()).is_pending());
+        drop(fut);
+        assert_eq!(cancelled.get(), 1);
+        assert_eq!(root.stats().get(AbortReason::ClientGone), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn completed_sleep_is_not_counted() {
+        let root = tower_abort::AbortRoot::new();
+        let cancelled = Counter::default();
+        let req = Request::get("/sleep?ms=10").body(()).unwrap();
+        let res = stack(&root, &cancelled).oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"slept\n");
+        assert_eq!(cancelled.get(), 0);
+        assert_eq!(root.stats().total(), 0);
     }
 }

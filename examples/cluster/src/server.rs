@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -48,7 +47,7 @@ pub(crate) fn into_tokio(listener: std::net::TcpListener) -> io::Result<TcpListe
 pub(crate) async fn accept_loop<S, B>(
     listener: TcpListener,
     app: S,
-    settings: Arc<Settings>,
+    settings: &'static Settings,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) where
@@ -72,7 +71,6 @@ pub(crate) async fn accept_loop<S, B>(
                     tracing::debug!(%peer, error = %e, "TCP_NODELAY failed");
                 }
                 let app = app.clone();
-                let settings = settings.clone();
                 tracker.spawn(async move {
                     let outcome = conn::serve_connection(stream, app, settings).await;
                     tracing::trace!(%peer, ?outcome, "connection ended");
@@ -85,7 +83,10 @@ pub(crate) async fn accept_loop<S, B>(
                 // Out of descriptors or memory: back off instead of spinning; the
                 // connection stays in the backlog meanwhile.
                 tracing::warn!(error = %e, "accept failed; retrying in 100ms");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
             }
         }
     }
@@ -105,8 +106,13 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
+/// How long requests still running at the end of the grace period get, after their
+/// `AbortSignal`s fired with `Shutdown`, to answer before their connections are dropped.
+const ABORT_GRACE: Duration = Duration::from_millis(500);
+
 /// Drains a serving process: the first level received starts the drain, later ones may
-/// escalate it; whatever is still open when `grace` ends is dropped.
+/// escalate it. When `grace` ends, every in-flight request's signal fires (`abort_root`)
+/// so handlers can stop cleanly; whatever is still open [`ABORT_GRACE`] later is dropped.
 pub(crate) async fn drain(
     first: DrainLevel,
     mut more: mpsc::UnboundedReceiver<DrainLevel>,
@@ -114,6 +120,7 @@ pub(crate) async fn drain(
     stop: &CancellationToken,
     tracker: &TaskTracker,
     grace: Duration,
+    abort_root: &tower_abort::AbortRoot,
 ) {
     let deadline = Instant::now() + grace;
     stop.cancel();
@@ -141,7 +148,19 @@ pub(crate) async fn drain(
     }
     tracing::warn!(
         connections = tracker.len(),
-        "shutdown grace period over: closing the remaining connections"
+        "shutdown grace period over: aborting the requests still running"
+    );
+    abort_root.shutdown();
+    if tokio::time::timeout(ABORT_GRACE, tracker.wait())
+        .await
+        .is_ok()
+    {
+        tracing::info!("drained after aborting");
+        return;
+    }
+    tracing::warn!(
+        connections = tracker.len(),
+        "closing the remaining connections"
     );
     signal.raise(DrainLevel::Force);
     if tokio::time::timeout(Duration::from_secs(1), tracker.wait())
@@ -156,9 +175,10 @@ pub(crate) async fn drain(
 }
 
 /// Serves `GET /metrics` (from `render`) and `GET /healthz` until `stop` is cancelled.
-pub(crate) async fn admin_server<F>(listener: TcpListener, render: F, stop: CancellationToken)
+pub(crate) async fn admin_server<F, Fut>(listener: TcpListener, render: F, stop: CancellationToken)
 where
-    F: Fn() -> String + Clone + Send + Sync + 'static,
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = String> + Send + 'static,
 {
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -179,7 +199,24 @@ where
         conns.spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let render = render.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin_response(&req, render)) }
+                async move {
+                    let res = match (req.method(), req.uri().path()) {
+                        (&Method::GET, "/metrics") => admin_response(
+                            StatusCode::OK,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            render().await,
+                        ),
+                        (&Method::GET, "/healthz") => {
+                            admin_response(StatusCode::OK, "text/plain", "ok".to_owned())
+                        }
+                        _ => admin_response(
+                            StatusCode::NOT_FOUND,
+                            "text/plain",
+                            "not found\n".to_owned(),
+                        ),
+                    };
+                    Ok::<_, std::convert::Infallible>(res)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);
@@ -191,20 +228,11 @@ where
     conns.abort_all();
 }
 
-fn admin_response(req: &Request<Incoming>, render: impl Fn() -> String) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            render(),
-        ),
-        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok".to_owned()),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".to_owned(),
-        ),
-    };
+fn admin_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, content_type)

@@ -29,7 +29,7 @@
 //!   exited; workers still alive 2 s after the grace are killed. A second signal kills them
 //!   at once.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -51,6 +51,10 @@ use crate::server;
 /// Extra time after the grace period before workers are killed.
 const KILL_MARGIN: Duration = Duration::from_secs(2);
 
+/// How long `GET /metrics` waits for fresh worker snapshots before answering with the last
+/// ones it has.
+const SCRAPE_WAIT: Duration = Duration::from_millis(250);
+
 #[derive(Debug)]
 enum Event {
     Message {
@@ -67,6 +71,8 @@ enum Event {
     ReadyTimeout {
         id: u64,
     },
+    /// `GET /metrics`: ask every ready worker for a snapshot; answer when all replied.
+    Scrape(oneshot::Sender<()>),
     Hup,
     Stop,
     KillDue,
@@ -126,6 +132,8 @@ struct Supervisor {
     exit_code: i32,
     announced: bool,
     admin_stop: CancellationToken,
+    /// Scrapes waiting for these workers' snapshots.
+    scrapes: Vec<(BTreeSet<u64>, oneshot::Sender<()>)>,
 }
 
 /// Runs the supervisor until it is stopped; returns the process exit code.
@@ -155,6 +163,7 @@ pub(crate) fn run(cli: Cli, workers: usize) -> anyhow::Result<i32> {
     rt.block_on(async move {
         let metrics = Arc::new(ClusterMetrics::new());
         let admin_stop = CancellationToken::new();
+        let (events, mut rx) = mpsc::unbounded_channel();
         let admin_addr = match cli.admin {
             Admin::Off => None,
             Admin::On(admin) => {
@@ -162,16 +171,21 @@ pub(crate) fn run(cli: Cli, workers: usize) -> anyhow::Result<i32> {
                     .await
                     .with_context(|| format!("cannot bind the admin address {admin}"))?;
                 let admin_addr = listener.local_addr()?;
-                let m = metrics.clone();
-                tokio::spawn(server::admin_server(
-                    listener,
-                    move || metrics::encode_registry(&m.registry),
-                    admin_stop.clone(),
-                ));
+                let (m, events) = (metrics.clone(), events.clone());
+                let render = move || {
+                    let (m, events) = (m.clone(), events.clone());
+                    async move {
+                        let (tx, rx) = oneshot::channel();
+                        if events.send(Event::Scrape(tx)).is_ok() {
+                            let _ = tokio::time::timeout(SCRAPE_WAIT, rx).await;
+                        }
+                        metrics::encode_registry(&m.registry)
+                    }
+                };
+                tokio::spawn(server::admin_server(listener, render, admin_stop.clone()));
                 Some(admin_addr)
             }
         };
-        let (events, mut rx) = mpsc::unbounded_channel();
         spawn_signal_forwarders(events.clone())?;
         let mut sup = Supervisor {
             cli,
@@ -190,6 +204,7 @@ pub(crate) fn run(cli: Cli, workers: usize) -> anyhow::Result<i32> {
             exit_code: 0,
             announced: false,
             admin_stop,
+            scrapes: Vec::new(),
         };
         for slot in 0..sup.slots.len() {
             let id = sup.spawn(slot, Role::Current)?;
@@ -320,8 +335,25 @@ impl Supervisor {
                             .unwrap_or_else(|e| e.into_inner())
                             .update(id, Snapshot::parse(&text));
                     }
+                    self.scrape_answered(id);
                 }
             },
+            Event::Scrape(reply) => {
+                let ready: BTreeSet<u64> = self
+                    .workers
+                    .iter()
+                    .filter(|(_, w)| w.ready)
+                    .map(|(id, _)| *id)
+                    .collect();
+                if ready.is_empty() {
+                    let _ = reply.send(());
+                    return;
+                }
+                for id in &ready {
+                    let _ = self.workers[id].to_worker.send(ToWorker::Scrape);
+                }
+                self.scrapes.push((ready, reply));
+            }
             Event::Exited { id, status } => self.on_exit(id, status),
             Event::RestartDue { slot } => {
                 if !self.stopping && self.slots[slot].current.is_none() {
@@ -398,9 +430,6 @@ impl Supervisor {
                     self.metrics.workers.inc();
                 }
                 tracing::debug!(slot, pid, "worker ready");
-                if self.stopping {
-                    let _ = w.to_worker.send(ToWorker::Drain { gentle: false });
-                }
             }
             Role::Pending => {
                 w.role = Role::Current;
@@ -447,7 +476,25 @@ impl Supervisor {
         }
     }
 
+    /// Worker `id` sent a snapshot (or exited): answer the scrapes that waited only for it.
+    fn scrape_answered(&mut self, id: u64) {
+        if self.scrapes.is_empty() {
+            return;
+        }
+        for (waiting, _) in &mut self.scrapes {
+            waiting.remove(&id);
+        }
+        let (done, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut self.scrapes)
+            .into_iter()
+            .partition(|(waiting, reply)| waiting.is_empty() || reply.is_closed());
+        self.scrapes = pending;
+        for (_, reply) in done {
+            let _ = reply.send(());
+        }
+    }
+
     fn on_exit(&mut self, id: u64, status: std::io::Result<ExitStatus>) {
+        self.scrape_answered(id);
         let Some(w) = self.workers.remove(&id) else {
             return;
         };

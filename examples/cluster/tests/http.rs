@@ -8,11 +8,18 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::{connect, get, read_response, time_until_closed, Server};
+use support::{connect, get, metric, read_response, time_until_closed, Server};
 
 #[test]
 fn routes_and_status_codes() {
-    let server = Server::start(&["--workers", "1", "--max-head-size", "16384"]);
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--max-head-size",
+        "16384",
+        "--metrics-interval",
+        "100ms",
+    ]);
     let res = get(server.addr, "/").unwrap();
     assert_eq!(res.status, 200);
     assert_eq!(res.body, b"Hello, World!");
@@ -58,6 +65,12 @@ fn routes_and_status_codes() {
 
     // The server is still fine.
     assert_eq!(get(server.addr, "/").unwrap().status, 200);
+
+    // hyper's automatic answers are counted too.
+    server.wait_metrics("every status counted", |t| {
+        let n = |s: u16| metric(t, &format!("http_requests_total{{status=\"{s}\"}}"));
+        n(200) == Some(4.0) && n(400) == Some(7.0) && n(404) == Some(1.0) && n(431) == Some(2.0)
+    });
 }
 
 #[tokio::test]
@@ -181,6 +194,22 @@ fn half_a_head_closed_after_header_timeout() {
 }
 
 #[test]
+fn keep_alive_can_be_disabled() {
+    let server = Server::start(&["--workers", "1", "--keep-alive-timeout", "0s"]);
+    let mut s = connect(server.addr);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let res = read_response(&mut s).unwrap();
+    assert_eq!(res.status, 200);
+    assert_eq!(res.header("connection"), Some("close"));
+    assert_eq!(res.header("keep-alive"), None);
+    let t = time_until_closed(&mut s);
+    assert!(t < Duration::from_secs(2), "closed after {t:?}");
+    // A slow request is not disturbed by a zero keep-alive timeout.
+    let res = get(server.addr, "/sleep?ms=300").unwrap();
+    assert_eq!(res.status, 200);
+}
+
+#[test]
 fn max_requests_per_connection_closes_after_the_last() {
     let server = Server::start(&["--workers", "1", "--max-requests-per-connection", "3"]);
     let mut s = connect(server.addr);
@@ -263,4 +292,37 @@ async fn http2_prior_knowledge() {
         .expect("connection closed after GOAWAY")
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test]
+async fn http2_idle_connection_closed_after_keep_alive_timeout() {
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--keep-alive-timeout",
+        "1s",
+        "--header-timeout",
+        "10s",
+    ]);
+    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get("http://test/")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+    let idle = Instant::now();
+    // The server sends GOAWAY once idle for the keep-alive timeout; the connection ends.
+    tokio::time::timeout(Duration::from_secs(8), conn)
+        .await
+        .expect("idle HTTP/2 connection closed by the server")
+        .unwrap()
+        .unwrap();
+    let t = idle.elapsed();
+    assert!(t >= Duration::from_millis(800), "closed after {t:?}");
 }

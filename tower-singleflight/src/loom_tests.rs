@@ -1,0 +1,216 @@
+//! Loom models of the flight state machine: joins, drives, hand-offs, cancellation and
+//! completion racing on different threads. Run with
+//! `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test -p tower-singleflight --lib --release -- loom`.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, Waker},
+};
+
+use loom::{
+    future::block_on,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
+        Mutex,
+    },
+    thread,
+};
+
+use crate::Group;
+
+/// A one-shot event another thread fires; the work waits on it.
+struct Signal {
+    fired: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Signal {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            fired: AtomicBool::new(false),
+            waker: Mutex::new(None),
+        })
+    }
+
+    fn fire(&self) {
+        self.fired.store(true, SeqCst);
+        let waker = self.waker.lock().unwrap().take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    fn wait(self: Arc<Self>) -> Wait {
+        Wait(self)
+    }
+}
+
+struct Wait(Arc<Signal>);
+
+impl Future for Wait {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut waker = self.0.waker.lock().unwrap();
+        if self.0.fired.load(SeqCst) {
+            return Poll::Ready(());
+        }
+        *waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// Counts how often the work ran and was dropped.
+struct Probe {
+    runs: AtomicUsize,
+    drops: AtomicUsize,
+}
+
+struct DropProbe(Arc<Probe>);
+impl Drop for DropProbe {
+    fn drop(&mut self) {
+        self.0.drops.fetch_add(1, SeqCst);
+    }
+}
+
+fn work(probe: &Arc<Probe>, signal: &Arc<Signal>) -> impl Future<Output = u32> + Send + 'static {
+    probe.runs.fetch_add(1, SeqCst);
+    let guard = DropProbe(Arc::clone(probe));
+    let wait = Arc::clone(signal).wait();
+    async move {
+        let _guard = guard;
+        wait.await;
+        7
+    }
+}
+
+fn probe() -> Arc<Probe> {
+    Arc::new(Probe {
+        runs: AtomicUsize::new(0),
+        drops: AtomicUsize::new(0),
+    })
+}
+
+#[test]
+fn loom_leader_and_follower_on_two_threads() {
+    loom::model(|| {
+        let group: Group<u8, u32> = Group::builder().shards(1).build();
+        let probe = probe();
+        let signal = Signal::new();
+        let leader = group.run(1, || work(&probe, &signal));
+        let follower = group.run(1, || work(&probe, &signal));
+        let a = thread::spawn(move || block_on(leader).unwrap());
+        let b = thread::spawn(move || block_on(follower).unwrap());
+        signal.fire();
+        assert_eq!(a.join().unwrap(), 7);
+        assert_eq!(b.join().unwrap(), 7);
+        assert_eq!(probe.runs.load(SeqCst), 1);
+        assert_eq!(probe.drops.load(SeqCst), 1);
+        assert!(group.is_empty());
+    });
+}
+
+#[test]
+fn loom_driver_leaves_while_work_wakes() {
+    loom::model(|| {
+        let group: Group<u8, u32> = Group::builder().shards(1).build();
+        let probe = probe();
+        let signal = Signal::new();
+        let mut leader = group.run(1, || work(&probe, &signal));
+        let follower = group.run(1, || work(&probe, &signal));
+        // The leader drives once (registering the work's waker), then leaves on another
+        // thread while the event fires: the follower must take over and finish.
+        let waker = futures_task_noop();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut leader).poll(&mut cx).is_pending());
+        let dropper = thread::spawn(move || drop(leader));
+        let firer = {
+            let signal = Arc::clone(&signal);
+            thread::spawn(move || signal.fire())
+        };
+        assert_eq!(block_on(follower).unwrap(), 7);
+        dropper.join().unwrap();
+        firer.join().unwrap();
+        assert_eq!(probe.runs.load(SeqCst), 1);
+        assert_eq!(probe.drops.load(SeqCst), 1);
+        assert!(group.is_empty());
+    });
+}
+
+#[test]
+fn loom_last_waiters_leave_concurrently() {
+    loom::model(|| {
+        let group: Group<u8, u32> = Group::builder().shards(1).build();
+        let probe = probe();
+        let signal = Signal::new();
+        let mut leader = group.run(1, || work(&probe, &signal));
+        let follower = group.run(1, || work(&probe, &signal));
+        let waker = futures_task_noop();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut leader).poll(&mut cx).is_pending());
+        let a = thread::spawn(move || drop(leader));
+        let b = thread::spawn(move || drop(follower));
+        signal.fire();
+        a.join().unwrap();
+        b.join().unwrap();
+        // The work was dropped exactly once, and the key is free for a new leader.
+        assert_eq!(probe.drops.load(SeqCst), 1);
+        assert!(group.is_empty());
+        let again = group.run(1, || async { 8 });
+        assert!(again.is_leader());
+        assert_eq!(block_on(again).unwrap(), 8);
+        assert!(group.is_empty());
+    });
+}
+
+#[test]
+fn loom_join_races_completion() {
+    loom::model(|| {
+        let group: Group<u8, u32> = Group::builder().shards(1).build();
+        let probe = probe();
+        let signal = Signal::new();
+        signal.fire();
+        let leader = group.run(1, || work(&probe, &signal));
+        let joiner = {
+            let group = group.clone();
+            let probe = Arc::clone(&probe);
+            let signal = Arc::clone(&signal);
+            thread::spawn(move || block_on(group.run(1, || work(&probe, &signal))).unwrap())
+        };
+        assert_eq!(block_on(leader).unwrap(), 7);
+        assert_eq!(joiner.join().unwrap(), 7);
+        // The joiner either shared the flight or came after it and led its own.
+        let runs = probe.runs.load(SeqCst);
+        assert!(runs == 1 || runs == 2);
+        assert_eq!(probe.drops.load(SeqCst), runs);
+        assert!(group.is_empty());
+    });
+}
+
+#[test]
+fn loom_panic_reaches_follower_on_other_thread() {
+    loom::model(|| {
+        let group: Group<u8, u32> = Group::builder().shards(1).build();
+        let signal = Signal::new();
+        let wait = Arc::clone(&signal).wait();
+        let leader = group.run(1, move || async move {
+            wait.await;
+            panic!("boom")
+        });
+        let follower = group.run(1, || async { 0 });
+        let a = thread::spawn(move || block_on(leader).unwrap_err().is_panic());
+        signal.fire();
+        assert!(block_on(follower).unwrap_err().is_panic());
+        assert!(a.join().unwrap());
+        assert!(group.is_empty());
+    });
+}
+
+fn futures_task_noop() -> Waker {
+    struct Noop;
+    impl std::task::Wake for Noop {
+        fn wake(self: Arc<Self>) {}
+    }
+    Waker::from(Arc::new(Noop))
+}

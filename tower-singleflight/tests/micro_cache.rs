@@ -1,0 +1,128 @@
+//! The optional micro-cache: bursts just after a flight ends are served from it.
+#![cfg(feature = "micro-cache")]
+
+mod support;
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use http::{header, Request, Response};
+use support::{collect, full, get, Backend};
+use tower::{service_fn, Layer, ServiceExt};
+use tower_singleflight::{MicroCache, SingleflightLayer};
+
+fn backend_with(
+    backend: &Arc<Backend>,
+    headers: &'static [(&'static str, &'static str)],
+) -> impl tower::Service<
+    Request<()>,
+    Response = Response<support::Body>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    let backend = Arc::clone(backend);
+    service_fn(move |_req: Request<()>| {
+        let backend = Arc::clone(&backend);
+        async move {
+            let _active = backend.enter();
+            let mut response = Response::builder();
+            for (name, value) in headers {
+                response = response.header(*name, *value);
+            }
+            let body = format!("generation {}", backend.calls());
+            Ok::<_, Infallible>(response.body(full(body)).unwrap())
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_just_after_a_flight_is_served_from_the_cache_until_linger_ends() {
+    let backend = Backend::new();
+    let layer = SingleflightLayer::new()
+        .micro_cache(MicroCache::new(Duration::from_secs(1)))
+        .debug_header(true);
+    let stats = layer.stats();
+    let svc = layer.layer(backend_with(&backend, &[]));
+    let first = svc.clone().oneshot(get("/c")).await.unwrap();
+    assert_eq!(collect(first).await.unwrap(), "generation 1");
+    for _ in 0..3 {
+        let again = svc.clone().oneshot(get("/c")).await.unwrap();
+        assert_eq!(again.headers()["x-singleflight"], "cache");
+        assert_eq!(collect(again).await.unwrap(), "generation 1");
+    }
+    let head = Request::head("/c")
+        .header("host", "example.com")
+        .body(())
+        .unwrap();
+    let head = svc.clone().oneshot(head).await.unwrap();
+    assert_eq!(head.headers()["x-singleflight"], "cache");
+    assert_eq!(collect(head).await.unwrap(), "");
+    assert_eq!(backend.calls(), 1);
+    assert_eq!(stats.cache_hits(), 4);
+    tokio::time::advance(Duration::from_millis(1001)).await;
+    let later = svc.clone().oneshot(get("/c")).await.unwrap();
+    assert_eq!(collect(later).await.unwrap(), "generation 2");
+    assert_eq!(stats.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_age_caps_the_linger_and_zero_disables_it() {
+    for (cache_control, fresh_ms) in [("max-age=0", 0u64), ("public, max-age=1", 1000)] {
+        let backend = Backend::new();
+        let headers: &'static [(&'static str, &'static str)] = if fresh_ms == 0 {
+            &[("cache-control", "max-age=0")]
+        } else {
+            &[("cache-control", "public, max-age=1")]
+        };
+        let layer = SingleflightLayer::new().micro_cache(MicroCache::new(Duration::from_secs(10)));
+        let svc = layer.layer(backend_with(&backend, headers));
+        collect(svc.clone().oneshot(get("/m")).await.unwrap())
+            .await
+            .unwrap();
+        collect(svc.clone().oneshot(get("/m")).await.unwrap())
+            .await
+            .unwrap();
+        let expected = if fresh_ms == 0 { 2 } else { 1 };
+        assert_eq!(backend.calls(), expected, "{cache_control}");
+        tokio::time::advance(Duration::from_millis(fresh_ms + 1)).await;
+        collect(svc.clone().oneshot(get("/m")).await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(backend.calls(), expected + 1, "{cache_control}: expired");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn unshareable_or_vary_mismatched_responses_are_not_served_from_the_cache() {
+    let backend = Backend::new();
+    let layer = SingleflightLayer::new().micro_cache(MicroCache::new(Duration::from_secs(1)));
+    let svc = layer.layer(backend_with(&backend, &[("set-cookie", "sid=1")]));
+    collect(svc.clone().oneshot(get("/s")).await.unwrap())
+        .await
+        .unwrap();
+    collect(svc.clone().oneshot(get("/s")).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(backend.calls(), 2, "Set-Cookie is never cached");
+
+    let backend = Backend::new();
+    let layer = SingleflightLayer::new().micro_cache(MicroCache::new(Duration::from_secs(1)));
+    let svc = layer.layer(backend_with(&backend, &[("vary", "accept-language")]));
+    let lang = |l: &str| {
+        Request::get("/v")
+            .header("host", "example.com")
+            .header(header::ACCEPT_LANGUAGE, l)
+            .body(())
+            .unwrap()
+    };
+    collect(svc.clone().oneshot(lang("en")).await.unwrap())
+        .await
+        .unwrap();
+    collect(svc.clone().oneshot(lang("en")).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(backend.calls(), 1, "the same Accept-Language is a hit");
+    collect(svc.clone().oneshot(lang("fr")).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(backend.calls(), 2, "a different one is a miss");
+}
