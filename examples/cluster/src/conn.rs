@@ -88,6 +88,11 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
+    /// The metrics of the worker these connections belong to.
+    pub(crate) fn metrics(&self) -> &WorkerMetrics {
+        &self.metrics
+    }
+
     pub(crate) fn new(
         config: ConnConfig,
         signal: Arc<Signal>,
@@ -975,9 +980,15 @@ mod tests {
         tokio::task::JoinHandle<(Outcome, Duration)>,
     ) {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        let app = crate::routes::app(crate::routes::RouteConfig {
-            max_sleep: Duration::from_secs(60),
-        });
+        let app = crate::routes::app(
+            crate::routes::RouteConfig {
+                max_sleep: Duration::from_secs(60),
+                static_files: None,
+            },
+            tower_abort::AbortLayer::new(),
+            prometheus_client::metrics::counter::Counter::default(),
+            crate::routes::backpressure(64, 64, Duration::from_secs(1)),
+        );
         let task = tokio::spawn(async move {
             let start = Instant::now();
             let outcome = serve_connection(server, app, settings).await;

@@ -30,16 +30,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use tower::Service;
 use tower_abort::future::Aborted;
 use tower_abort::{AbortBody, AbortLayer, AbortReason, AbortSignal, TimeoutFormat};
 use tower_backpressure::{BackpressureLayer, ResponseBody};
+use tower_zerocopy::{FileBody, ServeDir};
 
-/// Response body of every route.
-pub(crate) type RouteBody = Full<Bytes>;
+/// Response body of every route: literal bytes, or a file for `/static` (tower-zerocopy's
+/// body, which goes out through sendfile on a capable connection).
+pub(crate) type RouteBody = FileBody;
 
 const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
@@ -48,6 +49,8 @@ const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=ut
 pub(crate) struct RouteConfig {
     /// Upper bound of `/sleep?ms=N`.
     pub(crate) max_sleep: Duration,
+    /// The service behind `GET /static/{*path}` (`None`: that prefix is `404`).
+    pub(crate) static_files: Option<ServeDir>,
 }
 
 /// The backpressure layer of one worker: its state (limit, queue, counters) is created
@@ -126,6 +129,20 @@ impl Routes {
 
     fn route<B>(&self, req: &Request<B>) -> Route {
         let path = req.uri().path();
+        if let Some(rest) = path.strip_prefix("/static/") {
+            if let Some(files) = &self.config.static_files {
+                // ServeDir sees the path below the prefix, and checks method and path itself.
+                let mut target = format!("/{rest}");
+                if let Some(q) = req.uri().query() {
+                    target.push('?');
+                    target.push_str(q);
+                }
+                return match target.parse::<http::Uri>() {
+                    Ok(uri) => Route::Static(files.clone(), uri),
+                    Err(_) => Route::Respond(text(StatusCode::BAD_REQUEST, "bad path\n")),
+                };
+            }
+        }
         let known = matches!(path, "/" | "/healthz" | "/sleep");
         if !known {
             return Route::Respond(text(StatusCode::NOT_FOUND, "not found\n"));
@@ -151,6 +168,7 @@ impl Routes {
 enum Route {
     Respond(Response<RouteBody>),
     Sleep(Duration),
+    Static(ServeDir, http::Uri),
 }
 
 /// Parses the `ms` parameter of `/sleep`: exactly one, decimal, at most `max`.
@@ -181,7 +199,7 @@ fn parse_sleep(query: Option<&str>, max: Duration) -> Result<Duration, &'static 
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<RouteBody> {
-    let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut res = Response::new(FileBody::from_bytes(Bytes::from_static(body.as_bytes())));
     *res.status_mut() = status;
     res.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN);
     res
@@ -201,6 +219,15 @@ impl<B> Service<Request<B>> for Routes {
             Route::Respond(res) => RouteFuture {
                 state: State::Ready { res: Some(res) },
             },
+            Route::Static(mut files, uri) => {
+                let (mut parts, _body) = req.into_parts();
+                parts.uri = uri;
+                RouteFuture {
+                    state: State::Static {
+                        fut: files.call(Request::from_parts(parts, ())),
+                    },
+                }
+            }
             Route::Sleep(d) => {
                 let signal = req.extensions().get::<AbortSignal>().cloned();
                 RouteFuture {
@@ -234,6 +261,7 @@ pin_project_lite::pin_project! {
     #[derive(Debug)]
     enum State {
         Ready { res: Option<Response<RouteBody>> },
+        Static { fut: tower_zerocopy::ResponseFuture },
         Sleep {
             #[pin]
             sleep: tokio::time::Sleep,
@@ -278,6 +306,7 @@ impl Future for RouteFuture {
             StateProj::Ready { res } => {
                 Poll::Ready(Ok(res.take().expect("RouteFuture polled after completion")))
             }
+            StateProj::Static { fut } => Pin::new(fut).poll(cx),
             StateProj::Sleep {
                 sleep,
                 aborted,
@@ -321,6 +350,7 @@ mod tests {
         Routes::new(
             RouteConfig {
                 max_sleep: Duration::from_secs(5),
+                static_files: None,
             },
             Counter::default(),
         )
@@ -335,7 +365,7 @@ mod tests {
         (
             status,
             bytes.clone(),
-            Response::from_parts(parts, Full::new(bytes)),
+            Response::from_parts(parts, FileBody::from_bytes(bytes)),
         )
     }
 
@@ -394,6 +424,7 @@ mod tests {
             .service(Routes::new(
                 RouteConfig {
                     max_sleep: Duration::from_secs(60),
+                    static_files: None,
                 },
                 cancelled.clone(),
             ))

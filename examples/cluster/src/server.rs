@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_zerocopy::{MarkSendfile, SendfileStream};
 
 use crate::conn::{self, DrainLevel, Settings, Signal};
 
@@ -70,7 +71,11 @@ pub(crate) async fn accept_loop<S, B>(
                 if let Err(e) = stream.set_nodelay(true) {
                     tracing::debug!(%peer, error = %e, "TCP_NODELAY failed");
                 }
-                let app = app.clone();
+                // tower-zerocopy: file slices leave this socket through sendfile(2), and
+                // requests of this connection carry the capability that lets `/static` use it.
+                let stream =
+                    SendfileStream::with_stats(stream, settings.metrics().sendfile.clone());
+                let app = MarkSendfile::new(app.clone(), stream.capability());
                 tracker.spawn(async move {
                     let outcome = conn::serve_connection(stream, app, settings).await;
                     tracing::trace!(%peer, ?outcome, "connection ended");

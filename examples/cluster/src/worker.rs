@@ -70,6 +70,7 @@ impl Serving {
         let app = routes::app(
             RouteConfig {
                 max_sleep: cli.max_sleep,
+                static_files: Some(tower_zerocopy::ServeDir::new(&cli.root)),
             },
             tower_abort::AbortLayer::with_root(self.metrics.abort_root.clone()),
             self.metrics.work_cancelled.clone(),
