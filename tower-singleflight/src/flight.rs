@@ -115,7 +115,9 @@ impl<V: Send + 'static> Wake for Flight<V> {
 /// Registration of one waiter in one flight. Dropping it leaves the flight.
 pub(crate) struct Waiter<K: Hash + Eq, V> {
     pub(crate) flight: Arc<Flight<V>>,
-    pub(crate) group: Option<(Arc<GroupInner<K, V>>, K)>,
+    /// The group, key and shard to leave when the flight ends; `None` for a flight
+    /// running alone after an overflow.
+    pub(crate) group: Option<(Arc<GroupInner<K, V>>, K, usize)>,
     pub(crate) slot: usize,
     pub(crate) finished: bool,
 }
@@ -225,8 +227,8 @@ where
     }
 
     fn forget(&self) {
-        if let Some((group, key)) = &self.group {
-            group.forget(key, &self.flight);
+        if let Some((group, key, shard)) = &self.group {
+            group.forget(key, *shard, &self.flight);
         }
     }
 }
@@ -248,8 +250,8 @@ impl<K: Hash + Eq, V> Drop for Waiter<K, V> {
             };
             drop(state);
             drop_quietly(work);
-            if let Some((group, key)) = &self.group {
-                group.forget(key, &self.flight);
+            if let Some((group, key, shard)) = &self.group {
+                group.forget(key, *shard, &self.flight);
             }
             return;
         }

@@ -219,7 +219,7 @@ where
                                 span,
                             } => {
                                 #[cfg(feature = "tracing")]
-                                tracing::Span::current().follows_from(span.clone());
+                                tracing::Span::current().follows_from(span);
                                 if share::vary_matches(
                                     &head.headers,
                                     leader_headers,

@@ -35,7 +35,7 @@ pub(crate) enum OutcomeKind {
         /// The leader's request headers, to check each follower against `Vary`.
         leader_headers: HeaderMap,
         #[cfg(feature = "tracing")]
-        span: Option<tracing::Id>,
+        span: tracing::Span,
     },
     /// The response belongs to the leader alone; followers make their own calls.
     NotShared {
@@ -73,7 +73,7 @@ pub(crate) async fn work<F, B, E>(
     leader_headers: HeaderMap,
     config: Arc<Config>,
     counters: Arc<Counters>,
-    #[cfg(feature = "tracing")] span: Option<tracing::Id>,
+    #[cfg(feature = "tracing")] span: tracing::Span,
     #[cfg(feature = "micro-cache")] store: Option<CacheStore>,
 ) -> Outcome
 where
