@@ -27,6 +27,8 @@ use crate::{
 #[derive(Clone)]
 pub(crate) struct Outcome(pub(crate) Arc<OutcomeKind>);
 
+// One per flight, behind an `Arc`: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum OutcomeKind {
     /// The leader's response may be shared: its head, and its body being fanned out.
     Shared {
