@@ -120,6 +120,8 @@ pub(crate) struct Waiter<K: Hash + Eq, V> {
     pub(crate) group: Option<(Arc<GroupInner<K, V>>, K, usize)>,
     pub(crate) slot: usize,
     pub(crate) finished: bool,
+    /// Set when this waiter finished the work with no other waiter registered.
+    pub(crate) alone: bool,
 }
 
 impl<K, V> Waiter<K, V>
@@ -217,6 +219,7 @@ where
         state.stage = Stage::Done(outcome);
         state.waiters.try_remove(self.slot);
         self.finished = true;
+        self.alone = state.waiters.is_empty();
         let wakers = take_wakers(&mut state.waiters);
         drop(state);
         self.forget();

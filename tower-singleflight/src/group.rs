@@ -265,6 +265,7 @@ where
                 group: Some((Arc::clone(inner), key.clone(), shard)),
                 slot,
                 finished: false,
+                alone: false,
             },
             role: Role::Follower,
         })
@@ -295,6 +296,7 @@ where
                             group: Some((Arc::clone(inner), own_key, shard)),
                             slot,
                             finished: false,
+                            alone: false,
                         },
                         role: Role::Follower,
                     };
@@ -326,6 +328,7 @@ where
             group: Some((Arc::clone(inner), own_key, shard)),
             slot,
             finished: false,
+            alone: false,
         };
         waiter.start(make);
         Run {
@@ -341,6 +344,7 @@ where
             group: None,
             slot,
             finished: false,
+            alone: false,
         };
         match self.inner.config.overflow {
             OverflowPolicy::RunAlone => {
@@ -435,6 +439,13 @@ impl<K: Hash + Eq, V> Run<K, V> {
     /// How this call takes part in its flight.
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// Whether this call finished the shared work itself while no other caller was
+    /// waiting for it: then nobody else can see its output, which it may use exclusively.
+    /// Meaningful once the future has returned `Ready`.
+    pub fn was_alone(&self) -> bool {
+        self.waiter.alone
     }
 
     /// Whether this call started the flight.

@@ -932,3 +932,39 @@ async fn a_custom_key_function_decides_what_is_the_same_resource() {
     assert_eq!(backend.calls(), 1);
     assert_clean(&stats);
 }
+
+#[tokio::test]
+async fn a_lone_leader_gets_its_response_untouched_and_sharers_get_exact_hints() {
+    use http_body::Body as _;
+    let layer = SingleflightLayer::new();
+    let stats = layer.stats();
+    let (open, gate_rx) = gate();
+    let inner = service_fn(move |_req: Request<()>| {
+        let gate_rx = gate_rx.clone();
+        async move {
+            wait_open(gate_rx).await;
+            Ok::<_, Infallible>(Response::new(full(payload(1000))))
+        }
+    });
+    let svc = layer.layer(inner);
+    open.send(true).unwrap();
+    let alone = svc.clone().oneshot(get("/l")).await.unwrap();
+    assert!(
+        format!("{:?}", alone.body()).contains("inner"),
+        "no fan-out for one waiter"
+    );
+    assert_eq!(alone.body().size_hint().exact(), Some(1000));
+
+    open.send(false).unwrap();
+    let a = tokio::spawn(svc.clone().oneshot(get("/l")));
+    let b = tokio::spawn(svc.clone().oneshot(get("/l")));
+    until(|| stats.followers() == 1).await;
+    open.send(true).unwrap();
+    for response in [a.await.unwrap().unwrap(), b.await.unwrap().unwrap()] {
+        assert!(format!("{:?}", response.body()).contains("shared"));
+        assert_eq!(response.body().size_hint().exact(), Some(1000));
+        assert!(!response.body().is_end_stream());
+        assert_eq!(collect(response).await.unwrap(), payload(1000));
+    }
+    assert_clean(&stats);
+}
