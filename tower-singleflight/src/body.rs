@@ -397,7 +397,10 @@ pub(crate) struct Reader {
 }
 
 impl Reader {
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    pub(crate) fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let fanout = &self.fanout;
         let mut state = lock(&fanout.state);
         loop {
