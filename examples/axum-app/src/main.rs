@@ -2,45 +2,67 @@
 //! tower-scale layers one at a time. Each layer is added in [`app`] with a comment saying
 //! why it sits where it does; see README.md.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-use axum::{
-    error_handling::HandleErrorLayer, extract::State, http::StatusCode, routing::get, BoxError,
-    Router,
-};
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::{routing::get, BoxError, Router};
+use serde::Deserialize;
 use tower::ServiceBuilder;
+use tower_abort::{AbortLayer, AbortReason, AbortRoot, AbortSignal};
+use tower_backpressure::BackpressureLayer;
 use tower_singleflight::{SingleflightLayer, WaitTimeoutPolicy};
 
-/// An expensive handler: many clients asking at once should cost one computation. The
-/// state counts how many times it was actually computed.
-async fn report(State(generations): State<Arc<AtomicU64>>) -> String {
-    let generation = generations.fetch_add(1, Ordering::SeqCst) + 1;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    format!("report generation {generation}")
-}
+/// How long in-flight requests may keep running after a shutdown signal before their
+/// `AbortSignal`s fire with `Shutdown`.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// Builds the application: plain handlers first, then our layers, outermost last.
-fn app() -> Router {
-    app_with(Arc::default())
+///
+/// `abort_root` is the server-wide parent of every request's cancellation signal; `main`
+/// shuts it down when the drain grace runs out.
+fn app(abort_root: &AbortRoot) -> Router {
+    app_with(abort_root, backpressure(256, 512), Arc::default())
 }
 
-/// [`app`], counting report computations in `report_generations`.
-fn app_with(report_generations: Arc<AtomicU64>) -> Router {
+/// tower-backpressure: one concurrency budget for the whole app, a bounded queue, and
+/// `503` + `Retry-After` beyond it. `Router::layer` is enough: the layer's state is shared
+/// by every route and every connection, and it needs no `HandleErrorLayer`. Health checks
+/// bypass it so an overloaded instance is not also declared dead. It reads each request's
+/// deadline from tower-abort's signal, so a request that cannot finish in time is shed
+/// before it waits.
+fn backpressure(max_in_flight: usize, max_queued: usize) -> BackpressureLayer {
+    BackpressureLayer::builder(max_in_flight)
+        .max_queued(max_queued)
+        .queue_timeout(Duration::from_secs(1))
+        .bypass(|head| head.uri().path() == "/healthz")
+        .deadline(|head| head.extensions().get::<AbortSignal>()?.deadline())
+        .build()
+}
+
+/// [`app`] with the given backpressure layer, counting the computations of `/summary` in
+/// `summary_generations`.
+fn app_with(
+    abort_root: &AbortRoot,
+    backpressure: BackpressureLayer,
+    summary_generations: Arc<AtomicU64>,
+) -> Router {
     Router::new()
         .route("/", get(|| async { "Hello, World!" }))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/report", get(report).with_state(report_generations))
+        .route("/report", get(report))
+        .route("/summary", get(summary).with_state(summary_generations))
+        // Inside tower-abort (layers added later wrap earlier ones), so the signal and its
+        // deadline are in the request's extensions when the limiter looks.
+        .layer(backpressure)
         // tower-singleflight: concurrent identical GETs run the handler once and share the
-        // streamed response. It sits outermost among our layers so coalesced requests
-        // skip the work of every layer inside it. Safe by default: requests with
-        // credentials and responses with Set-Cookie or Cache-Control: private are never
+        // streamed response. Outside the limiter, so followers wait without holding a
+        // permit: a burst of identical requests costs one slot. Safe by default: requests
+        // with credentials and responses with Set-Cookie or Cache-Control: private are never
         // shared. Its errors (a shared upstream error, a panicking handler) become 502s.
         .layer(
             ServiceBuilder::new()
@@ -54,6 +76,58 @@ fn app_with(report_generations: Arc<AtomicU64>) -> Router {
                         .max_keys(100_000),
                 ),
         )
+        // tower-abort: every request gets an `AbortSignal` that fires when the client goes
+        // away, after 10 s (or sooner if the client sent `grpc-timeout`), or on shutdown.
+        // `Router::layer` wraps each route, so 404s cost nothing; every route shares the
+        // one root. Disconnects are logged as 499, the status nginx uses for them.
+        .layer(
+            AbortLayer::with_root(abort_root.clone())
+                .with_timeout(Duration::from_secs(10))
+                .with_grpc_timeout(true)
+                .on_abort(|event| {
+                    tracing::info!(
+                        status = event.status(),
+                        method = %event.method(),
+                        uri = ?event.uri(),
+                        elapsed = ?event.elapsed(),
+                        reason = %event.reason(),
+                        "request aborted"
+                    );
+                }),
+        )
+}
+
+#[derive(Deserialize)]
+struct ReportParams {
+    rows: Option<u32>,
+}
+
+/// Builds a "report" one row per millisecond, stopping at once when the request's signal
+/// fires: a client that hangs up frees the work instead of leaving it running.
+async fn report(signal: AbortSignal, Query(params): Query<ReportParams>) -> (StatusCode, String) {
+    let rows = params.rows.unwrap_or(100);
+    for done in 0..rows {
+        tokio::select! {
+            reason = signal.aborted() => {
+                let status = match reason {
+                    AbortReason::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
+                    // A timeout becomes a 504 in the layer; a client that left reads nothing.
+                    _ => StatusCode::GATEWAY_TIMEOUT,
+                };
+                return (status, format!("stopped after {done} rows: {reason}\n"));
+            }
+            _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+        }
+    }
+    (StatusCode::OK, format!("{rows} rows\n"))
+}
+
+/// An expensive handler: many clients asking at once should cost one computation. The
+/// state counts how many times it was actually computed.
+async fn summary(State(generations): State<Arc<AtomicU64>>) -> String {
+    let generation = generations.fetch_add(1, Ordering::SeqCst) + 1;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    format!("summary generation {generation}")
 }
 
 #[tokio::main]
@@ -68,11 +142,23 @@ async fn main() -> anyhow::Result<()> {
         .parse()?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "axum-app listening");
-    axum::serve(listener, app())
-        .with_graceful_shutdown(async {
+    let abort_root = AbortRoot::new();
+    let root = abort_root.clone();
+    axum::serve(listener, app(&abort_root))
+        .with_graceful_shutdown(async move {
             let _ = tokio::signal::ctrl_c().await;
+            // axum now stops accepting and waits for in-flight requests; those still
+            // running after the grace are told to stop (they see `Shutdown`).
+            tokio::spawn(async move {
+                tokio::time::sleep(DRAIN_GRACE).await;
+                root.shutdown();
+            });
         })
         .await?;
+    let stats = abort_root.stats();
+    for (reason, count) in stats.iter() {
+        tracing::info!(reason = reason.as_str(), count, "abort_total");
+    }
     Ok(())
 }
 
@@ -82,11 +168,12 @@ mod tests {
     use axum::body::Body;
     use axum::http::{Request, StatusCode};
     use http_body_util::BodyExt;
-    use tower::ServiceExt;
+    use tokio_test::{assert_pending, task};
+    use tower::{Service, ServiceExt};
 
     #[tokio::test]
     async fn hello_world() {
-        let response = app()
+        let response = app(&AbortRoot::new())
             .oneshot(Request::get("/").body(Body::empty()).unwrap())
             .await
             .unwrap();
@@ -96,36 +183,44 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn concurrent_reports_are_computed_once() {
+    async fn concurrent_summaries_are_computed_once() {
         let generations = Arc::new(AtomicU64::new(0));
-        let app = app_with(Arc::clone(&generations));
-        let requests = (0..50).map(|_| {
-            let app = app.clone();
-            tokio::spawn(async move {
-                let response = app
-                    .oneshot(Request::get("/report").body(Body::empty()).unwrap())
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), StatusCode::OK);
-                response.into_body().collect().await.unwrap().to_bytes()
+        let app = app_with(
+            &AbortRoot::new(),
+            backpressure(256, 512),
+            Arc::clone(&generations),
+        );
+        let requests: Vec<_> = (0..50)
+            .map(|_| {
+                let app = app.clone();
+                tokio::spawn(async move {
+                    let response = app
+                        .oneshot(Request::get("/summary").body(Body::empty()).unwrap())
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), StatusCode::OK);
+                    response.into_body().collect().await.unwrap().to_bytes()
+                })
             })
-        });
-        let bodies: Vec<_> = futures_join_all(requests).await;
-        assert_eq!(generations.load(Ordering::SeqCst), 1);
-        let expected = "report generation 1";
-        for body in bodies {
-            assert_eq!(body, expected.as_bytes());
+            .collect();
+        for request in requests {
+            assert_eq!(request.await.unwrap(), "summary generation 1".as_bytes());
         }
+        assert_eq!(generations.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
-    async fn requests_with_credentials_are_not_coalesced() {
+    async fn summaries_with_credentials_are_not_coalesced() {
         let generations = Arc::new(AtomicU64::new(0));
-        let app = app_with(Arc::clone(&generations));
+        let app = app_with(
+            &AbortRoot::new(),
+            backpressure(256, 512),
+            Arc::clone(&generations),
+        );
         let ask = |token: &'static str| {
             let app = app.clone();
             tokio::spawn(async move {
-                let request = Request::get("/report")
+                let request = Request::get("/summary")
                     .header("authorization", token)
                     .body(Body::empty())
                     .unwrap();
@@ -138,23 +233,117 @@ mod tests {
         assert_eq!(generations.load(Ordering::SeqCst), 2);
     }
 
-    async fn futures_join_all<T>(
-        handles: impl Iterator<Item = tokio::task::JoinHandle<T>>,
-    ) -> Vec<T> {
-        let handles: Vec<_> = handles.collect();
-        let mut out = Vec::with_capacity(handles.len());
-        for handle in handles {
-            out.push(handle.await.unwrap());
-        }
-        out
+    #[tokio::test]
+    async fn backpressure_sheds_beyond_the_limit_but_not_health_checks() {
+        let layer = backpressure(1, 0);
+        let handle = layer.handle();
+        let app = app_with(&AbortRoot::new(), layer, Arc::default());
+        let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+        // The permit is held until the response body is read, so an unread body keeps
+        // the one slot busy.
+        let first = app.clone().oneshot(get("/")).await.unwrap();
+        assert_eq!(first.status(), StatusCode::OK);
+        assert_eq!(handle.in_flight(), 1);
+        let shed = app.clone().oneshot(get("/")).await.unwrap();
+        assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(shed.headers().contains_key("retry-after"));
+        let health = app.clone().oneshot(get("/healthz")).await.unwrap();
+        assert_eq!(health.status(), StatusCode::OK);
+        let body = first.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"Hello, World!");
+        assert_eq!(handle.in_flight(), 0);
+        let again = app.oneshot(get("/")).await.unwrap();
+        assert_eq!(again.status(), StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backpressure_sheds_requests_whose_abort_deadline_has_passed() {
+        let layer = backpressure(4, 4);
+        let handle = layer.handle();
+        let app = app_with(&AbortRoot::new(), layer, Arc::default());
+        // tower-abort turns `grpc-timeout` into the signal's deadline; the limiter reads it
+        // and does not start work that cannot finish in time.
+        let request = Request::get("/")
+            .header("grpc-timeout", "0m")
+            .body(Body::empty())
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            handle.shed_count(tower_backpressure::ShedReason::DeadlineUnreachable),
+            1
+        );
     }
 
     #[tokio::test]
     async fn unknown_path_is_404() {
-        let response = app()
+        let response = app(&AbortRoot::new())
             .oneshot(Request::get("/nope").body(Body::empty()).unwrap())
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn report_completes_without_aborting() {
+        let root = AbortRoot::new();
+        let response = app(&root)
+            .oneshot(Request::get("/report?rows=5").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"5 rows\n");
+        assert_eq!(root.stats().total(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_deadline_ends_the_report_with_504() {
+        let root = AbortRoot::new();
+        let request = Request::get("/report?rows=100000")
+            .header("grpc-timeout", "50m")
+            .body(Body::empty())
+            .unwrap();
+        let response = app(&root).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(root.stats().get(AbortReason::DeadlineExceeded), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_that_leaves_frees_the_work_and_is_counted() {
+        let root = AbortRoot::new();
+        let mut app = app(&root);
+        let request = Request::get("/report?rows=100000")
+            .body(Body::empty())
+            .unwrap();
+        let mut call = task::spawn(
+            ServiceExt::<Request<Body>>::ready(&mut app)
+                .await
+                .unwrap()
+                .call(request),
+        );
+        assert_pending!(call.poll());
+        drop(call);
+        assert_eq!(root.stats().get(AbortReason::ClientGone), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_stops_a_running_report_with_503() {
+        let root = AbortRoot::new();
+        let mut app = app(&root);
+        let request = Request::get("/report?rows=100000")
+            .body(Body::empty())
+            .unwrap();
+        let mut call = task::spawn(
+            ServiceExt::<Request<Body>>::ready(&mut app)
+                .await
+                .unwrap()
+                .call(request),
+        );
+        assert_pending!(call.poll());
+        root.shutdown();
+        let response = call.await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(root.stats().get(AbortReason::Shutdown), 1);
     }
 }

@@ -1,6 +1,62 @@
-//! The clustered example server; see README.md.
+//! `cluster`: a clustered HTTP server, our answer to Node's `cluster` module.
+//!
+//! See `README.md` next to this crate for the process model, the flags and the
+//! measurements. Module map:
+//!
+//! - [`cli`]: flags and environment variables;
+//! - [`supervisor`]: worker processes, restarts, signals, cluster metrics;
+//! - [`worker`]: a serving process (a supervisor's worker, or `--workers 0`);
+//! - [`server`]: listeners, accept loop, staged drain, admin server;
+//! - [`conn`]: one connection: HTTP/1.1 + HTTP/2, header/idle timeouts, max requests;
+//! - [`routes`]: the application and the one place its tower stack is built;
+//! - [`metrics`]: per-worker registry and the supervisor's sum over workers;
+//! - [`control`]: the supervisor <-> worker control channel;
+//! - [`fds`]: taking ownership of inherited descriptors (the only `unsafe`).
+
+#![deny(unsafe_code)]
+
+mod cli;
+mod conn;
+mod control;
+mod fds;
+mod metrics;
+mod routes;
+mod server;
+mod supervisor;
+mod worker;
+
+use std::io::IsTerminal;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
 
 fn main() {
-    eprintln!("the cluster example is being built: see examples/cluster/README.md");
-    std::process::exit(2);
+    let cli = cli::Cli::parse();
+    let worker = cli.internal_worker;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let result = match worker {
+        Some(args) => {
+            let span = tracing::info_span!("worker", slot = args.slot, pid = std::process::id());
+            let _enter = span.enter();
+            worker::run_child(cli, args).map(|()| 0)
+        }
+        None => match cli.worker_count() {
+            0 => worker::run_standalone(cli).map(|()| 0),
+            n => supervisor::run(cli, n),
+        },
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::exit(1);
+        }
+    }
 }

@@ -1,0 +1,370 @@
+//! tower-abort: per-request overhead of `AbortLayer` against no layer
+//! (`tower::layer::util::Identity`), on a trivial service.
+//!
+//! Goal (issue 4): under 150 ns and at most one allocation per request on the fast path
+//! (no deadline fires, the response completes). Before the timed runs, the number of heap
+//! allocations per request is counted with a counting global allocator and printed:
+//!
+//! ```text
+//! cargo bench -p benches --bench abort
+//! ```
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::convert::Infallible;
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::Criterion;
+use http::{HeaderValue, Request, Response};
+use http_body_util::Empty;
+use tower::layer::util::Identity;
+use tower::{service_fn, Layer, Service};
+use tower_abort::AbortLayer;
+
+// ===== allocation counting =====
+
+struct CountingAllocator;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; we only count.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as our caller's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as our caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as our caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+// ===== the services =====
+
+struct NoopWake;
+
+impl Wake for NoopWake {
+    fn wake(self: Arc<Self>) {}
+}
+
+/// A future that is pending once (waking itself), then ready: a handler that awaits once,
+/// so the layer's deadline timer is armed.
+struct YieldOnce(bool);
+
+impl Future for YieldOnce {
+    type Output = Result<Response<Empty<Bytes>>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.0 {
+            return Poll::Ready(Ok(Response::new(Empty::new())));
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+fn ready_service() -> impl Service<
+    Request<()>,
+    Response = Response<Empty<Bytes>>,
+    Error = Infallible,
+    Future = std::future::Ready<Result<Response<Empty<Bytes>>, Infallible>>,
+> + Clone {
+    service_fn(|_req: Request<()>| std::future::ready(Ok(Response::new(Empty::new()))))
+}
+
+fn pending_once_service() -> impl Service<
+    Request<()>,
+    Response = Response<Empty<Bytes>>,
+    Error = Infallible,
+    Future = YieldOnce,
+> + Clone {
+    service_fn(|_req: Request<()>| YieldOnce(false))
+}
+
+/// What servers hand to services: hyper and axum put their own extensions into requests,
+/// so the extensions map usually exists before our layer adds to it.
+#[derive(Clone)]
+struct ServerExtension;
+
+#[derive(Clone, Copy)]
+enum Req {
+    Bare,
+    WithExtension,
+    WithGrpcTimeout,
+}
+
+fn request(kind: Req) -> Request<()> {
+    let mut req = Request::new(());
+    match kind {
+        Req::Bare => {}
+        Req::WithExtension => {
+            req.extensions_mut().insert(ServerExtension);
+        }
+        Req::WithGrpcTimeout => {
+            req.headers_mut()
+                .insert("grpc-timeout", HeaderValue::from_static("100m"));
+        }
+    }
+    req
+}
+
+/// One request through `svc`, polled by hand to completion; the response is dropped
+/// (an empty body: complete, so no signal fires).
+fn one_request<S, B>(svc: &mut S, req: Request<()>, cx: &mut Context<'_>)
+where
+    S: Service<Request<()>, Response = Response<B>>,
+{
+    assert!(svc.poll_ready(cx).is_ready());
+    let mut fut = pin!(svc.call(req));
+    loop {
+        if let Poll::Ready(response) = fut.as_mut().poll(cx) {
+            black_box(response.ok());
+            return;
+        }
+    }
+}
+
+fn waker() -> Waker {
+    Waker::from(Arc::new(NoopWake))
+}
+
+// ===== allocations per request =====
+
+fn allocations_per_request<S, B>(name: &str, mut svc: S, kind: Req)
+where
+    S: Service<Request<()>, Response = Response<B>>,
+{
+    const N: u64 = 10_000;
+    let waker = waker();
+    let mut cx = Context::from_waker(&waker);
+    for _ in 0..100 {
+        one_request(&mut svc, request(kind), &mut cx);
+    }
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..N {
+        one_request(&mut svc, request(kind), &mut cx);
+    }
+    let per_request = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / N as f64;
+    println!("allocations per request: {name:<45} {per_request:.2}");
+}
+
+fn report_allocations() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _enter = rt.enter();
+    let timeout = AbortLayer::new().with_timeout(Duration::from_secs(10));
+    let kinds = [
+        ("bare request (no extensions map yet)", Req::Bare),
+        ("request that already has an extension", Req::WithExtension),
+        ("request with grpc-timeout", Req::WithGrpcTimeout),
+    ];
+    for (what, kind) in kinds {
+        println!("-- {what}");
+        let identity = Identity::new();
+        allocations_per_request("identity / ready", identity.layer(ready_service()), kind);
+        allocations_per_request(
+            "abort / ready",
+            AbortLayer::new().layer(ready_service()),
+            kind,
+        );
+        let svc = timeout.clone().layer(ready_service());
+        allocations_per_request("abort+timeout / ready", svc, kind);
+        let svc = timeout
+            .clone()
+            .with_grpc_timeout(true)
+            .layer(ready_service());
+        allocations_per_request("abort+timeout+grpc-timeout / ready", svc, kind);
+        let svc = identity.layer(pending_once_service());
+        allocations_per_request("identity / pending once", svc, kind);
+        let svc = timeout.clone().layer(pending_once_service());
+        allocations_per_request("abort+timeout / pending once (timer armed)", svc, kind);
+    }
+}
+
+// ===== timings =====
+
+fn bench_single_thread(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _enter = rt.enter();
+    let waker = waker();
+    let timeout = AbortLayer::new().with_timeout(Duration::from_secs(10));
+
+    let mut group = c.benchmark_group("abort/current_thread");
+    macro_rules! case {
+        ($name:expr, $svc:expr, $kind:expr) => {{
+            let mut svc = $svc;
+            group.bench_function($name, |b| {
+                let mut cx = Context::from_waker(&waker);
+                b.iter(|| one_request(&mut svc, request($kind), &mut cx))
+            });
+        }};
+    }
+    let identity = Identity::new();
+    case!("identity/ready", identity.layer(ready_service()), Req::Bare);
+    case!(
+        "abort/ready",
+        AbortLayer::new().layer(ready_service()),
+        Req::Bare
+    );
+    case!(
+        "abort+timeout/ready",
+        timeout.clone().layer(ready_service()),
+        Req::Bare
+    );
+    case!(
+        "identity/ready+extension",
+        identity.layer(ready_service()),
+        Req::WithExtension
+    );
+    case!(
+        "abort/ready+extension",
+        AbortLayer::new().layer(ready_service()),
+        Req::WithExtension
+    );
+    let svc = timeout.clone().layer(ready_service());
+    case!("abort+timeout/ready+extension", svc, Req::WithExtension);
+    case!(
+        "identity/ready+grpc-timeout",
+        identity.layer(ready_service()),
+        Req::WithGrpcTimeout
+    );
+    let svc = timeout
+        .clone()
+        .with_grpc_timeout(true)
+        .layer(ready_service());
+    case!(
+        "abort+timeout+grpc-timeout/ready+grpc-timeout",
+        svc,
+        Req::WithGrpcTimeout
+    );
+    case!(
+        "identity/pending_once",
+        identity.layer(pending_once_service()),
+        Req::Bare
+    );
+    case!(
+        "abort+timeout/pending_once",
+        timeout.layer(pending_once_service()),
+        Req::Bare
+    );
+    group.finish();
+}
+
+/// Two threads sending requests through clones of one service: the shared root and
+/// configuration are touched from both.
+fn bench_contended(c: &mut Criterion) {
+    fn run<S, B>(svc: S, iters: u64) -> Duration
+    where
+        S: Service<Request<()>, Response = Response<B>> + Clone + Send + 'static,
+    {
+        const THREADS: u64 = 2;
+        let start = Instant::now();
+        let workers: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let mut svc = svc.clone();
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_time()
+                        .build()
+                        .unwrap();
+                    let _enter = rt.enter();
+                    let waker = waker();
+                    let mut cx = Context::from_waker(&waker);
+                    for _ in 0..iters.div_ceil(THREADS) {
+                        one_request(&mut svc, request(Req::WithExtension), &mut cx);
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        start.elapsed()
+    }
+
+    let mut group = c.benchmark_group("abort/two_threads");
+    group.bench_function("identity/ready", |b| {
+        b.iter_custom(|iters| run(Identity::new().layer(ready_service()), iters))
+    });
+    let abort = AbortLayer::new().with_timeout(Duration::from_secs(10));
+    group.bench_function("abort+timeout/ready", |b| {
+        b.iter_custom(|iters| run(abort.layer(ready_service()), iters))
+    });
+    group.finish();
+}
+
+/// For instruction counts that do not depend on the machine's load, run one case `N`
+/// times and nothing else, under `valgrind --tool=callgrind` for two values of `N`:
+///
+/// ```text
+/// ABORT_BENCH_ONLY=abort ABORT_BENCH_N=100000 valgrind --tool=callgrind target/release/deps/abort-*
+/// ```
+///
+/// Cases: `identity`, `abort`, `abort+timeout`, each on a request that already has an
+/// extension (as requests from hyper and axum do).
+fn run_only(case: &str, n: u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _enter = rt.enter();
+    let waker = waker();
+    let mut cx = Context::from_waker(&waker);
+    fn drive<S, B>(mut svc: S, n: u64, cx: &mut Context<'_>)
+    where
+        S: Service<Request<()>, Response = Response<B>>,
+    {
+        for _ in 0..n {
+            one_request(&mut svc, request(Req::WithExtension), cx);
+        }
+    }
+    match case {
+        "identity" => drive(Identity::new().layer(ready_service()), n, &mut cx),
+        "abort" => drive(AbortLayer::new().layer(ready_service()), n, &mut cx),
+        "abort+timeout" => {
+            let layer = AbortLayer::new().with_timeout(Duration::from_secs(10));
+            drive(layer.layer(ready_service()), n, &mut cx)
+        }
+        other => panic!("unknown case {other:?}"),
+    }
+}
+
+/// Prints the allocation counts, then runs the criterion benchmarks.
+fn main() {
+    if let Ok(case) = std::env::var("ABORT_BENCH_ONLY") {
+        let n = std::env::var("ABORT_BENCH_N")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        run_only(&case, n);
+        return;
+    }
+    report_allocations();
+    let mut c = Criterion::default().configure_from_args();
+    bench_single_thread(&mut c);
+    bench_contended(&mut c);
+    c.final_summary();
+}

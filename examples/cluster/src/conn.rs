@@ -1,0 +1,942 @@
+//! Serving one connection: HTTP/1.1 and HTTP/2 prior knowledge through hyper-util's auto
+//! builder, plus the connection limits hyper does not have in the form we want.
+//!
+//! # Timers
+//!
+//! Every connection is in one of four phases, each with at most one deadline:
+//!
+//! | phase | entered when | deadline | on expiry |
+//! | --- | --- | --- | --- |
+//! | `Head` | accepted; or (HTTP/1) the first byte of the next request arrives on an idle connection | `--header-timeout` | connection dropped (like hyper and Go: no `408`) |
+//! | `Busy` | a request head was parsed (the service was called) | none: handlers are bounded by the abort layer, not here | – |
+//! | `Idle` | the last in-flight response body finished or was dropped | `--keep-alive-timeout` | graceful close (HTTP/2: GOAWAY) |
+//! | `Closing` | an idle connection was told to close | 1 s | connection dropped |
+//!
+//! The `Head` deadline starts at accept, so it also bounds a client that sends nothing at all
+//! while hyper-util sniffs the protocol version (which has no timeout of its own). hyper's
+//! own `header_read_timeout` is switched off: since hyper 1.6 it also restarts when a
+//! connection goes idle, which would make the idle limit `min(header, keep-alive)`.
+//!
+//! Phases are changed by three observers: the service wrapper ([`ConnService`]) when a
+//! request arrives, the body wrapper ([`TrackedBody`]) when a response ends, and the IO
+//! wrapper ([`TimedIo`]) when bytes arrive on an idle HTTP/1 connection. The driver
+//! ([`drive`]) owns one `Sleep`; it is only reset when a deadline moves *earlier* than the
+//! armed one, and re-armed lazily when it fires early, so a busy connection pays no timer
+//! work per request.
+//!
+//! # Drain
+//!
+//! A worker-wide [`Signal`] is raised by shutdown or rolling restart:
+//! - `Immediate` (SIGTERM/SIGINT): hyper's graceful shutdown at once: idle HTTP/1
+//!   connections close, busy ones finish their request with `Connection: close`, HTTP/2 gets
+//!   GOAWAY.
+//! - `Gentle` (the old worker of a rolling restart): HTTP/2 gets GOAWAY; an HTTP/1 connection
+//!   answers its next request with `Connection: close` and an idle one closes at its
+//!   advertised keep-alive deadline. Closing an idle HTTP/1 connection at an arbitrary moment
+//!   races with a request the client may be sending; this way a client that honours
+//!   `Connection: close` and `Keep-Alive: timeout=N` never loses a request.
+//! - `Force` (the grace period is over): the connection is dropped.
+
+use std::convert::Infallible;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::num::NonZeroU64;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
+use http::header::{HeaderValue, CONNECTION};
+use http::{Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+use tower::util::Oneshot;
+use tower::{Service, ServiceExt};
+
+use crate::cli::ConnConfig;
+use crate::metrics::WorkerMetrics;
+
+/// How long an idle connection that was told to close may take to do so.
+const CLOSING_GRACE: Duration = Duration::from_secs(1);
+
+/// hyper's `DEFAULT_MAX_HEADERS`.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
+/// `Keep-Alive` is not in `http::header`.
+const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+// ===== impl Settings =====
+
+/// Per-worker connection settings, shared by every connection.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    config: ConnConfig,
+    keep_alive_header: Option<HeaderValue>,
+    builder: auto::Builder<TokioExecutor>,
+    signal: Arc<Signal>,
+    metrics: Arc<WorkerMetrics>,
+}
+
+impl Settings {
+    pub(crate) fn new(
+        config: ConnConfig,
+        signal: Arc<Signal>,
+        metrics: Arc<WorkerMetrics>,
+    ) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        let keep_alive = !config.keep_alive_timeout.is_zero();
+        let mut http1 = builder.http1();
+        http1
+            .keep_alive(keep_alive)
+            // Our driver enforces the header and idle timeouts (see the module docs).
+            .header_read_timeout(None)
+            .max_buf_size(config.max_head_size);
+        // hyper parses into an inline array of its default size (100) unless a limit is
+        // set, in which case it allocates and fills one per request: set only when needed.
+        if config.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            http1.max_headers(config.max_headers);
+        }
+        builder
+            .http2()
+            .max_header_list_size(u32::try_from(config.max_head_size).unwrap_or(u32::MAX));
+        let keep_alive_header = keep_alive.then(|| {
+            // Rounded down: the client should give up on the connection before we do.
+            // Leaked once per process so cloning it per response is a copy, not a refcount.
+            let value: &'static str = Box::leak(
+                format!("timeout={}", config.keep_alive_timeout.as_secs()).into_boxed_str(),
+            );
+            HeaderValue::from_static(value)
+        });
+        Settings {
+            config,
+            keep_alive_header,
+            builder,
+            signal,
+            metrics,
+        }
+    }
+}
+
+// ===== impl Signal =====
+
+/// The worker-wide drain signal, observed by every connection.
+#[derive(Debug, Default)]
+pub(crate) struct Signal {
+    level: AtomicU8,
+    conns: Mutex<slab_lite::Slab<Arc<AtomicWaker>>>,
+}
+
+/// Drain levels, in escalating order; a level never goes down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub(crate) enum DrainLevel {
+    Serving = 0,
+    Gentle = 1,
+    Immediate = 2,
+    Force = 3,
+}
+
+impl DrainLevel {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => DrainLevel::Serving,
+            1 => DrainLevel::Gentle,
+            2 => DrainLevel::Immediate,
+            _ => DrainLevel::Force,
+        }
+    }
+}
+
+impl Signal {
+    pub(crate) fn level(&self) -> DrainLevel {
+        DrainLevel::from_u8(self.level.load(Ordering::Acquire))
+    }
+
+    /// Raises the level (never lowers it) and wakes every connection.
+    pub(crate) fn raise(&self, level: DrainLevel) {
+        let prev = self.level.fetch_max(level as u8, Ordering::AcqRel);
+        if prev < level as u8 {
+            let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            for waker in conns.iter() {
+                waker.wake();
+            }
+        }
+    }
+
+    fn register(&self, waker: Arc<AtomicWaker>) -> usize {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(waker)
+    }
+
+    fn unregister(&self, key: usize) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+}
+
+/// A minimal slab: stable keys, reuse of freed entries.
+mod slab_lite {
+    #[derive(Debug)]
+    pub(crate) struct Slab<T> {
+        entries: Vec<Option<T>>,
+        free: Vec<usize>,
+    }
+
+    impl<T> Default for Slab<T> {
+        fn default() -> Self {
+            Slab {
+                entries: Vec::new(),
+                free: Vec::new(),
+            }
+        }
+    }
+
+    impl<T> Slab<T> {
+        pub(crate) fn insert(&mut self, value: T) -> usize {
+            match self.free.pop() {
+                Some(key) => {
+                    self.entries[key] = Some(value);
+                    key
+                }
+                None => {
+                    self.entries.push(Some(value));
+                    self.entries.len() - 1
+                }
+            }
+        }
+
+        pub(crate) fn remove(&mut self, key: usize) {
+            if let Some(slot) = self.entries.get_mut(key) {
+                if slot.take().is_some() {
+                    self.free.push(key);
+                }
+            }
+        }
+
+        pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
+            self.entries.iter().flatten()
+        }
+
+        #[cfg(test)]
+        pub(crate) fn len(&self) -> usize {
+            self.entries.len() - self.free.len()
+        }
+    }
+}
+
+// ===== impl ConnState =====
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Head,
+    Busy,
+    Idle,
+    Closing,
+}
+
+#[derive(Debug)]
+struct Timing {
+    phase: Phase,
+    deadline: Option<Instant>,
+    in_flight: usize,
+}
+
+/// What the driver must do when its timer fires.
+#[derive(Debug, PartialEq, Eq)]
+enum Expiry {
+    /// No request head within the header timeout: drop the connection.
+    Head,
+    /// Idle too long: close gracefully.
+    Idle,
+    /// A graceful close took too long: drop the connection.
+    Closing,
+    /// Nothing expired; sleep until this deadline (or re-check later if `None`).
+    NotYet(Option<Instant>),
+}
+
+/// State shared by one connection's driver, IO, service and bodies.
+#[derive(Debug)]
+pub(crate) struct ConnState {
+    timing: Mutex<Timing>,
+    header_timeout: Duration,
+    keep_alive_timeout: Duration,
+    /// Set while an HTTP/1 connection is idle, so `TimedIo` only locks on the first read.
+    idle_h1: AtomicBool,
+    h2: AtomicBool,
+    requests: AtomicU64,
+    close_requested: AtomicBool,
+    waker: Arc<AtomicWaker>,
+}
+
+impl ConnState {
+    fn new(header_timeout: Duration, keep_alive_timeout: Duration, now: Instant) -> Self {
+        ConnState {
+            timing: Mutex::new(Timing {
+                phase: Phase::Head,
+                deadline: Some(now + header_timeout),
+                in_flight: 0,
+            }),
+            header_timeout,
+            keep_alive_timeout,
+            idle_h1: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            close_requested: AtomicBool::new(false),
+            waker: Arc::new(AtomicWaker::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Timing> {
+        self.timing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.lock().deadline
+    }
+
+    #[cfg(test)]
+    fn phase(&self) -> Phase {
+        self.lock().phase
+    }
+
+    /// A request head was parsed; returns how many requests this connection has served.
+    fn on_request(&self, version: Version) -> u64 {
+        if version == Version::HTTP_2 {
+            self.h2.store(true, Ordering::Relaxed);
+        }
+        let mut t = self.lock();
+        t.in_flight += 1;
+        t.phase = Phase::Busy;
+        t.deadline = None;
+        self.idle_h1.store(false, Ordering::Relaxed);
+        drop(t);
+        self.requests.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A response body ended or was dropped.
+    fn on_response_done(&self) {
+        let mut t = self.lock();
+        t.in_flight = t.in_flight.saturating_sub(1);
+        if t.in_flight == 0 && t.phase == Phase::Busy {
+            t.phase = Phase::Idle;
+            t.deadline = Some(Instant::now() + self.keep_alive_timeout);
+            let h2 = self.h2.load(Ordering::Relaxed);
+            self.idle_h1.store(!h2, Ordering::Relaxed);
+            drop(t);
+            // HTTP/1 bodies end inside the connection's poll, after which the driver looks
+            // at the new deadline anyway. HTTP/2 bodies end on their stream's task: wake the
+            // driver, whose armed timer may be later than the new idle deadline.
+            if h2 {
+                self.waker.wake();
+            }
+        }
+    }
+
+    /// Bytes arrived on an idle HTTP/1 connection: the next request head has started.
+    fn on_bytes_while_idle(&self) {
+        let mut t = self.lock();
+        if t.phase == Phase::Idle {
+            t.phase = Phase::Head;
+            t.deadline = Some(Instant::now() + self.header_timeout);
+        }
+        self.idle_h1.store(false, Ordering::Relaxed);
+    }
+
+    fn expire(&self, now: Instant) -> Expiry {
+        let mut t = self.lock();
+        match t.deadline {
+            Some(d) if d <= now => match t.phase {
+                Phase::Head => Expiry::Head,
+                Phase::Idle => {
+                    t.phase = Phase::Closing;
+                    t.deadline = Some(now + CLOSING_GRACE);
+                    self.idle_h1.store(false, Ordering::Relaxed);
+                    Expiry::Idle
+                }
+                Phase::Closing => Expiry::Closing,
+                Phase::Busy => Expiry::NotYet(None),
+            },
+            other => Expiry::NotYet(other),
+        }
+    }
+}
+
+// ===== impl TimedIo =====
+
+pin_project_lite::pin_project! {
+    /// The connection's IO, noticing the first bytes of a request on an idle HTTP/1
+    /// connection. Everything else, including vectored writes, is forwarded untouched.
+    #[derive(Debug)]
+    pub(crate) struct TimedIo<IO> {
+        #[pin]
+        io: IO,
+        state: Arc<ConnState>,
+    }
+}
+
+impl<IO: AsyncRead> AsyncRead for TimedIo<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let res = this.io.poll_read(cx, buf);
+        if buf.filled().len() > before && this.state.idle_h1.load(Ordering::Relaxed) {
+            this.state.on_bytes_while_idle();
+        }
+        res
+    }
+}
+
+impl<IO: AsyncWrite> AsyncWrite for TimedIo<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+// ===== impl ConnService =====
+
+/// Wraps the application service for one connection: tracks requests for the timers,
+/// counts responses, and adds `Keep-Alive` / `Connection: close` on HTTP/1.
+#[derive(Debug)]
+pub(crate) struct ConnService<S> {
+    inner: S,
+    state: Arc<ConnState>,
+    settings: Arc<Settings>,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone,
+{
+    type Response = Response<TrackedBody<B>>;
+    type Error = Infallible;
+    type Future = ConnFuture<S>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let version = req.version();
+        let served = self.state.on_request(version);
+        let last = self
+            .settings
+            .config
+            .max_requests_per_connection
+            .is_some_and(|max: NonZeroU64| served >= max.get());
+        if last {
+            // The driver sends GOAWAY on HTTP/2; HTTP/1 also gets `Connection: close` below.
+            self.state.close_requested.store(true, Ordering::Release);
+        }
+        let h1_keep_alive = match version {
+            Version::HTTP_11 => !connection_has(&req, "close"),
+            Version::HTTP_10 => connection_has(&req, "keep-alive"),
+            _ => false,
+        };
+        ConnFuture {
+            inner: self.inner.clone().oneshot(req),
+            guard: Some(InFlight(self.state.clone())),
+            settings: self.settings.clone(),
+            http1: matches!(version, Version::HTTP_10 | Version::HTTP_11),
+            h1_keep_alive,
+            last,
+        }
+    }
+}
+
+fn connection_has<B>(req: &Request<B>, token: &str) -> bool {
+    req.headers().get_all(CONNECTION).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Marks one request in flight until dropped.
+#[derive(Debug)]
+struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.on_response_done();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Response future of [`ConnService`].
+    #[must_use = "futures do nothing unless polled"]
+    pub(crate) struct ConnFuture<S: Service<Request<Incoming>>> {
+        #[pin]
+        inner: Oneshot<S, Request<Incoming>>,
+        guard: Option<InFlight>,
+        settings: Arc<Settings>,
+        http1: bool,
+        h1_keep_alive: bool,
+        last: bool,
+    }
+}
+
+impl<S, B> Future for ConnFuture<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
+{
+    type Output = Result<Response<TrackedBody<B>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut res) = ready!(this.inner.poll(cx));
+        this.settings.metrics.count_response(res.status().as_u16());
+        if *this.http1 {
+            let draining = this.settings.signal.level() != DrainLevel::Serving;
+            let headers = res.headers_mut();
+            if *this.last || draining {
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
+            } else if let (true, Some(v)) = (*this.h1_keep_alive, &this.settings.keep_alive_header)
+            {
+                if !headers.contains_key(CONNECTION) {
+                    headers.insert(KEEP_ALIVE, v.clone());
+                }
+            }
+        }
+        let guard = this.guard.take();
+        Poll::Ready(Ok(res.map(|body| TrackedBody { body, guard })))
+    }
+}
+
+// ===== impl TrackedBody =====
+
+pin_project_lite::pin_project! {
+    /// A response body that ends its request's "in flight" mark when it finishes or is dropped.
+    #[derive(Debug)]
+    pub(crate) struct TrackedBody<B> {
+        #[pin]
+        body: B,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let res = ready!(this.body.poll_frame(cx));
+        if res.is_none() {
+            this.guard.take();
+        }
+        Poll::Ready(res)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+// ===== serving =====
+
+/// Why a connection ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// hyper finished the connection (the client closed, or a graceful close completed).
+    Closed(Result<(), BoxError>),
+    /// No complete request head within the header timeout.
+    HeaderTimeout,
+    /// A graceful close of an idle connection did not finish in time.
+    CloseTimeout,
+    /// Dropped at the end of the shutdown grace period.
+    Forced,
+}
+
+/// Serves one accepted connection until it ends, applying the timers and drain signal.
+pub(crate) async fn serve_connection<IO, S, B>(
+    io: IO,
+    service: S,
+    settings: Arc<Settings>,
+) -> Outcome
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let state = Arc::new(ConnState::new(
+        settings.config.header_timeout,
+        settings.config.keep_alive_timeout,
+        Instant::now(),
+    ));
+    let key = settings.signal.register(state.waker.clone());
+    settings.metrics.connections_open.inc();
+    let _open = scopeguard(|| {
+        settings.signal.unregister(key);
+        settings.metrics.connections_open.dec();
+    });
+    let io = TokioIo::new(TimedIo {
+        io,
+        state: state.clone(),
+    });
+    let svc = ConnService {
+        inner: service,
+        state: state.clone(),
+        settings: settings.clone(),
+    };
+    let conn = settings.builder.serve_connection(io, svc);
+    let outcome = drive(conn, |c| c.graceful_shutdown(), &state, &settings.signal).await;
+    if let Outcome::Closed(Err(e)) = &outcome {
+        // hyper answered a malformed or oversized head itself; count what it sent.
+        if let Some(e) = e.downcast_ref::<hyper::Error>() {
+            if e.is_parse_too_large() {
+                settings.metrics.count_response(431);
+            } else if e.is_parse() {
+                settings.metrics.count_response(400);
+            }
+        }
+    }
+    outcome
+}
+
+/// Runs `f` when dropped (also when the connection task is aborted).
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+/// Polls `conn` while enforcing the phase deadlines and reacting to the drain signal;
+/// `graceful` starts the connection's graceful shutdown (hyper's `graceful_shutdown`).
+pub(crate) async fn drive<C, G>(conn: C, graceful: G, state: &ConnState, signal: &Signal) -> Outcome
+where
+    C: Future<Output = Result<(), BoxError>>,
+    G: Fn(Pin<&mut C>),
+{
+    let mut conn = pin!(conn);
+    let mut armed = state
+        .deadline()
+        .unwrap_or_else(|| Instant::now() + recheck(state));
+    let mut sleep = pin!(tokio::time::sleep_until(armed));
+    let mut seen = DrainLevel::Serving;
+    let mut close_sent = false;
+    poll_fn(|cx| {
+        state.waker.register(cx.waker());
+        loop {
+            let level = signal.level();
+            if level != seen {
+                seen = level;
+                match level {
+                    DrainLevel::Force => return Poll::Ready(Outcome::Forced),
+                    DrainLevel::Immediate => graceful(conn.as_mut()),
+                    // HTTP/1 connections answer with `Connection: close` (see `ConnFuture`).
+                    DrainLevel::Gentle if state.h2.load(Ordering::Relaxed) => {
+                        graceful(conn.as_mut())
+                    }
+                    DrainLevel::Gentle | DrainLevel::Serving => {}
+                }
+            }
+            if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Outcome::Closed(res));
+            }
+            if !close_sent && state.close_requested.load(Ordering::Acquire) {
+                close_sent = true;
+                graceful(conn.as_mut());
+                continue;
+            }
+            // Timers: reset only when a deadline moved earlier than the armed one.
+            if let Some(d) = state.deadline() {
+                if d < armed {
+                    armed = d;
+                    sleep.as_mut().reset(d);
+                }
+            }
+            loop {
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let now = Instant::now();
+                match state.expire(now) {
+                    Expiry::Head => return Poll::Ready(Outcome::HeaderTimeout),
+                    Expiry::Closing => return Poll::Ready(Outcome::CloseTimeout),
+                    Expiry::Idle => {
+                        graceful(conn.as_mut());
+                        armed = now + CLOSING_GRACE;
+                        sleep.as_mut().reset(armed);
+                        break; // poll the connection again so it can close
+                    }
+                    Expiry::NotYet(next) => {
+                        armed = next.unwrap_or_else(|| now + recheck(state));
+                        sleep.as_mut().reset(armed);
+                    }
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// While busy there is no deadline; wake up this often so the next idle deadline (always
+/// later than "now + this") is never missed.
+fn recheck(state: &ConnState) -> Duration {
+    state
+        .header_timeout
+        .min(state.keep_alive_timeout)
+        .max(Duration::from_millis(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A fake hyper connection: pending until told to finish; counts graceful shutdowns.
+    struct FakeConn {
+        shutdowns: Arc<AtomicUsize>,
+        finish_on_shutdown: bool,
+    }
+
+    impl Future for FakeConn {
+        type Output = Result<(), BoxError>;
+        fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Self::Output> {
+            if self.finish_on_shutdown && self.shutdowns.load(Ordering::SeqCst) > 0 {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    fn graceful(conn: Pin<&mut FakeConn>) {
+        conn.shutdowns.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn setup(
+        header: u64,
+        keep_alive: u64,
+        finish_on_shutdown: bool,
+    ) -> (Arc<ConnState>, Arc<Signal>, FakeConn, Arc<AtomicUsize>) {
+        let state = Arc::new(ConnState::new(
+            Duration::from_secs(header),
+            Duration::from_secs(keep_alive),
+            Instant::now(),
+        ));
+        let shutdowns = Arc::new(AtomicUsize::new(0));
+        let conn = FakeConn {
+            shutdowns: shutdowns.clone(),
+            finish_on_shutdown,
+        };
+        (state, Arc::new(Signal::default()), conn, shutdowns)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_connection_is_dropped_at_the_header_timeout() {
+        let (state, signal, conn, _) = setup(3, 5, true);
+        let start = Instant::now();
+        let outcome = drive(conn, graceful, &state, &signal).await;
+        assert!(matches!(outcome, Outcome::HeaderTimeout), "{outcome:?}");
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_is_separate_from_and_longer_than_header_timeout() {
+        // header 2 s, keep-alive 7 s: an idle connection must live 7 s, not 2 s.
+        let (state, signal, conn, shutdowns) = setup(2, 7, true);
+        let task = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                (
+                    drive(conn, graceful, &state, &signal).await,
+                    start.elapsed(),
+                )
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        state.on_request(Version::HTTP_11);
+        // A slow handler is not limited by either timer.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(state.phase(), Phase::Busy);
+        assert_eq!(shutdowns.load(Ordering::SeqCst), 0);
+        state.on_response_done(); // idle from t = 31 s
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_secs(31 + 7));
+        assert_eq!(shutdowns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn next_request_bytes_start_the_header_timer() {
+        let (state, signal, conn, _) = setup(2, 10, true);
+        state.on_request(Version::HTTP_11);
+        state.on_response_done();
+        assert!(state.idle_h1.load(Ordering::Relaxed));
+        let task = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                (
+                    drive(conn, graceful, &state, &signal).await,
+                    start.elapsed(),
+                )
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        state.on_bytes_while_idle(); // half a head at t = 4 s, then nothing
+                                     // In a server the read happens inside the connection's poll, on the driver's task;
+                                     // here it happens on another task, so wake the driver like that poll would.
+        state.waker.wake();
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::HeaderTimeout), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_secs(6));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_idle_reads_do_not_arm_the_header_timer() {
+        let (state, _signal, _conn, _) = setup(2, 10, true);
+        state.on_request(Version::HTTP_2);
+        state.on_response_done();
+        assert!(!state.idle_h1.load(Ordering::Relaxed));
+        assert_eq!(state.phase(), Phase::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_idle_deadline_set_on_another_task_is_not_missed() {
+        // header 10 s, keep-alive 1 s: the driver's timer is armed at 10 s when the stream
+        // task ends the only response at 0.2 s; the idle close must still come at 1.2 s.
+        let (state, signal, conn, shutdowns) = setup(10, 1, true);
+        let task = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                (
+                    drive(conn, graceful, &state, &signal).await,
+                    start.elapsed(),
+                )
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        state.on_request(Version::HTTP_2);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stream_task = {
+            let state = state.clone();
+            tokio::spawn(async move { drop(InFlight(state)) })
+        };
+        stream_task.await.unwrap();
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_millis(1200));
+        assert_eq!(shutdowns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_close_that_hangs_is_dropped() {
+        let (state, signal, conn, shutdowns) = setup(2, 3, false);
+        state.on_request(Version::HTTP_11);
+        state.on_response_done();
+        let start = Instant::now();
+        let outcome = drive(conn, graceful, &state, &signal).await;
+        assert!(matches!(outcome, Outcome::CloseTimeout), "{outcome:?}");
+        assert_eq!(start.elapsed(), Duration::from_secs(3) + CLOSING_GRACE);
+        assert_eq!(shutdowns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_levels_escalate() {
+        let (state, signal, conn, shutdowns) = setup(100, 100, false);
+        state.on_request(Version::HTTP_11);
+        let task = {
+            let (state, signal) = (state.clone(), signal.clone());
+            tokio::spawn(async move { drive(conn, graceful, &state, &signal).await })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(
+            signal.conns.lock().unwrap().len(),
+            0,
+            "drive does not register"
+        );
+        let key = signal.register(state.waker.clone());
+        signal.raise(DrainLevel::Gentle);
+        tokio::task::yield_now().await;
+        assert_eq!(
+            shutdowns.load(Ordering::SeqCst),
+            0,
+            "HTTP/1 gentle: no shutdown"
+        );
+        signal.raise(DrainLevel::Immediate);
+        tokio::task::yield_now().await;
+        assert_eq!(shutdowns.load(Ordering::SeqCst), 1);
+        signal.raise(DrainLevel::Gentle); // never lowers
+        assert_eq!(signal.level(), DrainLevel::Immediate);
+        signal.raise(DrainLevel::Force);
+        let outcome = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Forced), "{outcome:?}");
+        signal.unregister(key);
+        assert_eq!(signal.conns.lock().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn in_flight_mark_released_when_the_future_is_dropped() {
+        let state = Arc::new(ConnState::new(
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            Instant::now(),
+        ));
+        state.on_request(Version::HTTP_2);
+        state.on_request(Version::HTTP_2);
+        let a = InFlight(state.clone());
+        let b = InFlight(state.clone());
+        drop(a);
+        assert_eq!(state.phase(), Phase::Busy);
+        drop(b);
+        assert_eq!(state.phase(), Phase::Idle);
+    }
+}

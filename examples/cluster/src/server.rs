@@ -1,0 +1,275 @@
+//! What every serving process runs: listening sockets, the accept loop, the staged drain,
+//! and the small admin server.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::conn::{self, DrainLevel, Settings, Signal};
+
+/// Binds a listening socket that shares its port with the other workers' sockets
+/// (`SO_REUSEPORT`: the kernel spreads new connections over the group).
+pub(crate) fn bind_listener(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    // Accepted sockets inherit TCP_NODELAY on Linux; `accept_loop` sets it anyway.
+    socket.set_tcp_nodelay(true)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
+/// Converts a (possibly inherited) std listener for tokio.
+pub(crate) fn into_tokio(listener: std::net::TcpListener) -> io::Result<TcpListener> {
+    // An inherited descriptor may be in blocking mode; tokio needs non-blocking or the
+    // accept loop (and so graceful shutdown) blocks (tokio-rs/axum#3560).
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
+/// Accepts connections until `stop` is cancelled, serving each on its own task.
+pub(crate) async fn accept_loop<S, B>(
+    listener: TcpListener,
+    app: S,
+    settings: Arc<Settings>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) where
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(%peer, error = %e, "TCP_NODELAY failed");
+                }
+                let app = app.clone();
+                let settings = settings.clone();
+                tracker.spawn(async move {
+                    let outcome = conn::serve_connection(stream, app, settings).await;
+                    tracing::trace!(%peer, ?outcome, "connection ended");
+                });
+            }
+            Err(e) if is_connection_error(&e) => {
+                tracing::debug!(error = %e, "accept: connection error");
+            }
+            Err(e) => {
+                // Out of descriptors or memory: back off instead of spinning; the
+                // connection stays in the backlog meanwhile.
+                tracing::warn!(error = %e, "accept failed; retrying in 100ms");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+    }
+    // Dropping the listener: this process stops accepting. In a cluster the socket itself
+    // stays open (the supervisor and the successor worker hold it), so no queued
+    // connection is lost.
+    drop(listener);
+}
+
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// How long requests still running at the end of the grace period get, after their
+/// `AbortSignal`s fired with `Shutdown`, to answer before their connections are dropped.
+const ABORT_GRACE: Duration = Duration::from_millis(500);
+
+/// Drains a serving process: the first level received starts the drain, later ones may
+/// escalate it. When `grace` ends, every in-flight request's signal fires (`abort_root`)
+/// so handlers can stop cleanly; whatever is still open [`ABORT_GRACE`] later is dropped.
+pub(crate) async fn drain(
+    first: DrainLevel,
+    mut more: mpsc::UnboundedReceiver<DrainLevel>,
+    signal: &Signal,
+    stop: &CancellationToken,
+    tracker: &TaskTracker,
+    grace: Duration,
+    abort_root: &tower_abort::AbortRoot,
+) {
+    let deadline = Instant::now() + grace;
+    stop.cancel();
+    signal.raise(first);
+    tracker.close();
+    tracing::info!(
+        level = ?first,
+        connections = tracker.len(),
+        grace = %humantime::format_duration(grace),
+        "draining"
+    );
+    let mut more_open = true;
+    loop {
+        tokio::select! {
+            _ = tracker.wait() => {
+                tracing::info!("drained");
+                return;
+            }
+            level = more.recv(), if more_open => match level {
+                Some(level) => signal.raise(level),
+                None => more_open = false,
+            },
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    tracing::warn!(
+        connections = tracker.len(),
+        "shutdown grace period over: aborting the requests still running"
+    );
+    abort_root.shutdown();
+    if tokio::time::timeout(ABORT_GRACE, tracker.wait())
+        .await
+        .is_ok()
+    {
+        tracing::info!("drained after aborting");
+        return;
+    }
+    tracing::warn!(
+        connections = tracker.len(),
+        "closing the remaining connections"
+    );
+    signal.raise(DrainLevel::Force);
+    if tokio::time::timeout(Duration::from_secs(1), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = tracker.len(),
+            "connections still open at exit"
+        );
+    }
+}
+
+/// Serves `GET /metrics` (from `render`) and `GET /healthz` until `stop` is cancelled.
+pub(crate) async fn admin_server<F, Fut>(listener: TcpListener, render: F, stop: CancellationToken)
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = String> + Send + 'static,
+{
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => break,
+            // Reap finished connection tasks so the set does not grow.
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let render = render.clone();
+        conns.spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let render = render.clone();
+                async move {
+                    let res = match (req.method(), req.uri().path()) {
+                        (&Method::GET, "/metrics") => admin_response(
+                            StatusCode::OK,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            render().await,
+                        ),
+                        (&Method::GET, "/healthz") => {
+                            admin_response(StatusCode::OK, "text/plain", "ok".to_owned())
+                        }
+                        _ => admin_response(
+                            StatusCode::NOT_FOUND,
+                            "text/plain",
+                            "not found\n".to_owned(),
+                        ),
+                    };
+                    Ok::<_, std::convert::Infallible>(res)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            // The admin port is for scrapers on a trusted network; still, bound each
+            // connection so a stuck client cannot pin a task forever.
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+        });
+    }
+    conns.abort_all();
+}
+
+fn admin_response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+/// Forwards SIGTERM and SIGINT to `tx` as `Immediate` drains; SIGHUP runs `on_hup`.
+pub(crate) fn spawn_signal_handlers<H, Fut>(
+    tx: mpsc::UnboundedSender<DrainLevel>,
+    on_hup: H,
+) -> io::Result<()>
+where
+    H: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                Some(()) = term.recv() => {
+                    tracing::info!("SIGTERM received");
+                    let _ = tx.send(DrainLevel::Immediate);
+                }
+                Some(()) = int.recv() => {
+                    tracing::info!("SIGINT received");
+                    let _ = tx.send(DrainLevel::Immediate);
+                }
+                Some(()) = hup.recv() => on_hup().await,
+                else => break,
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! Reading and writing client deadline headers.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use tokio::time::Instant;
+
+/// The `grpc-timeout` header name.
+pub(crate) static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
+/// How a deadline header encodes the time the client is willing to wait.
+///
+/// Values are relative; the layer converts them to an absolute deadline on arrival.
+/// Malformed values (not digits, a sign, too many digits, an unknown unit, a value that
+/// overflows) are ignored, with a `debug` event when the `tracing` feature is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TimeoutFormat {
+    /// gRPC's format: 1 to 8 ASCII digits followed by a unit, `H` hours, `M` minutes,
+    /// `S` seconds, `m` milliseconds, `u` microseconds or `n` nanoseconds (`100m` is
+    /// 100 ms).
+    Grpc,
+    /// Whole milliseconds, 1 to 18 ASCII digits (`1500`).
+    Milliseconds,
+    /// Seconds, 1 to 12 ASCII digits with an optional fraction of 1 to 9 digits (`1.5`).
+    Seconds,
+}
+
+impl TimeoutFormat {
+    /// Parses one header value; `Err` says why it is ignored.
+    pub(crate) fn parse(self, value: &[u8]) -> Result<Duration, &'static str> {
+        match self {
+            TimeoutFormat::Grpc => parse_grpc(value),
+            TimeoutFormat::Milliseconds => digits(value, 18)
+                .map(Duration::from_millis)
+                .ok_or("expected 1 to 18 digits"),
+            TimeoutFormat::Seconds => parse_seconds(value),
+        }
+    }
+
+    /// Encodes `remaining`, rounding down so a downstream deadline is never later than ours.
+    pub(crate) fn encode(self, remaining: Duration) -> HeaderValue {
+        let text = match self {
+            TimeoutFormat::Grpc => encode_grpc(remaining),
+            TimeoutFormat::Milliseconds => remaining.as_millis().to_string(),
+            TimeoutFormat::Seconds => {
+                format!("{}.{:03}", remaining.as_secs(), remaining.subsec_millis())
+            }
+        };
+        HeaderValue::try_from(text).expect("digits, '.' and a unit letter are valid header bytes")
+    }
+}
+
+/// Parses `1..=max` ASCII digits; no sign, no spaces (unlike `str::parse`, which takes `+`).
+fn digits(value: &[u8], max: usize) -> Option<u64> {
+    if value.is_empty() || value.len() > max || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    // At most 18 digits: fits in u64 without overflow.
+    Some(value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+fn parse_grpc(value: &[u8]) -> Result<Duration, &'static str> {
+    let (unit, number) = value.split_last().ok_or("empty")?;
+    let n = digits(number, 8).ok_or("expected 1 to 8 digits and a unit")?;
+    Ok(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return Err("unknown unit"),
+    })
+}
+
+fn parse_seconds(value: &[u8]) -> Result<Duration, &'static str> {
+    const WHY: &str = "expected seconds: up to 12 digits, optionally '.' and up to 9 digits";
+    let (whole, fraction) = match value.iter().position(|&b| b == b'.') {
+        Some(dot) => (&value[..dot], Some(&value[dot + 1..])),
+        None => (value, None),
+    };
+    let secs = digits(whole, 12).ok_or(WHY)?;
+    let nanos = match fraction {
+        None => 0,
+        Some(f) => {
+            let n = digits(f, 9).ok_or(WHY)?;
+            // Scale "5" to 500_000_000 ns; at most 9 digits, so the exponent is >= 0.
+            n * 10u64.pow(9 - f.len() as u32)
+        }
+    };
+    Ok(Duration::new(secs, nanos as u32))
+}
+
+fn encode_grpc(d: Duration) -> String {
+    const MAX: u128 = 99_999_999;
+    // The finest unit that fits in 8 digits, so rounding down loses under 1e-7 of it.
+    let candidates: [(u128, char); 6] = [
+        (d.as_nanos(), 'n'),
+        (d.as_micros(), 'u'),
+        (d.as_millis(), 'm'),
+        (u128::from(d.as_secs()), 'S'),
+        (u128::from(d.as_secs() / 60), 'M'),
+        (u128::from(d.as_secs() / 3600), 'H'),
+    ];
+    let (n, unit) = candidates
+        .into_iter()
+        .find(|&(n, _)| n <= MAX)
+        .unwrap_or((MAX, 'H'));
+    format!("{n}{unit}")
+}
+
+/// The soonest valid deadline among the configured headers, as an instant after `now`.
+pub(crate) fn from_headers(
+    headers: &HeaderMap,
+    now: Instant,
+    grpc: bool,
+    custom: Option<&(HeaderName, TimeoutFormat)>,
+) -> Option<Instant> {
+    let mut best: Option<Instant> = None;
+    let mut consider = |name: &HeaderName, format: TimeoutFormat| {
+        for value in headers.get_all(name) {
+            match format
+                .parse(value.as_bytes())
+                .and_then(|d| now.checked_add(d).ok_or("the deadline overflows the clock"))
+            {
+                Ok(at) => best = Some(best.map_or(at, |b| b.min(at))),
+                Err(why) => crate::event::bad_deadline_header(name, value, why),
+            }
+        }
+    };
+    if grpc {
+        consider(&GRPC_TIMEOUT, TimeoutFormat::Grpc);
+    }
+    if let Some((name, format)) = custom {
+        consider(name, *format);
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_units() {
+        let p = |s: &str| TimeoutFormat::Grpc.parse(s.as_bytes());
+        assert_eq!(p("100m"), Ok(Duration::from_millis(100)));
+        assert_eq!(p("2S"), Ok(Duration::from_secs(2)));
+        assert_eq!(p("3M"), Ok(Duration::from_secs(180)));
+        assert_eq!(p("1H"), Ok(Duration::from_secs(3600)));
+        assert_eq!(p("7u"), Ok(Duration::from_micros(7)));
+        assert_eq!(p("9n"), Ok(Duration::from_nanos(9)));
+        assert_eq!(p("99999999H"), Ok(Duration::from_secs(99_999_999 * 3600)));
+        for bad in [
+            "",
+            "m",
+            "100",
+            "100x",
+            "-1S",
+            "+1S",
+            " 1S",
+            "1 S",
+            "123456789S",
+            "1.5S",
+            "١S",
+        ] {
+            assert!(p(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn milliseconds_and_seconds() {
+        let ms = |s: &str| TimeoutFormat::Milliseconds.parse(s.as_bytes());
+        let secs = |s: &str| TimeoutFormat::Seconds.parse(s.as_bytes());
+        assert_eq!(ms("1500"), Ok(Duration::from_millis(1500)));
+        assert_eq!(
+            ms("999999999999999999"),
+            Ok(Duration::from_millis(999_999_999_999_999_999))
+        );
+        assert_eq!(secs("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(secs("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(secs("0.000000001"), Ok(Duration::from_nanos(1)));
+        for bad in [
+            "",
+            "-5",
+            "1e3",
+            "18446744073709551616",
+            "1234567890123456789",
+            "0x10",
+        ] {
+            assert!(ms(bad).is_err(), "{bad:?} must be rejected");
+        }
+        for bad in [
+            "",
+            ".",
+            "1.",
+            ".5",
+            "-1",
+            "1.2.3",
+            "1.0000000001",
+            "9999999999999",
+        ] {
+            assert!(secs(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn grpc_encoding_round_trips_without_growing() {
+        for d in [
+            Duration::from_nanos(1),
+            Duration::from_millis(100),
+            Duration::from_millis(12_345),
+            Duration::from_secs(3 * 86_400),
+            Duration::from_secs(u64::MAX),
+        ] {
+            let v = TimeoutFormat::Grpc.encode(d);
+            let back = TimeoutFormat::Grpc.parse(v.as_bytes()).unwrap();
+            assert!(back <= d, "{v:?} encodes more than {d:?}");
+            assert!(
+                d.as_secs_f64() - back.as_secs_f64() <= d.as_secs_f64() * 1e-7 + 1e-9
+                    || d.as_secs() > 99_999_999 * 3600
+            );
+        }
+        assert_eq!(
+            TimeoutFormat::Grpc.encode(Duration::from_millis(100)),
+            "100000u"
+        );
+        assert_eq!(
+            TimeoutFormat::Milliseconds.encode(Duration::from_millis(1500)),
+            "1500"
+        );
+        assert_eq!(
+            TimeoutFormat::Seconds.encode(Duration::from_millis(1500)),
+            "1.500"
+        );
+    }
+}

@@ -1,0 +1,37 @@
+use crate::{AbortReason, AbortSignal};
+
+/// Fires [`AbortReason::ClientGone`] when dropped while armed: carried by the response
+/// future, then by the response body until its end.
+#[derive(Debug)]
+pub(crate) struct ClientGoneGuard {
+    signal: Option<AbortSignal>,
+}
+
+impl ClientGoneGuard {
+    pub(crate) fn armed(signal: AbortSignal) -> Self {
+        ClientGoneGuard {
+            signal: Some(signal),
+        }
+    }
+
+    pub(crate) fn disarmed() -> Self {
+        ClientGoneGuard { signal: None }
+    }
+
+    pub(crate) fn signal(&self) -> Option<&AbortSignal> {
+        self.signal.as_ref()
+    }
+
+    /// Disarms the guard, returning the signal it held.
+    pub(crate) fn disarm(&mut self) -> Option<AbortSignal> {
+        self.signal.take()
+    }
+}
+
+impl Drop for ClientGoneGuard {
+    fn drop(&mut self) {
+        if let Some(signal) = self.signal.take() {
+            signal.fire(AbortReason::ClientGone);
+        }
+    }
+}

@@ -1,0 +1,172 @@
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::AbortReason;
+
+/// The server-wide parent of every request's [`AbortSignal`](crate::AbortSignal).
+///
+/// Get it from [`AbortLayer::pair`](crate::AbortLayer::pair) or
+/// [`AbortLayer::root`](crate::AbortLayer::root), keep it next to your graceful-shutdown
+/// code, and call [`shutdown`](Self::shutdown) when the drain grace period runs out: every
+/// in-flight request's signal then reports [`AbortReason::Shutdown`], and so does every
+/// request that arrives afterwards.
+///
+/// It also holds the per-reason counters of every layer built from it; see
+/// [`stats`](Self::stats).
+///
+/// Cloning is cheap and every clone refers to the same root.
+///
+/// # Examples
+///
+/// ```
+/// use tower_abort::{AbortLayer, AbortReason};
+///
+/// let (layer, root) = AbortLayer::pair();
+/// # let _ = layer;
+/// // ... serve with `layer`; when the drain grace has passed:
+/// root.shutdown();
+/// assert!(root.is_shutdown());
+/// assert_eq!(root.stats().get(AbortReason::Shutdown), 0); // no request was in flight
+/// ```
+#[derive(Clone)]
+pub struct AbortRoot {
+    pub(crate) inner: Arc<RootInner>,
+}
+
+pub(crate) struct RootInner {
+    pub(crate) token: CancellationToken,
+    // Checked on every observation of a request signal: an atomic load, where
+    // `CancellationToken::is_cancelled` would take the root's mutex that every in-flight
+    // request shares.
+    shutdown: AtomicBool,
+    // The token came from the user, who may cancel it without going through `shutdown`.
+    external: bool,
+    counters: [AtomicU64; 4],
+}
+
+impl AbortRoot {
+    /// A new root, not shut down, with all counters at zero.
+    pub fn new() -> Self {
+        Self::build(CancellationToken::new(), false)
+    }
+
+    /// A root that shuts down when `token` is cancelled, for servers that already have a
+    /// server-wide [`CancellationToken`].
+    ///
+    /// Cancelling `token` directly has the same effect as [`shutdown`](Self::shutdown),
+    /// but every check of a request signal then has to lock the token, where a root made
+    /// with [`new`](Self::new) needs one atomic load.
+    pub fn from_token(token: CancellationToken) -> Self {
+        Self::build(token, true)
+    }
+
+    fn build(token: CancellationToken, external: bool) -> Self {
+        AbortRoot {
+            inner: Arc::new(RootInner {
+                token,
+                shutdown: AtomicBool::new(false),
+                external,
+                counters: Default::default(),
+            }),
+        }
+    }
+
+    /// Fires [`AbortReason::Shutdown`] in every request signal under this root: the ones
+    /// in flight now and every later one. Idempotent.
+    pub fn shutdown(&self) {
+        if !self.inner.shutdown.swap(true, Ordering::AcqRel) {
+            crate::event::root_shutdown();
+        }
+        self.inner.token.cancel();
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called (or the token given to
+    /// [`from_token`](Self::from_token) was cancelled).
+    pub fn is_shutdown(&self) -> bool {
+        self.inner.is_shutdown()
+    }
+
+    /// A snapshot of how many request signals fired, per reason, in every layer built from
+    /// this root.
+    pub fn stats(&self) -> AbortStats {
+        AbortStats {
+            counts: [0, 1, 2, 3].map(|i| self.inner.counters[i].load(Ordering::Relaxed)),
+        }
+    }
+
+    /// A child of the root's token, for code that wants a plain [`CancellationToken`] that
+    /// is cancelled on shutdown.
+    pub fn child_token(&self) -> CancellationToken {
+        self.inner.token.child_token()
+    }
+}
+
+impl RootInner {
+    pub(crate) fn is_shutdown(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire) || (self.external && self.token.is_cancelled())
+    }
+
+    pub(crate) fn count(&self, reason: AbortReason) {
+        self.counters[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Default for AbortRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for AbortRoot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AbortRoot")
+            .field("is_shutdown", &self.is_shutdown())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// How many request signals fired, per [`AbortReason`]; from [`AbortRoot::stats`].
+///
+/// Each request signal is counted once, for the reason it fired with. A
+/// [`Shutdown`](AbortReason::Shutdown) is counted when a request first observes it: when
+/// its handler checks or awaits the signal, or at the latest when the request's response
+/// future or body is dropped unfinished. A request that completes normally after the
+/// root was shut down without ever looking is not counted.
+///
+/// # Examples
+///
+/// Exporting `abort_total{reason=...}`:
+///
+/// ```
+/// use tower_abort::AbortRoot;
+///
+/// let root = AbortRoot::new();
+/// for (reason, count) in root.stats().iter() {
+///     println!("abort_total{{reason=\"{}\"}} {count}", reason.as_str());
+/// }
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AbortStats {
+    counts: [u64; 4],
+}
+
+impl AbortStats {
+    /// The count for one reason.
+    pub fn get(&self, reason: AbortReason) -> u64 {
+        self.counts[reason.index()]
+    }
+
+    /// The sum over all reasons.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Every reason with its count, in [`AbortReason::ALL`] order.
+    pub fn iter(&self) -> impl Iterator<Item = (AbortReason, u64)> + '_ {
+        AbortReason::ALL.into_iter().map(|r| (r, self.get(r)))
+    }
+}
