@@ -55,6 +55,12 @@ pin_project! {
 }
 
 impl<B> SingleflightBody<B> {
+    /// Wraps a body of the inner service's type, for responses built outside the layer
+    /// (an error handler's, say) that must have the layer's body type.
+    pub fn new(body: B) -> Self {
+        Self::inner(body)
+    }
+
     pub(crate) fn inner(body: B) -> Self {
         Self {
             kind: Kind::Inner { body },

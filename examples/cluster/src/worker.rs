@@ -33,6 +33,7 @@ struct Serving {
     settings: Arc<Settings>,
     metrics: Arc<WorkerMetrics>,
     backpressure: BackpressureLayer,
+    singleflight: tower_singleflight::SingleflightLayer,
     tracker: TaskTracker,
     stop: CancellationToken,
 }
@@ -44,6 +45,8 @@ impl Serving {
             routes::backpressure(cli.max_in_flight, cli.max_queued, cli.queue_timeout);
         let mut metrics = WorkerMetrics::new();
         metrics.register_backpressure(backpressure.handle());
+        let singleflight = routes::singleflight();
+        metrics.register_singleflight(singleflight.stats());
         let metrics = Arc::new(metrics);
         let settings = Arc::new(Settings::new(
             cli.conn_config(),
@@ -55,6 +58,7 @@ impl Serving {
             settings,
             metrics,
             backpressure,
+            singleflight,
             tracker: TaskTracker::new(),
             stop: CancellationToken::new(),
         }
@@ -70,6 +74,8 @@ impl Serving {
             tower_abort::AbortLayer::with_root(self.metrics.abort_root.clone()),
             self.metrics.work_cancelled.clone(),
             self.backpressure.clone(),
+            self.singleflight.clone(),
+            self.metrics.backend_calls.clone(),
         );
         tokio::spawn(server::accept_loop(
             listener,
