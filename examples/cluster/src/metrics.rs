@@ -664,6 +664,25 @@ mod tests {
     use super::*;
     use prometheus_client::metrics::histogram::Histogram;
 
+    #[test]
+    fn singleflight_and_backend_metrics_are_exported() {
+        let mut m = WorkerMetrics::new();
+        m.register_singleflight(crate::routes::singleflight().stats());
+        m.backend_calls.inc();
+        let text = m.encode();
+        for line in [
+            "demo_backend_calls_total 1",
+            "singleflight_leaders_total 0",
+            "singleflight_followers_total 0",
+            "singleflight_fallbacks_total 0",
+            "singleflight_in_flight 0",
+            "singleflight_bypass_total{reason=\"method\"} 0",
+            "singleflight_bypass_total{reason=\"set_cookie\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
     fn worker(requests_200: u64, open: i64) -> WorkerMetrics {
         let m = WorkerMetrics::new();
         for _ in 0..requests_200 {
