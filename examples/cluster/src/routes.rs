@@ -39,7 +39,7 @@ use tower::Service;
 use tower_abort::future::Aborted;
 use tower_abort::{AbortBody, AbortLayer, AbortReason, AbortSignal, TimeoutFormat};
 use tower_backpressure::{BackpressureLayer, ResponseBody};
-use tower_singleflight::{SingleflightBody, SingleflightLayer};
+use tower_singleflight::{DefaultKey, KeyFn, RequestKey, SingleflightBody, SingleflightLayer};
 
 /// Response body of every route.
 pub(crate) type RouteBody = Full<Bytes>;
@@ -68,11 +68,26 @@ pub(crate) fn backpressure(
         .build()
 }
 
+/// The key function of [`singleflight`]: only `/expensive/{key}` coalesces (with the
+/// default key: scheme, authority, path, query); every other route bypasses the layer
+/// (counted as `singleflight_bypass_total{reason="no_key"}`), so `/sleep` keeps one call
+/// per request and its own cancellation semantics.
+pub(crate) type ExpensiveKey = fn(&http::Uri, &http::HeaderMap) -> Option<RequestKey>;
+
+fn expensive_key(uri: &http::Uri, headers: &http::HeaderMap) -> Option<RequestKey> {
+    if !uri.path().starts_with("/expensive/") {
+        return None;
+    }
+    DefaultKey::new().key(uri, headers)
+}
+
 /// The singleflight layer of one worker: its flight map and counters are created here,
 /// once, and shared by every connection's clone of the stack. Responses carry
 /// `x-singleflight: leader | follower | ...` so the demo shows who shared what.
-pub(crate) fn singleflight() -> SingleflightLayer {
-    SingleflightLayer::new().debug_header(true)
+pub(crate) fn singleflight() -> SingleflightLayer<ExpensiveKey> {
+    SingleflightLayer::new()
+        .debug_header(true)
+        .key_fn(expensive_key as ExpensiveKey)
 }
 
 /// Builds the service every connection of a worker clones.
@@ -94,7 +109,7 @@ pub(crate) fn app(
     abort: AbortLayer,
     work_cancelled: Counter,
     backpressure: BackpressureLayer,
-    singleflight: SingleflightLayer,
+    singleflight: SingleflightLayer<ExpensiveKey>,
     backend_calls: Counter,
 ) -> impl Service<
     Request<Incoming>,
@@ -612,7 +627,7 @@ mod tests {
         root: &tower_abort::AbortRoot,
         backend_calls: &Counter,
         work_cancelled: &Counter,
-        singleflight: SingleflightLayer,
+        singleflight: SingleflightLayer<ExpensiveKey>,
     ) -> impl Service<
         Request<()>,
         Response = Response<AbortBody<SingleflightBody<RouteBody>>>,
@@ -715,6 +730,27 @@ mod tests {
         assert_eq!(cancelled.get(), 0, "the shared call ran to its end");
         assert_eq!(root.stats().get(AbortReason::ClientGone), 1);
         assert_eq!(stats.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn other_routes_bypass_the_singleflight_layer() {
+        let root = tower_abort::AbortRoot::new();
+        let (calls, cancelled) = (Counter::default(), Counter::default());
+        let layer = singleflight();
+        let stats = layer.stats();
+        let svc = expensive_stack(&root, &calls, &cancelled, layer);
+        let a = tokio::spawn(
+            svc.clone()
+                .oneshot(Request::get("/sleep?ms=100").body(()).unwrap()),
+        );
+        let b = tokio::spawn(
+            svc.clone()
+                .oneshot(Request::get("/sleep?ms=100").body(()).unwrap()),
+        );
+        assert_eq!(a.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(b.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!((stats.leaders(), stats.followers()), (0, 0));
+        assert_eq!(stats.bypassed(tower_singleflight::BypassReason::NoKey), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -33,7 +33,7 @@ struct Serving {
     settings: Arc<Settings>,
     metrics: Arc<WorkerMetrics>,
     backpressure: BackpressureLayer,
-    singleflight: tower_singleflight::SingleflightLayer,
+    singleflight: tower_singleflight::SingleflightLayer<routes::ExpensiveKey>,
     tracker: TaskTracker,
     stop: CancellationToken,
 }
