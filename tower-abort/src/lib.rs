@@ -39,8 +39,9 @@
 //! before dropping it; [`Drop`](TimeoutMode::Drop) drops it at once, like tower's
 //! `Timeout`. Either way the client gets `504 Gateway Timeout` (configurable with
 //! [`with_timeout_status`](AbortLayer::with_timeout_status); never `408`, which means the
-//! *client* was slow). If the response headers were already sent, the body is ended with
-//! an [`error::Aborted`] instead.
+//! *client* was slow); a gRPC call gets `grpc-status: 4` (`DEADLINE_EXCEEDED`) when
+//! [`with_grpc_timeout`](AbortLayer::with_grpc_timeout) is on. If the response headers were
+//! already sent, the body is ended with an [`error::Aborted`] instead.
 //!
 //! # What hyper lets us see
 //!
@@ -55,7 +56,7 @@
 //! | HTTP/1, large request body the handler has not read, client closes | **no** | hyper stops reading the socket until the handler reads the body (backpressure), so the FIN is never seen; the handler runs to completion |
 //! | HTTP/1, pipelined request queued behind the running one, client closes | **no** | hyper does not look for EOF while unparsed bytes are buffered |
 //! | HTTP/1, client half-closes (`shutdown(Write)`) and waits | yes, as a disconnect | hyper's default `half_close(false)` treats the FIN as an abort |
-//! | HTTP/2, stream reset or connection closed | **always** | each stream watches for `RST_STREAM` and connection EOF independently of the body |
+//! | HTTP/2, stream reset (response future or streaming body dropped) or connection closed, even with a large unread request body | **always** | each stream watches for `RST_STREAM` and connection EOF independently of the body |
 //!
 //! For the two invisible cases, a deadline is the only bound: always set
 //! [`with_timeout`](AbortLayer::with_timeout) on routes that accept large bodies.

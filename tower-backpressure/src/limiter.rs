@@ -147,10 +147,13 @@ impl Wakers {
     }
 }
 
+#[inline]
 fn wake_all(wakers: Wakers) {
-    if let Some(w) = wakers.first {
-        w.wake();
-    }
+    // The common case, nobody to wake, must cost nothing.
+    let Some(first) = wakers.first else {
+        return;
+    };
+    first.wake();
     for w in wakers.rest {
         w.wake();
     }
@@ -214,7 +217,11 @@ impl std::ops::Index<&u64> for Slab {
 impl State {
     /// The limit a class may fill: high priority the whole limit, normal priority the limit
     /// less the reserved share (always leaving it at least one slot).
+    #[inline]
     fn class_limit(&self, config: &Config, priority: Priority) -> usize {
+        if config.high_priority_share == 0.0 {
+            return self.limit;
+        }
         match priority {
             Priority::High => self.limit,
             Priority::Normal => {
@@ -224,6 +231,7 @@ impl State {
         }
     }
 
+    #[inline]
     fn fits(&self, config: &Config, priority: Priority, bytes: u64) -> bool {
         let bytes_fit = match config.max_bytes {
             Some(max) => self.bytes.saturating_add(bytes) <= max,

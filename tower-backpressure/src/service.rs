@@ -8,10 +8,10 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::body::ResponseBody;
-use crate::classify::{Classify, RequestHead};
+use crate::classify::{Classify, DefaultClassify, RequestHead};
 use crate::future::{ResponseFuture, TypedResponseFuture};
 use crate::handle::BackpressureHandle;
-use crate::layer::HttpShared;
+use crate::layer::{BackpressureLayer, HttpShared};
 use crate::limiter::{Limiter, Ticket};
 use crate::order::Priority;
 
@@ -40,6 +40,18 @@ impl<S: Clone> Clone for Backpressure<S> {
 }
 
 impl<S> Backpressure<S> {
+    /// Wraps `inner` with a limiter of its own admitting `max_in_flight` requests at once,
+    /// every other setting at its default. Use [`BackpressureLayer::builder`] to configure.
+    pub fn new(inner: S, max_in_flight: usize) -> Self {
+        tower_layer::Layer::layer(&BackpressureLayer::new(max_in_flight), inner)
+    }
+
+    /// A layer admitting `max_in_flight` requests at once; the same as
+    /// [`BackpressureLayer::new`].
+    pub fn layer(max_in_flight: usize) -> BackpressureLayer {
+        BackpressureLayer::new(max_in_flight)
+    }
+
     pub(crate) fn from_shared(inner: S, shared: Arc<HttpShared>) -> Self {
         Backpressure { inner, shared }
     }
@@ -100,7 +112,7 @@ where
         let policy = &self.shared.policy;
         let head = RequestHead::new(&req);
         if policy.bypass.as_ref().is_some_and(|f| f(&head)) {
-            return ResponseFuture::bypass(&mut self.inner, req, self.shared.clone());
+            return ResponseFuture::bypass(&mut self.inner, req, &self.shared);
         }
         let ticket = Ticket {
             priority: policy
@@ -115,7 +127,7 @@ where
             },
         };
         let admission = self.shared.limiter.admit_with(ticket, Instant::now);
-        ResponseFuture::start(admission, &mut self.inner, req, self.shared.clone())
+        ResponseFuture::start(admission, &mut self.inner, req, &self.shared)
     }
 }
 
@@ -136,6 +148,19 @@ impl<S: Clone, C: Clone> Clone for TypedBackpressure<S, C> {
             limiter: self.limiter.clone(),
             classify: self.classify.clone(),
         }
+    }
+}
+
+impl<S> TypedBackpressure<S, DefaultClassify> {
+    /// Wraps `inner` with a limiter of its own admitting `max_in_flight` requests at once,
+    /// every request normal, every other setting at its default. Use
+    /// [`BackpressureLayer::builder`] and [`build_typed`](crate::BackpressureBuilder::build_typed)
+    /// to configure.
+    pub fn new(inner: S, max_in_flight: usize) -> Self {
+        tower_layer::Layer::layer(
+            &BackpressureLayer::builder(max_in_flight).build_typed(),
+            inner,
+        )
     }
 }
 

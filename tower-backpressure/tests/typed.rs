@@ -67,6 +67,13 @@ async fn shed_requests_fail_with_a_typed_reason() {
 }
 
 #[tokio::test]
+async fn constructors_without_a_layer() {
+    let svc = tower_backpressure::TypedBackpressure::new(gated(Arc::new(Semaphore::new(1))), 1);
+    assert_eq!(svc.handle().limit(), 1);
+    assert_eq!(svc.oneshot(5).await.unwrap(), 5);
+}
+
+#[tokio::test]
 async fn inner_errors_pass_through_and_release_the_permit() {
     let layer = BackpressureLayer::builder(1).build_typed();
     let handle = layer.handle();

@@ -52,7 +52,13 @@ fn params() -> Params {
     }
 }
 
-fn app(layer: &str, p: Params) -> axum::routing::IntoMakeService<Router> {
+fn app(
+    layer: &str,
+    p: Params,
+) -> (
+    axum::routing::IntoMakeService<Router>,
+    Option<tower_backpressure::BackpressureHandle>,
+) {
     let service = p.service;
     let router = Router::new().route(
         "/",
@@ -62,21 +68,25 @@ fn app(layer: &str, p: Params) -> axum::routing::IntoMakeService<Router> {
         }),
     );
     match layer {
-        "backpressure" => router
-            .layer(
-                BackpressureLayer::builder(p.limit)
-                    .max_queued(p.limit)
-                    .queue_order(QueueOrder::adaptive())
-                    .build(),
-            )
-            .into_make_service(),
+        "backpressure" => {
+            // Sized as the crate docs advise: `max_in_flight x (extra latency accepted /
+            // service time)`; half a service time of queueing keeps admitted latency
+            // within 1.5x of unloaded by construction.
+            let layer = BackpressureLayer::builder(p.limit)
+                .max_queued(p.limit / 2)
+                .queue_order(QueueOrder::adaptive())
+                .build();
+            let handle = layer.handle();
+            (router.layer(layer).into_make_service(), Some(handle))
+        }
         "tower" => {
             // Wrapping the whole app is the one placement where tower's limit is shared.
             let limited = ServiceBuilder::new()
                 .map_response(IntoResponse::into_response)
                 .concurrency_limit(p.limit)
                 .service(router);
-            Router::new().fallback_service(limited).into_make_service()
+            let app = Router::new().fallback_service(limited).into_make_service();
+            (app, None)
         }
         other => panic!("unknown layer {other}"),
     }
@@ -169,12 +179,12 @@ async fn load(addr: SocketAddr, connections: usize, total: usize, retry: Duratio
     all
 }
 
-fn p99(latencies: &mut [Duration]) -> Duration {
+/// The `q` quantile (nearest rank) of `latencies`, which must be sorted.
+fn quantile(latencies: &[Duration], q: f64) -> Duration {
     if latencies.is_empty() {
         return Duration::ZERO;
     }
-    latencies.sort();
-    let rank = ((latencies.len() as f64) * 0.99).ceil() as usize;
+    let rank = ((latencies.len() as f64) * q).ceil() as usize;
     latencies[rank.saturating_sub(1)]
 }
 
@@ -193,22 +203,27 @@ fn run_one(layer: &str, p: Params) {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let make = app(layer, p);
+    let (make, handle) = app(layer, p);
     let server = server_rt.spawn(async move { axum::serve(listener, make).await.unwrap() });
     runtime().block_on(async {
         // Unloaded: half the limit, so nothing ever waits.
         let mut unloaded = load(addr, (p.limit / 2).max(1), 2_000, p.retry).await;
-        let unloaded_p99 = p99(&mut unloaded.ok);
+        unloaded.ok.sort();
+        let unloaded_p99 = quantile(&unloaded.ok, 0.99);
+        let unloaded_p50 = quantile(&unloaded.ok, 0.50);
         let rss_before = rss_kib("VmRSS:");
 
         let started = Instant::now();
         let mut loaded = load(addr, p.limit * 10, p.requests, p.retry).await;
         let elapsed = started.elapsed();
-        let loaded_p99 = p99(&mut loaded.ok);
+        loaded.ok.sort();
+        let loaded_p99 = quantile(&loaded.ok, 0.99);
+        let loaded_p50 = quantile(&loaded.ok, 0.50);
         server.abort();
         println!(
             "{layer:>12}: {} requests at {} connections (limit {}, {:?} handler) in {:.1}s: \
-             200={} 503={} other={}; p99 admitted {:.1} ms vs unloaded {:.1} ms ({:.2}x); \
+             200={} 503={} other={}; admitted p50 {:.1} ms (unloaded {:.1} ms); \
+             p99 admitted {:.1} ms vs unloaded {:.1} ms ({:.2}x); \
              RSS before load {} KiB, peak {} KiB",
             p.requests,
             p.limit * 10,
@@ -218,12 +233,29 @@ fn run_one(layer: &str, p: Params) {
             loaded.ok.len(),
             loaded.shed,
             loaded.other,
+            loaded_p50.as_secs_f64() * 1e3,
+            unloaded_p50.as_secs_f64() * 1e3,
             loaded_p99.as_secs_f64() * 1e3,
             unloaded_p99.as_secs_f64() * 1e3,
             loaded_p99.as_secs_f64() / unloaded_p99.as_secs_f64().max(1e-9),
             rss_before,
             rss_kib("VmHWM:"),
         );
+        if let Some(h) = handle {
+            let (wait, service) = (h.queue_wait(), h.service_time());
+            println!(
+                "{:>12}  server side: queue wait p50 {:?} p99 {:?} max {:?}; \
+                 service time p50 {:?} p99 {:?}; shed queue_full={} queue_timeout={}",
+                "",
+                wait.p50,
+                wait.p99,
+                wait.max,
+                service.p50,
+                service.p99,
+                h.shed_count(tower_backpressure::ShedReason::QueueFull),
+                h.shed_count(tower_backpressure::ShedReason::QueueTimeout),
+            );
+        }
     });
 }
 

@@ -22,7 +22,8 @@
 //! wrapper ([`TimedIo`]) when bytes arrive on an idle HTTP/1 connection. The driver
 //! ([`drive`]) owns one `Sleep`; it is only reset when a deadline moves *earlier* than the
 //! armed one, and re-armed lazily when it fires early, so a busy connection pays no timer
-//! work per request.
+//! work per request. Deadlines change inside the connection's poll (after which the driver
+//! looks at them), except when an HTTP/2 stream ends on its own task, which wakes the driver.
 //!
 //! # Drain
 //!
@@ -87,6 +88,11 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
+    /// The metrics of the worker these connections belong to.
+    pub(crate) fn metrics(&self) -> &WorkerMetrics {
+        &self.metrics
+    }
+
     pub(crate) fn new(
         config: ConnConfig,
         signal: Arc<Signal>,
@@ -271,6 +277,10 @@ enum Expiry {
 #[derive(Debug)]
 pub(crate) struct ConnState {
     timing: Mutex<Timing>,
+    /// `timing.deadline` as nanoseconds after `epoch` plus one (0 = none), so the driver
+    /// reads it on every poll without taking the lock.
+    deadline_hint: AtomicU64,
+    epoch: Instant,
     header_timeout: Duration,
     keep_alive_timeout: Duration,
     /// Set while an HTTP/1 connection is idle, so `TimedIo` only locks on the first read.
@@ -289,6 +299,8 @@ impl ConnState {
                 deadline: Some(now + header_timeout),
                 in_flight: 0,
             }),
+            deadline_hint: AtomicU64::new(encode_deadline(now, Some(now + header_timeout))),
+            epoch: now,
             header_timeout,
             keep_alive_timeout,
             idle_h1: AtomicBool::new(false),
@@ -303,8 +315,19 @@ impl ConnState {
         self.timing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The current deadline, without locking.
     fn deadline(&self) -> Option<Instant> {
-        self.lock().deadline
+        match self.deadline_hint.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(self.epoch + Duration::from_nanos(n - 1)),
+        }
+    }
+
+    /// Sets the deadline; the caller holds the lock (`t`).
+    fn set_deadline(&self, t: &mut Timing, deadline: Option<Instant>) {
+        t.deadline = deadline;
+        self.deadline_hint
+            .store(encode_deadline(self.epoch, deadline), Ordering::Release);
     }
 
     #[cfg(test)]
@@ -320,7 +343,7 @@ impl ConnState {
         let mut t = self.lock();
         t.in_flight += 1;
         t.phase = Phase::Busy;
-        t.deadline = None;
+        self.set_deadline(&mut t, None);
         self.idle_h1.store(false, Ordering::Relaxed);
         drop(t);
         self.requests.fetch_add(1, Ordering::Relaxed) + 1
@@ -332,7 +355,7 @@ impl ConnState {
         t.in_flight = t.in_flight.saturating_sub(1);
         if t.in_flight == 0 && t.phase == Phase::Busy {
             t.phase = Phase::Idle;
-            t.deadline = Some(Instant::now() + self.keep_alive_timeout);
+            self.set_deadline(&mut t, Some(Instant::now() + self.keep_alive_timeout));
             let h2 = self.h2.load(Ordering::Relaxed);
             self.idle_h1.store(!h2, Ordering::Relaxed);
             drop(t);
@@ -350,7 +373,7 @@ impl ConnState {
         let mut t = self.lock();
         if t.phase == Phase::Idle {
             t.phase = Phase::Head;
-            t.deadline = Some(Instant::now() + self.header_timeout);
+            self.set_deadline(&mut t, Some(Instant::now() + self.header_timeout));
         }
         self.idle_h1.store(false, Ordering::Relaxed);
     }
@@ -362,7 +385,7 @@ impl ConnState {
                 Phase::Head => Expiry::Head,
                 Phase::Idle => {
                     t.phase = Phase::Closing;
-                    t.deadline = Some(now + CLOSING_GRACE);
+                    self.set_deadline(&mut t, Some(now + CLOSING_GRACE));
                     self.idle_h1.store(false, Ordering::Relaxed);
                     Expiry::Idle
                 }
@@ -372,6 +395,14 @@ impl ConnState {
             other => Expiry::NotYet(other),
         }
     }
+}
+
+fn encode_deadline(epoch: Instant, deadline: Option<Instant>) -> u64 {
+    deadline.map_or(0, |d| {
+        u64::try_from(d.saturating_duration_since(epoch).as_nanos())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    })
 }
 
 // ===== impl TimedIo =====
@@ -441,12 +472,13 @@ impl<IO: AsyncWrite> AsyncWrite for TimedIo<IO> {
 pub(crate) struct ConnService<S> {
     inner: S,
     state: Arc<ConnState>,
-    settings: Arc<Settings>,
+    settings: &'static Settings,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
 where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
 {
     type Response = Response<TrackedBody<B>>;
     type Error = Infallible;
@@ -472,7 +504,7 @@ where
         ConnFuture {
             inner: self.inner.clone().oneshot(req),
             guard: Some(InFlight(self.state.clone())),
-            settings: self.settings.clone(),
+            settings: self.settings,
             http1: matches!(version, Version::HTTP_10 | Version::HTTP_11),
             h1_keep_alive,
             last,
@@ -504,7 +536,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Oneshot<S, Request<Incoming>>,
         guard: Option<InFlight>,
-        settings: Arc<Settings>,
+        settings: &'static Settings,
         http1: bool,
         h1_keep_alive: bool,
         last: bool,
@@ -513,13 +545,25 @@ pin_project_lite::pin_project! {
 
 impl<S, B> Future for ConnFuture<S>
 where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
 {
     type Output = Result<Response<TrackedBody<B>>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let Ok(mut res) = ready!(this.inner.poll(cx));
+        let mut res = match ready!(this.inner.poll(cx)) {
+            Ok(res) => res.map(|body| Inner::App { body }),
+            Err(e) => {
+                // hyper would close the connection on a service error; a layer's failure
+                // becomes an ordinary 500 instead, and is logged.
+                let e: BoxError = e.into();
+                tracing::error!(error = %e, "service error: answering 500");
+                let mut res = Response::new(Inner::Empty);
+                *res.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                res
+            }
+        };
         this.settings.metrics.count_response(res.status().as_u16());
         if *this.http1 {
             let draining = this.settings.signal.level() != DrainLevel::Serving;
@@ -534,7 +578,7 @@ where
             }
         }
         let guard = this.guard.take();
-        Poll::Ready(Ok(res.map(|body| TrackedBody { body, guard })))
+        Poll::Ready(Ok(res.map(|inner| TrackedBody { inner, guard })))
     }
 }
 
@@ -545,8 +589,18 @@ pin_project_lite::pin_project! {
     #[derive(Debug)]
     pub(crate) struct TrackedBody<B> {
         #[pin]
-        body: B,
+        inner: Inner<B>,
         guard: Option<InFlight>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The application's body, or the empty body of a `500` for a service error.
+    #[project = InnerProj]
+    #[derive(Debug)]
+    enum Inner<B> {
+        App { #[pin] body: B },
+        Empty,
     }
 }
 
@@ -559,7 +613,10 @@ impl<B: Body> Body for TrackedBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let res = ready!(this.body.poll_frame(cx));
+        let res = match this.inner.project() {
+            InnerProj::App { body } => ready!(body.poll_frame(cx)),
+            InnerProj::Empty => None,
+        };
         if res.is_none() {
             this.guard.take();
         }
@@ -567,11 +624,17 @@ impl<B: Body> Body for TrackedBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.inner {
+            Inner::App { body } => body.is_end_stream(),
+            Inner::Empty => true,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.inner {
+            Inner::App { body } => body.size_hint(),
+            Inner::Empty => SizeHint::with_exact(0),
+        }
     }
 }
 
@@ -594,14 +657,12 @@ pub(crate) enum Outcome {
 pub(crate) async fn serve_connection<IO, S, B>(
     io: IO,
     service: S,
-    settings: Arc<Settings>,
+    settings: &'static Settings,
 ) -> Outcome
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -624,7 +685,7 @@ where
     let svc = ConnService {
         inner: service,
         state: state.clone(),
-        settings: settings.clone(),
+        settings,
     };
     let conn = settings.builder.serve_connection(io, svc);
     let outcome = drive(conn, |c| c.graceful_shutdown(), &state, &settings.signal).await;
@@ -724,13 +785,15 @@ where
     .await
 }
 
-/// While busy there is no deadline; wake up this often so the next idle deadline (always
-/// later than "now + this") is never missed.
+/// While busy there is no deadline. Every later deadline is set either inside the
+/// connection's poll (after which the driver compares it with the armed one) or, for an
+/// HTTP/2 stream ending on its own task, together with a wake-up; so this is only a
+/// long safety net and a long-running request costs no periodic wake-ups.
 fn recheck(state: &ConnState) -> Duration {
     state
         .header_timeout
-        .min(state.keep_alive_timeout)
-        .max(Duration::from_millis(1))
+        .max(state.keep_alive_timeout)
+        .max(Duration::from_secs(1))
 }
 
 #[cfg(test)]
@@ -921,6 +984,139 @@ mod tests {
         assert!(matches!(outcome, Outcome::Forced), "{outcome:?}");
         signal.unregister(key);
         assert_eq!(signal.conns.lock().unwrap().len(), 0);
+    }
+
+    // ----- the real hyper stack over an in-memory pipe, in paused time -----
+
+    fn settings(header: u64, keep_alive: u64, max_requests: Option<u64>) -> &'static Settings {
+        let config = ConnConfig {
+            keep_alive_timeout: Duration::from_secs(keep_alive),
+            header_timeout: Duration::from_secs(header),
+            max_requests_per_connection: max_requests.and_then(NonZeroU64::new),
+            max_head_size: 16 * 1024,
+            max_headers: 100,
+        };
+        Box::leak(Box::new(Settings::new(
+            config,
+            Arc::new(Signal::default()),
+            Arc::new(WorkerMetrics::new()),
+        )))
+    }
+
+    fn serve(
+        settings: &'static Settings,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<(Outcome, Duration)>,
+    ) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let app = crate::routes::app(
+            crate::routes::RouteConfig {
+                max_sleep: Duration::from_secs(60),
+                static_files: None,
+            },
+            tower_abort::AbortLayer::new(),
+            prometheus_client::metrics::counter::Counter::default(),
+            crate::routes::backpressure(64, 64, Duration::from_secs(1)),
+            crate::routes::singleflight(),
+            prometheus_client::metrics::counter::Counter::default(),
+        );
+        let task = tokio::spawn(async move {
+            let start = Instant::now();
+            let outcome = serve_connection(server, app, settings).await;
+            (outcome, start.elapsed())
+        });
+        (client, task)
+    }
+
+    async fn read_until_eof(client: &mut tokio::io::DuplexStream) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hyper_stack_silent_client_closed_at_header_timeout() {
+        let (mut client, task) = serve(settings(3, 5, None));
+        assert_eq!(read_until_eof(&mut client).await, "");
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::HeaderTimeout), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hyper_stack_idle_close_after_keep_alive_with_header_values() {
+        use tokio::io::AsyncWriteExt;
+        // keep-alive 7 s > header 2 s: the idle connection must live 7 s.
+        let (mut client, task) = serve(settings(2, 7, None));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_until_eof(&mut client).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("keep-alive: timeout=7\r\n"), "{text}");
+        assert!(text.ends_with("Hello, World!"), "{text}");
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_secs(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hyper_stack_last_allowed_request_gets_connection_close() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, task) = serve(settings(2, 7, Some(2)));
+        // Two pipelined requests; the second is the last allowed one.
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let text = read_until_eof(&mut client).await;
+        let (first, second) = text.split_once("Hello, World!").unwrap();
+        assert!(first.contains("keep-alive: timeout=7"), "{first}");
+        assert!(second.contains("connection: close"), "{second}");
+        assert!(!second.contains("keep-alive"), "{second}");
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(
+            elapsed,
+            Duration::ZERO,
+            "closed right after the last response"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_service_error_is_a_500_and_the_connection_lives_on() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let settings = settings(2, 5, None);
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let failing = tower::service_fn(|req: Request<Incoming>| async move {
+            if req.uri().path() == "/fail" {
+                Err(std::io::Error::other("boom"))
+            } else {
+                Ok(Response::new(http_body_util::Full::new(
+                    Bytes::from_static(b"fine"),
+                )))
+            }
+        });
+        let task = tokio::spawn(serve_connection(server, failing, settings));
+        client
+            .write_all(b"GET /fail HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        client.read_to_string(&mut out).await.unwrap();
+        assert!(
+            out.starts_with("HTTP/1.1 500 Internal Server Error\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("content-length: 0\r\n"), "{out}");
+        assert!(
+            out.ends_with("fine"),
+            "second request served on the same connection: {out}"
+        );
+        assert!(matches!(task.await.unwrap(), Outcome::Closed(Ok(()))));
     }
 
     #[test]

@@ -32,17 +32,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body::Body;
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use tower::Service;
 use tower_abort::future::Aborted;
-use tower_abort::{AbortBody, AbortLayer, AbortReason, AbortSignal, TimeoutFormat};
-use tower_backpressure::{BackpressureLayer, ResponseBody};
-use tower_singleflight::{DefaultKey, KeyFn, RequestKey, SingleflightBody, SingleflightLayer};
+use tower_abort::{AbortLayer, AbortReason, AbortSignal, TimeoutFormat};
+use tower_backpressure::BackpressureLayer;
+use tower_singleflight::{DefaultKey, KeyFn, RequestKey, SingleflightLayer};
+use tower_zerocopy::{FileBody, ServeDir};
 
-/// Response body of every route.
-pub(crate) type RouteBody = Full<Bytes>;
+/// Response body of every route: literal bytes, or a file for `/static` (tower-zerocopy's
+/// body, which goes out through sendfile on a capable connection).
+pub(crate) type RouteBody = FileBody;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
@@ -51,6 +55,8 @@ const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=ut
 pub(crate) struct RouteConfig {
     /// Upper bound of `/sleep?ms=N`.
     pub(crate) max_sleep: Duration,
+    /// The service behind `GET /static/{*path}` (`None`: that prefix is `404`).
+    pub(crate) static_files: Option<ServeDir>,
 }
 
 /// The backpressure layer of one worker: its state (limit, queue, counters) is created
@@ -95,12 +101,15 @@ pub(crate) fn singleflight() -> SingleflightLayer<ExpensiveKey> {
 /// `AbortLayer` is outermost, so every request (404s included) gets its signal and the
 /// signal fires whatever the inner layers do. tower-backpressure comes next, so a shed
 /// request costs no routing work and the permit covers the whole response body. Later
-/// layers (singleflight, zerocopy) go between them and [`Routes`]; the connection code only needs a cloneable
-/// `Service<Request<Incoming>>` that never fails.
+/// layers go between them and [`Routes`]. The connection code only needs a cloneable
+/// `Service<Request<Incoming>>` with a `Send` future, any `Bytes` body and any boxable error
+/// (answered with a logged `500`, the connection kept), so a layer that changes the body or
+/// error type needs no change here or in the connection code.
 ///
 /// tower-singleflight sits inside backpressure, just above [`Routes`]: only requests
 /// admitted by backpressure coalesce, and the leader's permit covers the shared work.
-/// Its errors (a panicking handler; routes never fail otherwise) become `502`.
+/// Its errors (a panicking handler; routes never fail otherwise) reach the connection
+/// code, which answers a logged `500`.
 ///
 /// `work_cancelled` counts `/sleep` requests stopped by their signal; `backend_calls`
 /// counts `/expensive` backend calls.
@@ -113,9 +122,9 @@ pub(crate) fn app(
     backend_calls: Counter,
 ) -> impl Service<
     Request<Incoming>,
-    Response = Response<AppBody>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<Response<AppBody>, Infallible>> + Send + 'static,
+    Response = Response<impl Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static>,
+    Error: Into<BoxError>,
+    Future: Send + 'static,
 > + Clone
        + Send
        + Sync
@@ -125,57 +134,8 @@ pub(crate) fn app(
         // Outermost of the application layers after the signal: a shed request costs no
         // routing work, and the permit covers the whole response body.
         .layer(backpressure)
-        .layer(tower::layer::layer_fn(Infallible502))
         .layer(singleflight)
         .service(Routes::new(config, work_cancelled).with_backend_calls(backend_calls))
-}
-
-/// Response body of [`app`].
-pub(crate) type AppBody = AbortBody<ResponseBody<SingleflightBody<RouteBody>>>;
-
-/// Turns the singleflight layer's errors into `502` responses, so the stack stays
-/// infallible as the connection code needs.
-#[derive(Debug, Clone)]
-pub(crate) struct Infallible502<S>(S);
-
-type SingleflightResponse = Response<SingleflightBody<RouteBody>>;
-
-impl<S, Req> Service<Req> for Infallible502<S>
-where
-    S: Service<Req, Response = SingleflightResponse, Error = tower_singleflight::error::BoxError>,
-{
-    type Response = SingleflightResponse;
-    type Error = Infallible;
-    type Future = futures_util::future::Map<
-        S::Future,
-        fn(
-            Result<SingleflightResponse, tower_singleflight::error::BoxError>,
-        ) -> Result<SingleflightResponse, Infallible>,
-    >;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Singleflight is ready when `Routes` is, which always is and cannot fail.
-        self.0.poll_ready(cx).map(|_| Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        futures_util::FutureExt::map(self.0.call(req), singleflight_errors_to_502 as fn(_) -> _)
-    }
-}
-
-/// The singleflight layer fails only when the shared call panicked: answer `502`.
-fn singleflight_errors_to_502(
-    result: Result<Response<SingleflightBody<RouteBody>>, tower_singleflight::error::BoxError>,
-) -> Result<Response<SingleflightBody<RouteBody>>, Infallible> {
-    Ok(result.unwrap_or_else(|err| {
-        tracing::warn!(error = %err, "shared call failed");
-        let mut res = Response::new(SingleflightBody::new(Full::new(Bytes::from_static(
-            b"bad gateway\n",
-        ))));
-        *res.status_mut() = StatusCode::BAD_GATEWAY;
-        res.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN);
-        res
-    }))
 }
 
 /// The abort layer's settings: clients may shorten their own requests with `grpc-timeout`
@@ -215,6 +175,20 @@ impl Routes {
 
     fn route<B>(&self, req: &Request<B>) -> Route {
         let path = req.uri().path();
+        if let Some(rest) = path.strip_prefix("/static/") {
+            if let Some(files) = &self.config.static_files {
+                // ServeDir sees the path below the prefix, and checks method and path itself.
+                let mut target = format!("/{rest}");
+                if let Some(q) = req.uri().query() {
+                    target.push('?');
+                    target.push_str(q);
+                }
+                return match target.parse::<http::Uri>() {
+                    Ok(uri) => Route::Static(files.clone(), uri),
+                    Err(_) => Route::Respond(text(StatusCode::BAD_REQUEST, "bad path\n")),
+                };
+            }
+        }
         let expensive = path.strip_prefix("/expensive/");
         let known = expensive.is_some() || matches!(path, "/" | "/healthz" | "/sleep");
         if !known {
@@ -259,6 +233,7 @@ enum Route {
     Respond(Response<RouteBody>),
     Sleep(Duration),
     Expensive(String, Duration),
+    Static(ServeDir, http::Uri),
 }
 
 /// How long `/expensive/{key}` takes without `ms`.
@@ -306,14 +281,14 @@ fn json(done: &Expensive) -> Response<RouteBody> {
         "{{\"key\":\"{}\",\"generation\":{}}}\n",
         done.key, done.generation
     );
-    let mut res = Response::new(Full::new(Bytes::from(body)));
+    let mut res = Response::new(FileBody::from_bytes(Bytes::from(body)));
     res.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<RouteBody> {
-    let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut res = Response::new(FileBody::from_bytes(Bytes::from_static(body.as_bytes())));
     *res.status_mut() = status;
     res.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN);
     res
@@ -358,6 +333,15 @@ impl<B> Service<Request<B>> for Routes {
             Route::Respond(res) => RouteFuture {
                 state: State::Ready { res: Some(res) },
             },
+            Route::Static(mut files, uri) => {
+                let (mut parts, _body) = req.into_parts();
+                parts.uri = uri;
+                RouteFuture {
+                    state: State::Static {
+                        fut: files.call(Request::from_parts(parts, ())),
+                    },
+                }
+            }
             Route::Sleep(d) => self.sleep(&req, d, None),
             Route::Expensive(key, d) => {
                 // The backend call starts here: one per flight, thanks to the layer above.
@@ -384,6 +368,7 @@ pin_project_lite::pin_project! {
     #[derive(Debug)]
     enum State {
         Ready { res: Option<Response<RouteBody>> },
+        Static { fut: tower_zerocopy::ResponseFuture },
         Sleep {
             #[pin]
             sleep: tokio::time::Sleep,
@@ -429,6 +414,7 @@ impl Future for RouteFuture {
             StateProj::Ready { res } => {
                 Poll::Ready(Ok(res.take().expect("RouteFuture polled after completion")))
             }
+            StateProj::Static { fut } => Pin::new(fut).poll(cx),
             StateProj::Sleep {
                 sleep,
                 mut aborted,
@@ -478,11 +464,13 @@ mod tests {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
     use tower_abort::AbortBody;
+    use tower_singleflight::SingleflightBody;
 
     fn routes() -> Routes {
         Routes::new(
             RouteConfig {
                 max_sleep: Duration::from_secs(5),
+                static_files: None,
             },
             Counter::default(),
         )
@@ -497,7 +485,7 @@ mod tests {
         (
             status,
             bytes.clone(),
-            Response::from_parts(parts, Full::new(bytes)),
+            Response::from_parts(parts, FileBody::from_bytes(bytes)),
         )
     }
 
@@ -556,6 +544,7 @@ mod tests {
             .service(Routes::new(
                 RouteConfig {
                     max_sleep: Duration::from_secs(60),
+                    static_files: None,
                 },
                 cancelled.clone(),
             ))
@@ -631,17 +620,17 @@ mod tests {
     ) -> impl Service<
         Request<()>,
         Response = Response<AbortBody<SingleflightBody<RouteBody>>>,
-        Error = Infallible,
+        Error = tower_singleflight::error::BoxError,
         Future = impl Send,
     > + Clone {
         tower::ServiceBuilder::new()
             .layer(abort_layer(AbortLayer::with_root(root.clone())))
-            .layer(tower::layer::layer_fn(Infallible502))
             .layer(singleflight)
             .service(
                 Routes::new(
                     RouteConfig {
                         max_sleep: Duration::from_secs(60),
+                        static_files: None,
                     },
                     work_cancelled.clone(),
                 )

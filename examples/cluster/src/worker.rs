@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::cli::{Admin, Cli, RuntimeFlavor, WorkerArgs};
 use crate::conn::{DrainLevel, Settings, Signal};
@@ -30,7 +31,8 @@ fn runtime(flavor: RuntimeFlavor) -> std::io::Result<tokio::runtime::Runtime> {
 /// The pieces every serving process shares.
 struct Serving {
     signal: Arc<Signal>,
-    settings: Arc<Settings>,
+    /// Leaked once per process: the per-request path borrows it instead of counting references.
+    settings: &'static Settings,
     metrics: Arc<WorkerMetrics>,
     backpressure: BackpressureLayer,
     singleflight: tower_singleflight::SingleflightLayer<routes::ExpensiveKey>,
@@ -48,11 +50,11 @@ impl Serving {
         let singleflight = routes::singleflight();
         metrics.register_singleflight(singleflight.stats());
         let metrics = Arc::new(metrics);
-        let settings = Arc::new(Settings::new(
+        let settings: &'static Settings = Box::leak(Box::new(Settings::new(
             cli.conn_config(),
             signal.clone(),
             metrics.clone(),
-        ));
+        )));
         Serving {
             signal,
             settings,
@@ -64,12 +66,15 @@ impl Serving {
         }
     }
 
-    /// Starts accepting on `listener`.
-    fn start(&self, cli: &Cli, listener: tokio::net::TcpListener) {
+    /// Starts accepting on `listener`. The accept loop only ends when `stop` is cancelled;
+    /// if it ends otherwise (a panic), the handle lets the process notice and exit with an
+    /// error instead of living on without accepting.
+    fn start(&self, cli: &Cli, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
         // The one place the application stack is built; every connection clones it.
         let app = routes::app(
             RouteConfig {
                 max_sleep: cli.max_sleep,
+                static_files: Some(tower_zerocopy::ServeDir::new(&cli.root)),
             },
             tower_abort::AbortLayer::with_root(self.metrics.abort_root.clone()),
             self.metrics.work_cancelled.clone(),
@@ -77,13 +82,36 @@ impl Serving {
             self.singleflight.clone(),
             self.metrics.backend_calls.clone(),
         );
-        tokio::spawn(server::accept_loop(
-            listener,
-            app,
-            self.settings.clone(),
-            self.tracker.clone(),
-            self.stop.clone(),
-        ));
+        // Carries the worker's span (slot, pid) into the task's log lines.
+        tokio::spawn(
+            server::accept_loop(
+                listener,
+                app,
+                self.settings,
+                self.tracker.clone(),
+                self.stop.clone(),
+            )
+            .instrument(tracing::Span::current()),
+        )
+    }
+
+    /// Waits for the first drain request, or for the accept loop to die.
+    async fn wait_for_drain(
+        &self,
+        rx: &mut mpsc::UnboundedReceiver<DrainLevel>,
+        accepting: &mut tokio::task::JoinHandle<()>,
+    ) -> Result<DrainLevel, anyhow::Error> {
+        tokio::select! {
+            level = rx.recv() => Ok(level.unwrap_or(DrainLevel::Immediate)),
+            ended = accepting => {
+                let why = match ended {
+                    Err(e) if e.is_panic() => "it panicked".to_owned(),
+                    Err(e) => e.to_string(),
+                    Ok(()) => "it returned".to_owned(),
+                };
+                Err(anyhow::anyhow!("the accept loop stopped ({why}): exiting so this process is replaced"))
+            }
+        }
     }
 
     async fn drain(&self, first: DrainLevel, more: mpsc::UnboundedReceiver<DrainLevel>, cli: &Cli) {
@@ -102,6 +130,7 @@ impl Serving {
 
 /// `--workers 0`: one process, no supervisor; it serves `/metrics` itself.
 pub(crate) fn run_standalone(cli: Cli) -> anyhow::Result<()> {
+    server::ensure_port_free(cli.listen)?;
     let std_listener = server::bind_listener(cli.listen, cli.backlog)?;
     let addr = std_listener.local_addr()?;
     let rt = runtime(RuntimeFlavor::MultiThread)?;
@@ -123,7 +152,7 @@ pub(crate) fn run_standalone(cli: Cli) -> anyhow::Result<()> {
                 Some(admin_addr)
             }
         };
-        serving.start(&cli, server::into_tokio(std_listener)?);
+        let mut accepting = serving.start(&cli, server::into_tokio(std_listener)?);
         let (tx, mut rx) = mpsc::unbounded_channel();
         server::spawn_signal_handlers(tx, || async {
             tracing::warn!(
@@ -137,9 +166,15 @@ pub(crate) fn run_standalone(cli: Cli) -> anyhow::Result<()> {
             pid = std::process::id(),
             "listening (single process, no supervisor)"
         );
-        let first = rx.recv().await.unwrap_or(DrainLevel::Immediate);
-        serving.drain(first, rx, &cli).await;
-        anyhow::Ok(())
+        let first = serving.wait_for_drain(&mut rx, &mut accepting).await;
+        serving
+            .drain(
+                first.as_ref().copied().unwrap_or(DrainLevel::Immediate),
+                rx,
+                &cli,
+            )
+            .await;
+        first.map(|_| ())
     })
 }
 
@@ -156,7 +191,7 @@ pub(crate) fn run_child(cli: Cli, args: WorkerArgs) -> anyhow::Result<()> {
         control.set_nonblocking(true)?;
         let (mut control_rd, mut control_wr) =
             tokio::net::UnixStream::from_std(control)?.into_split();
-        serving.start(&cli, server::into_tokio(listener)?);
+        let mut accepting = serving.start(&cli, server::into_tokio(listener)?);
 
         // Outgoing control messages go through one writer task; `None` = flush and stop.
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Option<ToSupervisor>>();
@@ -175,29 +210,32 @@ pub(crate) fn run_child(cli: Cli, args: WorkerArgs) -> anyhow::Result<()> {
         {
             let drain_tx = drain_tx.clone();
             let (scrape_tx, scrape_metrics) = (out_tx.clone(), serving.metrics.clone());
-            tokio::spawn(async move {
-                loop {
-                    match ToWorker::read(&mut control_rd).await {
-                        Ok(Some(ToWorker::Scrape)) => {
-                            let snapshot = ToSupervisor::Metrics(scrape_metrics.encode());
-                            let _ = scrape_tx.send(Some(snapshot));
-                        }
-                        Ok(Some(ToWorker::Drain { gentle })) => {
-                            let level = if gentle {
-                                DrainLevel::Gentle
-                            } else {
-                                DrainLevel::Immediate
-                            };
-                            let _ = drain_tx.send(level);
-                        }
-                        Ok(None) | Err(_) => {
-                            tracing::warn!("supervisor gone (control socket closed): draining");
-                            let _ = drain_tx.send(DrainLevel::Immediate);
-                            break;
+            tokio::spawn(
+                async move {
+                    loop {
+                        match ToWorker::read(&mut control_rd).await {
+                            Ok(Some(ToWorker::Scrape)) => {
+                                let snapshot = ToSupervisor::Metrics(scrape_metrics.encode());
+                                let _ = scrape_tx.send(Some(snapshot));
+                            }
+                            Ok(Some(ToWorker::Drain { gentle })) => {
+                                let level = if gentle {
+                                    DrainLevel::Gentle
+                                } else {
+                                    DrainLevel::Immediate
+                                };
+                                let _ = drain_tx.send(level);
+                            }
+                            Ok(None) | Err(_) => {
+                                tracing::warn!("supervisor gone (control socket closed): draining");
+                                let _ = drain_tx.send(DrainLevel::Immediate);
+                                break;
+                            }
                         }
                     }
                 }
-            });
+                .instrument(tracing::Span::current()),
+            );
         }
         // Terminal signals reach only the supervisor (workers run in their own process
         // group), but an operator may signal a worker directly.
@@ -228,14 +266,16 @@ pub(crate) fn run_child(cli: Cli, args: WorkerArgs) -> anyhow::Result<()> {
             "worker ready"
         );
 
-        let first = drain_rx.recv().await.unwrap_or(DrainLevel::Immediate);
-        serving.drain(first, drain_rx, &cli).await;
+        let first = serving.wait_for_drain(&mut drain_rx, &mut accepting).await;
+        let level = first.as_ref().copied().unwrap_or(DrainLevel::Immediate);
+        serving.drain(level, drain_rx, &cli).await;
         reporter.abort();
         // Final counters, so the supervisor's totals include everything this worker served.
         let _ = out_tx.send(Some(ToSupervisor::Metrics(serving.metrics.encode())));
         let _ = out_tx.send(None);
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer).await;
-        anyhow::Ok(())
+        // An error exit is a crash to the supervisor, which restarts this slot.
+        first.map(|_| ())
     })
 }
 

@@ -194,6 +194,22 @@ fn half_a_head_closed_after_header_timeout() {
 }
 
 #[test]
+fn keep_alive_can_be_disabled() {
+    let server = Server::start(&["--workers", "1", "--keep-alive-timeout", "0s"]);
+    let mut s = connect(server.addr);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let res = read_response(&mut s).unwrap();
+    assert_eq!(res.status, 200);
+    assert_eq!(res.header("connection"), Some("close"));
+    assert_eq!(res.header("keep-alive"), None);
+    let t = time_until_closed(&mut s);
+    assert!(t < Duration::from_secs(2), "closed after {t:?}");
+    // A slow request is not disturbed by a zero keep-alive timeout.
+    let res = get(server.addr, "/sleep?ms=300").unwrap();
+    assert_eq!(res.status, 200);
+}
+
+#[test]
 fn max_requests_per_connection_closes_after_the_last() {
     let server = Server::start(&["--workers", "1", "--max-requests-per-connection", "3"]);
     let mut s = connect(server.addr);
@@ -309,4 +325,43 @@ async fn http2_idle_connection_closed_after_keep_alive_timeout() {
         .unwrap();
     let t = idle.elapsed();
     assert!(t >= Duration::from_millis(800), "closed after {t:?}");
+}
+
+/// `GET /static/{*path}` serves `--root`; large files go out with sendfile(2), which the
+/// cluster-wide `/metrics` reports as `zerocopy_sendfile_bytes_total`.
+#[test]
+fn static_files_go_through_sendfile() {
+    let root = std::env::temp_dir().join(format!("cluster-static-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(root.join("big.bin"), &data).unwrap();
+    std::fs::write(root.join("small.txt"), "small").unwrap();
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--metrics-interval",
+        "100ms",
+        "--root",
+        root.to_str().unwrap(),
+    ]);
+    let res = get(server.addr, "/static/big.bin").unwrap();
+    assert_eq!(res.status, 200);
+    assert!(res.body == data, "byte-exact static file");
+    assert!(res.header("etag").is_some());
+    let res = get(server.addr, "/static/small.txt").unwrap();
+    assert_eq!((res.status, &res.body[..]), (200, &b"small"[..]));
+    assert_eq!(get(server.addr, "/static/missing").unwrap().status, 404);
+    assert_eq!(
+        get(server.addr, "/static/%2e%2e/Cargo.toml")
+            .unwrap()
+            .status,
+        400
+    );
+    let text = server.wait_metrics("zerocopy counters", |t| {
+        metric(t, "zerocopy_sendfile_bytes_total").is_some_and(|v| v >= data.len() as f64)
+    });
+    // The small file and the heads were copied; the large body was not.
+    let copied = metric(&text, "zerocopy_copied_bytes_total").unwrap();
+    assert!(copied > 5.0 && copied < data.len() as f64, "{copied}");
+    std::fs::remove_dir_all(&root).unwrap();
 }

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame};
 use tower::service_fn;
-use tower::util::ServiceFn;
 use tower_abort::AbortSignal;
 
 /// Installs a `tracing` subscriber for this thread and returns what it wrote.
@@ -72,8 +71,6 @@ impl Seen {
         all[0].clone()
     }
 }
-
-pub type Handler<F> = ServiceFn<F>;
 
 /// A handler that answers at once with a fixed body.
 pub fn answer(

@@ -110,3 +110,73 @@ fn loom_close_races_a_waiter() {
         assert_idle(&l);
     });
 }
+
+#[test]
+fn loom_release_hand_off_and_cancel_race_three_ways() {
+    loom::model(|| {
+        let l = limiter(2, Some(10));
+        let permit = match l.admit_with(ticket(4), Instant::now) {
+            Admission::Admitted(p) => p,
+            other => panic!("{other:?}"),
+        };
+        // A waiter that will be served, racing a waiter that gives up, racing the release.
+        let served = {
+            let l = l.clone();
+            thread::spawn(move || serve(&l, 4))
+        };
+        let leaver = {
+            let l = l.clone();
+            thread::spawn(move || {
+                if let Admission::Queued(waiter) = l.admit_with(ticket(4), Instant::now) {
+                    drop(waiter);
+                }
+            })
+        };
+        drop(permit);
+        leaver.join().unwrap();
+        assert!(served.join().unwrap(), "a queued waiter is never stranded");
+        assert_idle(&l);
+    });
+}
+
+#[test]
+fn loom_high_priority_eviction_races_release() {
+    loom::model(|| {
+        let mut config = Config::new(1);
+        config.max_queued = 1;
+        config.queue_timeout = None;
+        let l = Limiter::new(config);
+        let permit = match l.admit_with(ticket(0), Instant::now) {
+            Admission::Admitted(p) => p,
+            other => panic!("{other:?}"),
+        };
+        let normal = match l.admit_with(ticket(0), Instant::now) {
+            Admission::Queued(w) => w,
+            other => panic!("{other:?}"),
+        };
+        let high = {
+            let l = l.clone();
+            thread::spawn(move || {
+                let t = Ticket {
+                    priority: Priority::High,
+                    ..ticket(0)
+                };
+                match l.admit_with(t, Instant::now) {
+                    Admission::Admitted(p) => drop(p),
+                    Admission::Queued(mut w) => {
+                        let r = loom::future::block_on(poll_fn(|cx| w.poll_permit(cx)));
+                        drop(r);
+                    }
+                    Admission::Shed(_) => {}
+                }
+            })
+        };
+        drop(permit);
+        let mut normal = normal;
+        // Either served (the release came first) or evicted by the high-priority request.
+        let _ = loom::future::block_on(poll_fn(|cx| normal.poll_permit(cx)));
+        drop(normal);
+        high.join().unwrap();
+        assert_idle(&l);
+    });
+}

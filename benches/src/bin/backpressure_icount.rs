@@ -1,0 +1,100 @@
+//! Per-request instruction counts of tower-backpressure and tower's `ConcurrencyLimit`,
+//! for a machine too noisy for wall-clock numbers. Runs one case `N` times:
+//!
+//! ```sh
+//! valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+//!     target/release/backpressure_icount CASE N
+//! ```
+//!
+//! Run it with `N` and `2N` and divide the difference of the totals by `N` to cancel
+//! start-up. Cases: `none`, `tower`, `typed`, `http-tower`, `http`.
+
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty};
+use tower::limit::ConcurrencyLimitLayer;
+use tower::{Layer, Service, ServiceExt};
+use tower_backpressure::BackpressureLayer;
+
+#[derive(Clone, Copy)]
+struct Echo;
+
+impl Service<u64> for Echo {
+    type Response = u64;
+    type Error = Infallible;
+    type Future = Ready<Result<u64, Infallible>>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, x: u64) -> Self::Future {
+        ready(Ok(x))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct HttpEcho;
+
+impl Service<Request<Empty<Bytes>>> for HttpEcho {
+    type Response = Response<Empty<Bytes>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<Empty<Bytes>>, Infallible>>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: Request<Empty<Bytes>>) -> Self::Future {
+        ready(Ok(Response::new(Empty::new())))
+    }
+}
+
+async fn typed<S: Service<u64> + Clone>(svc: S, n: u64) {
+    for i in 0..n {
+        let _ = svc.clone().oneshot(i).await;
+    }
+}
+
+async fn http<S, B>(svc: S, n: u64)
+where
+    S: Service<Request<Empty<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: hyper::body::Body,
+    B::Error: std::fmt::Debug,
+{
+    for _ in 0..n {
+        let response = svc
+            .clone()
+            .oneshot(Request::new(Empty::new()))
+            .await
+            .unwrap();
+        response.into_body().collect().await.unwrap();
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let case = args.get(1).map_or("typed", String::as_str);
+    let n: u64 = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(100_000);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        match case {
+            "none" => typed(Echo, n).await,
+            "tower" => typed(ConcurrencyLimitLayer::new(1024).layer(Echo), n).await,
+            "typed" => {
+                typed(
+                    BackpressureLayer::builder(1024).build_typed().layer(Echo),
+                    n,
+                )
+                .await
+            }
+            "http-tower" => http(ConcurrencyLimitLayer::new(1024).layer(HttpEcho), n).await,
+            "http" => http(BackpressureLayer::new(1024).layer(HttpEcho), n).await,
+            other => panic!("unknown case {other}"),
+        }
+    });
+}
