@@ -106,11 +106,13 @@ where
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Ok(frame))) => {
-                if this
-                    .inner
-                    .as_ref()
-                    .as_pin_ref()
-                    .is_some_and(|b| b.is_end_stream())
+                // Trailers are the last frame: hyper sends them and drops the body unpolled.
+                if frame.is_trailers()
+                    || this
+                        .inner
+                        .as_ref()
+                        .as_pin_ref()
+                        .is_some_and(|b| b.is_end_stream())
                 {
                     *this.phase = Phase::Done;
                     this.guard.disarm();
