@@ -276,7 +276,10 @@ impl State {
                 timeout = Some(timeout.map_or(target, |t| t.min(target)));
             }
         }
-        let queue = timeout.map(|t| (slot.enqueued + t, ShedReason::QueueTimeout));
+        // A timeout too long for the clock (`Duration::MAX`) never expires.
+        let queue = timeout
+            .and_then(|t| slot.enqueued.checked_add(t))
+            .map(|at| (at, ShedReason::QueueTimeout));
         let own = slot.deadline.map(|d| (d, ShedReason::DeadlineUnreachable));
         match (queue, own) {
             (Some(q), Some(o)) => Some(if o.0 <= q.0 { o } else { q }),
