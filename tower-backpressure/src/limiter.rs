@@ -19,7 +19,7 @@ use crate::adaptive::{AdaptiveState, LimitStrategy, Outcome};
 use crate::error::{Overloaded, ShedReason};
 use crate::order::{Priority, QueueOrder};
 use crate::stats::{Histogram, Summary};
-use crate::sync::{lock, Arc, Mutex};
+use crate::sync::{lock, Arc, AtomicBool, AtomicU64, Mutex};
 
 /// Everything about a limiter that does not change after it is built.
 #[derive(Clone, Debug)]
@@ -649,8 +649,8 @@ pub(crate) struct Snapshot {
 /// atomics only because it is shared between the permit and the request body.
 #[derive(Debug, Default)]
 pub(crate) struct MeterState {
-    charged: std::sync::atomic::AtomicU64,
-    released: std::sync::atomic::AtomicBool,
+    charged: AtomicU64,
+    released: AtomicBool,
 }
 
 impl MeterState {
@@ -844,9 +844,12 @@ impl Drop for Permit {
         } else {
             Outcome::Ignore
         };
-        let extra = self.meter.as_ref().map_or(0, |m| m.release());
-        let bytes = self.bytes + extra;
+        let meter = self.meter.take();
+        let reserved = self.bytes;
         self.limiter.with_state(|state, config, wakers| {
+            // Under the lock, like `charge_bytes`: a charge is either counted here or sees
+            // the meter released and skipped, never both missed.
+            let bytes = reserved + meter.as_ref().map_or(0, |m| m.release());
             if let Some((now, elapsed)) = timing {
                 if outcome == Outcome::Success {
                     state.service_time.record(elapsed);
