@@ -5,7 +5,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use http::{Method, Response, StatusCode};
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tokio::time::{sleep_until, Sleep};
 
@@ -42,7 +43,7 @@ pin_project! {
         phase: Phase,
         timed_out: bool,
         mode: TimeoutMode,
-        timeout_status: StatusCode,
+        timeout: TimeoutAnswer,
     }
 }
 
@@ -51,7 +52,7 @@ impl<F> ResponseFuture<F> {
         inner: F,
         signal: AbortSignal,
         mode: TimeoutMode,
-        timeout_status: StatusCode,
+        timeout: TimeoutAnswer,
     ) -> Self {
         ResponseFuture {
             guard: ClientGoneGuard::armed(signal),
@@ -60,7 +61,7 @@ impl<F> ResponseFuture<F> {
             phase: Phase::Armed,
             timed_out: false,
             mode,
-            timeout_status,
+            timeout,
         }
     }
 }
@@ -92,7 +93,7 @@ where
                 return Poll::Ready(result.map(|response| {
                     if *this.timed_out {
                         // The handler answered after its deadline: too late.
-                        timeout_response(*this.timeout_status)
+                        this.timeout.response()
                     } else {
                         wrap_response(response, signal, *this.mode)
                     }
@@ -140,15 +141,38 @@ where
             this.inner.set(None);
             this.sleep.set(None);
             this.guard.disarm();
-            return Poll::Ready(Ok(timeout_response(*this.timeout_status)));
+            return Poll::Ready(Ok(this.timeout.response()));
         }
     }
 }
 
-fn timeout_response<B>(status: StatusCode) -> Response<AbortBody<B>> {
-    let mut response = Response::new(AbortBody::empty());
-    *response.status_mut() = status;
-    response
+/// How a request whose deadline passed before its response is answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TimeoutAnswer {
+    /// An empty response with this status (504 by default).
+    Status(StatusCode),
+    /// A gRPC call: a trailers-only response with `grpc-status: 4` (`DEADLINE_EXCEEDED`),
+    /// which is what gRPC clients understand; they would map an HTTP 504 to `UNAVAILABLE`.
+    Grpc,
+}
+
+impl TimeoutAnswer {
+    fn response<B>(self) -> Response<AbortBody<B>> {
+        let mut response = Response::new(AbortBody::empty());
+        match self {
+            TimeoutAnswer::Status(status) => *response.status_mut() = status,
+            TimeoutAnswer::Grpc => {
+                let headers = response.headers_mut();
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+                headers.insert("grpc-status", HeaderValue::from_static("4"));
+                headers.insert(
+                    "grpc-message",
+                    HeaderValue::from_static("deadline exceeded"),
+                );
+            }
+        }
+        response
+    }
 }
 
 fn wrap_response<B: http_body::Body>(

@@ -164,9 +164,13 @@ impl AbortLayer {
         self
     }
 
-    /// Whether to honour a `grpc-timeout` request header (off by default). Only trust it
-    /// from clients you trust to shorten their own requests: it cannot lengthen the
-    /// server's [`with_timeout`](Self::with_timeout).
+    /// Whether to honour a `grpc-timeout` request header (off by default). It can only
+    /// shorten the server's [`with_timeout`](Self::with_timeout), never lengthen it.
+    ///
+    /// With this on, a gRPC call (`content-type: application/grpc...`) whose deadline
+    /// passes before it answered gets what gRPC clients expect: a trailers-only response,
+    /// `200` with `grpc-status: 4` (`DEADLINE_EXCEEDED`), instead of the HTTP timeout
+    /// status.
     pub fn with_grpc_timeout(mut self, honour: bool) -> Self {
         self.config.grpc_timeout = honour;
         self

@@ -39,8 +39,9 @@
 //! before dropping it; [`Drop`](TimeoutMode::Drop) drops it at once, like tower's
 //! `Timeout`. Either way the client gets `504 Gateway Timeout` (configurable with
 //! [`with_timeout_status`](AbortLayer::with_timeout_status); never `408`, which means the
-//! *client* was slow). If the response headers were already sent, the body is ended with
-//! an [`error::Aborted`] instead.
+//! *client* was slow); a gRPC call gets `grpc-status: 4` (`DEADLINE_EXCEEDED`) when
+//! [`with_grpc_timeout`](AbortLayer::with_grpc_timeout) is on. If the response headers were
+//! already sent, the body is ended with an [`error::Aborted`] instead.
 //!
 //! # What hyper lets us see
 //!

@@ -7,7 +7,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::AbortBody;
-use crate::future::ResponseFuture;
+use crate::future::{ResponseFuture, TimeoutAnswer};
 use crate::layer::Shared;
 use crate::signal::min_deadline;
 use crate::{deadline, AbortLayer, AbortRoot, AbortSignal};
@@ -108,11 +108,18 @@ where
             uri,
         );
         req.extensions_mut().insert(signal.clone());
-        ResponseFuture::new(
-            self.inner.call(req),
-            signal,
-            config.mode,
-            config.timeout_status,
-        )
+        let timeout = if config.grpc_timeout && is_grpc(&req) {
+            TimeoutAnswer::Grpc
+        } else {
+            TimeoutAnswer::Status(config.timeout_status)
+        };
+        ResponseFuture::new(self.inner.call(req), signal, config.mode, timeout)
     }
+}
+
+/// Whether the request is a gRPC call (`content-type: application/grpc[+proto|...]`).
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }

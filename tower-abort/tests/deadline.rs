@@ -310,3 +310,34 @@ async fn completed_request_leaves_no_timer_behind() {
     assert!(!seen.only().is_aborted());
     assert_eq!(root.stats().total(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_grpc_call_past_its_deadline_gets_grpc_status_4() {
+    let seen = Seen::default();
+    let layer = AbortLayer::new()
+        .with_timeout(Duration::from_secs(10))
+        .with_grpc_timeout(true);
+    let svc = layer.layer(hang(seen.clone()));
+    let mut req = with_header("grpc-timeout", b"100m");
+    req.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("application/grpc+proto"),
+    );
+    let mut fut = task::spawn(svc.clone().oneshot(req));
+    assert_pending!(fut.poll());
+    advance(Duration::from_millis(100) + TimeoutMode::DEFAULT_GRACE).await;
+    let response = assert_ready_ok!(fut.poll());
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["grpc-status"], "4");
+    assert_eq!(response.headers()["content-type"], "application/grpc");
+    assert_eq!(seen.only().reason(), Some(AbortReason::DeadlineExceeded));
+
+    // Plain HTTP requests keep the HTTP status.
+    let mut fut = task::spawn(svc.oneshot(with_header("grpc-timeout", b"100m")));
+    assert_pending!(fut.poll());
+    advance(Duration::from_millis(100) + TimeoutMode::DEFAULT_GRACE).await;
+    assert_eq!(
+        assert_ready_ok!(fut.poll()).status(),
+        StatusCode::GATEWAY_TIMEOUT
+    );
+}

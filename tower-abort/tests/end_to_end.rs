@@ -53,11 +53,11 @@ async fn upstream() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<AbortSigna
     (addr, rx)
 }
 
-/// The signal of a request that went through an `AbortLayer` with a 2 s deadline.
+/// The signal of a request that went through an `AbortLayer` with a 20 s deadline.
 async fn front_signal() -> AbortSignal {
     let seen = Seen::default();
     let svc = AbortLayer::new()
-        .with_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(20))
         .layer(support::answer(seen.clone(), TestBody::empty()));
     drop(svc.oneshot(Request::new(())).await.unwrap());
     seen.only()
@@ -92,11 +92,11 @@ async fn deadline_travels_and_an_abort_cancels_the_upstream_work() {
         .remaining()
         .expect("grpc-timeout gave it a deadline");
     assert!(
-        remaining <= Duration::from_secs(2),
+        remaining <= Duration::from_secs(20),
         "upstream deadline {remaining:?} is later than ours"
     );
     assert!(
-        remaining > Duration::from_secs(1),
+        remaining > Duration::from_secs(10),
         "upstream deadline {remaining:?} lost too much"
     );
 

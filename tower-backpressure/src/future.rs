@@ -159,11 +159,11 @@ where
 /// Wraps the request body in a [`MeteredBody`] when the layer meters bodies of this type.
 #[inline]
 pub(crate) fn meter_request<ReqB: 'static>(
-    shared: &HttpShared,
+    meter: &Option<Meter>,
     req: Request<ReqB>,
     permit: &mut Permit,
 ) -> Request<ReqB> {
-    let Some(meter) = &shared.policy.meter else {
+    let Some(meter) = meter else {
         return req;
     };
     let Some(rewrap) = meter.downcast_ref::<fn(MeteredBody<ReqB>) -> ReqB>() else {
@@ -182,7 +182,30 @@ pin_project! {
     {
         #[pin]
         state: State<S, Request<ReqB>>,
-        shared: Arc<HttpShared>,
+        policy: ResponsePolicy,
+        // Only set when bodies are metered and the request is still queued.
+        meter: Option<Meter>,
+    }
+}
+
+type Meter = Arc<dyn std::any::Any + Send + Sync>;
+
+/// What the future needs from the layer's settings once the inner service answers; copied
+/// so the fast path does not touch the shared state's reference count.
+#[derive(Clone, Copy)]
+struct ResponsePolicy {
+    status: StatusCode,
+    release: PermitRelease,
+    classify_outcome: fn(StatusCode) -> Outcome,
+}
+
+impl ResponsePolicy {
+    fn of(shared: &HttpShared) -> Self {
+        ResponsePolicy {
+            status: shared.policy.status,
+            release: shared.policy.release,
+            classify_outcome: shared.policy.classify_outcome,
+        }
     }
 }
 
@@ -196,21 +219,32 @@ where
         admission: Admission,
         svc: &mut S,
         req: Request<ReqB>,
-        shared: Arc<HttpShared>,
+        shared: &HttpShared,
     ) -> Self
     where
         S: Clone,
     {
+        let queued = matches!(admission, Admission::Queued(_));
         let state = State::start(admission, svc, req, |req, permit| {
-            meter_request(&shared, req, permit)
+            meter_request(&shared.policy.meter, req, permit)
         });
-        ResponseFuture { state, shared }
+        ResponseFuture {
+            state,
+            policy: ResponsePolicy::of(shared),
+            meter: if queued {
+                shared.policy.meter.clone()
+            } else {
+                None
+            },
+        }
     }
 
-    pub(crate) fn bypass(svc: &mut S, req: Request<ReqB>, shared: Arc<HttpShared>) -> Self {
+    #[inline]
+    pub(crate) fn bypass(svc: &mut S, req: Request<ReqB>, shared: &HttpShared) -> Self {
         ResponseFuture {
             state: State::bypass(svc, req),
-            shared,
+            policy: ResponsePolicy::of(shared),
+            meter: None,
         }
     }
 }
@@ -248,20 +282,19 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let shared: &HttpShared = this.shared;
-        let wrap = |req, permit: &mut Permit| meter_request(shared, req, permit);
+        let policy = *this.policy;
+        let meter: &Option<Meter> = this.meter;
+        let wrap = |req, permit: &mut Permit| meter_request(meter, req, permit);
         match ready!(poll_state(this.state, cx, wrap)) {
-            Step::Shed(overloaded) => {
-                Poll::Ready(Ok(shed_response(&overloaded, shared.policy.status)))
-            }
+            Step::Shed(overloaded) => Poll::Ready(Ok(shed_response(&overloaded, policy.status))),
             Step::NotReady(Err(e)) | Step::Finished(Err(e), _) => Poll::Ready(Err(e)),
             Step::NotReady(Ok(_)) => unreachable!("NotReady always carries an error"),
             Step::Finished(Ok(response), permit) => {
                 let Some(mut permit) = permit else {
                     return Poll::Ready(Ok(response.map(ResponseBody::unlimited)));
                 };
-                permit.set_outcome((shared.policy.classify_outcome)(response.status()));
-                if shared.policy.release == PermitRelease::Head {
+                permit.set_outcome((policy.classify_outcome)(response.status()));
+                if policy.release == PermitRelease::Head {
                     permit.complete();
                     drop(permit);
                     return Poll::Ready(Ok(response.map(ResponseBody::unlimited)));

@@ -112,7 +112,7 @@ where
         let policy = &self.shared.policy;
         let head = RequestHead::new(&req);
         if policy.bypass.as_ref().is_some_and(|f| f(&head)) {
-            return ResponseFuture::bypass(&mut self.inner, req, self.shared.clone());
+            return ResponseFuture::bypass(&mut self.inner, req, &self.shared);
         }
         let ticket = Ticket {
             priority: policy
@@ -127,7 +127,7 @@ where
             },
         };
         let admission = self.shared.limiter.admit_with(ticket, Instant::now);
-        ResponseFuture::start(admission, &mut self.inner, req, self.shared.clone())
+        ResponseFuture::start(admission, &mut self.inner, req, &self.shared)
     }
 }
 

@@ -675,3 +675,62 @@ async fn resizing_at_run_time_admits_waiters() {
     assert_eq!(handle.queue_wait().count, 4);
     assert_idle(&handle);
 }
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_limit_counts_5xx_and_429_as_overload_and_ignores_4xx_and_cancels() {
+    use tower_backpressure::{Aimd, LimitStrategy};
+    let layer = BackpressureLayer::builder(10)
+        .limit_strategy(LimitStrategy::Aimd(Aimd::new().limits(1, 100)))
+        .build();
+    let handle = layer.handle();
+    let svc = layer.layer(tower::service_fn(|req: Request<Body>| async move {
+        let status: u16 = req.uri().path()[1..].parse().unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let body = if status == 299 {
+            // A streaming 200 whose body never ends: the client will drop it.
+            let (tx, body) = channel_body(16);
+            std::mem::forget(tx);
+            Body::new(body)
+        } else {
+            Body::from("x")
+        };
+        let mut response = Response::new(body);
+        *response.status_mut() =
+            StatusCode::from_u16(if status == 299 { 200 } else { status }).unwrap();
+        Ok::<_, Infallible>(response)
+    }));
+    let hit = |status: u16| {
+        let svc = svc.clone();
+        async move {
+            let response = svc
+                .oneshot(
+                    Request::get(format!("/{status}"))
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            if status != 299 {
+                response.into_body().collect().await.unwrap();
+            }
+            // 299: dropped with the body unread, like a client that went away.
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+    };
+    hit(404).await;
+    hit(400).await;
+    assert_eq!(handle.limit(), 10, "4xx says nothing about capacity");
+    hit(299).await;
+    assert_eq!(
+        handle.limit(),
+        10,
+        "a client cancel says nothing about capacity"
+    );
+    hit(503).await;
+    assert_eq!(handle.limit(), 9, "5xx backs off");
+    hit(429).await;
+    assert_eq!(handle.limit(), 8, "429 backs off");
+    hit(504).await;
+    assert_eq!(handle.limit(), 7, "a gateway timeout backs off");
+    assert_idle(&handle);
+}

@@ -1,12 +1,46 @@
-//! File bodies that go out through `sendfile(2)` under hyper, and a static-file service.
-//!
-//! On Linux over plaintext HTTP/1 the file's bytes never enter user space; everywhere else a
-//! portable path reads straight into large buffers. The static-file service implements
-//! ranges, preconditions and precompressed variants with path confinement.
-//!
-//! This crate is being built; its API lands with its tracking issue. See the
-//! [workspace README](https://github.com/tower-scale/tower-scale) for the plan.
-
+#![doc = include_str!("docs.md")]
 #![deny(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(no_crate_inject, attr(deny(warnings, rust_2018_idioms))))]
+
+mod body;
+mod cache;
+mod conditional;
+#[cfg(feature = "axum")]
+mod listener;
+#[cfg(target_os = "linux")]
+mod mapping;
+mod mark;
+pub mod path;
+pub mod range;
+#[cfg(target_os = "linux")]
+mod registry;
+mod serve;
+mod stream;
+mod sys;
+
+pub use body::{warmed_bytes, FileBody, DEFAULT_MAP_WINDOW, DEFAULT_READ_CHUNK};
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub use listener::{MakeFuture, SendfileListener, WithSendfile};
+pub use mark::MarkSendfile;
+pub use serve::{
+    ResponseFuture, ServeDir, ServeFile, SymlinkPolicy, DEFAULT_MAX_RANGES,
+    DEFAULT_SENDFILE_MIN_LEN,
+};
+pub use stream::{
+    SendfileCapability, SendfileSocket, SendfileStats, SendfileStream, DEFAULT_MAX_CHUNK,
+};
+
+/// Number of file memory maps alive in this process (each registered for sendfile). Always 0
+/// on targets other than Linux. Useful for leak checks.
+pub fn live_mappings() -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        registry::live_mappings()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        0
+    }
+}

@@ -3,6 +3,7 @@
 //! why it sits where it does; see README.md.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +17,18 @@ use tower::ServiceBuilder;
 use tower_abort::{AbortLayer, AbortReason, AbortRoot, AbortSignal};
 use tower_backpressure::BackpressureLayer;
 use tower_singleflight::{SingleflightLayer, WaitTimeoutPolicy};
+use tower_zerocopy::{SendfileListener, ServeDir, WithSendfile};
 
 /// How long in-flight requests may keep running after a shutdown signal before their
 /// `AbortSignal`s fire with `Shutdown`.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// The directory served under `/static` (`AXUM_APP_STATIC_ROOT`, default: the shipped demo folder).
+fn static_root() -> PathBuf {
+    std::env::var_os("AXUM_APP_STATIC_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/static").into())
+}
 
 /// Builds the application: plain handlers first, then our layers, outermost last.
 ///
@@ -95,6 +104,12 @@ fn app_with(
                     );
                 }),
         )
+        // tower-zerocopy: static files with ranges, validators and path confinement. Large
+        // files go out with sendfile(2) when served through `SendfileListener` (see `main`).
+        // Added after the layers on purpose: `Router::layer` wraps only the routes added before
+        // it, and singleflight must not replay a sendfile-mapped body to other connections
+        // (an HTTP/2 follower would read the mapped pages).
+        .nest_service("/static", ServeDir::new(static_root()))
 }
 
 #[derive(Deserialize)]
@@ -140,11 +155,13 @@ async fn main() -> anyhow::Result<()> {
     let addr: SocketAddr = std::env::var("AXUM_APP_LISTEN")
         .unwrap_or_else(|_| "127.0.0.1:3001".to_owned())
         .parse()?;
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    // tower-zerocopy: a listener whose connections send file slices with sendfile(2), and
+    // `WithSendfile` to tell the static-file service which requests may use it.
+    let listener = SendfileListener::bind(addr).await?;
     tracing::info!(%addr, "axum-app listening");
     let abort_root = AbortRoot::new();
     let root = abort_root.clone();
-    axum::serve(listener, app(&abort_root))
+    axum::serve(listener, WithSendfile::new(app(&abort_root)))
         .with_graceful_shutdown(async move {
             let _ = tokio::signal::ctrl_c().await;
             // axum now stops accepting and waits for in-flight requests; those still
@@ -273,6 +290,67 @@ mod tests {
             handle.shed_count(tower_backpressure::ShedReason::DeadlineUnreachable),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn static_files_are_served() {
+        let response = app(&AbortRoot::new())
+            .oneshot(
+                Request::get("/static/index.html")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "text/html");
+        assert!(response.headers().contains_key("etag"));
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            &body[..],
+            &std::fs::read(static_root().join("index.html")).unwrap()[..]
+        );
+        let response = app(&AbortRoot::new())
+            .oneshot(
+                Request::get("/static/../Cargo.toml")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    }
+
+    /// Through the real listener a large file goes out with sendfile(2).
+    #[tokio::test]
+    async fn large_static_file_uses_sendfile() {
+        let dir = std::env::temp_dir().join(format!("axum-app-static-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.join("big.bin"), &data).unwrap();
+        let app = Router::new().nest_service("/static", ServeDir::new(&dir));
+        let listener = SendfileListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, stats) = (listener.local_addr().unwrap(), listener.stats());
+        let server =
+            tokio::spawn(async move { axum::serve(listener, WithSendfile::new(app)).await });
+
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("/static/big.bin")
+            .header("host", "localhost")
+            .body(http_body_util::Empty::<axum::body::Bytes>::new())
+            .unwrap();
+        let response = send.send_request(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], &data[..]);
+        assert_eq!(stats.sendfile_bytes(), data.len() as u64, "{stats:?}");
+        server.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]

@@ -54,6 +54,11 @@ pub(crate) struct Cli {
     #[arg(long, env = "CLUSTER_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) shutdown_grace: Duration,
 
+    /// Directory served under `GET /static/{*path}` (through sendfile on Linux, plaintext
+    /// HTTP/1). Default: the demo folder shipped with the example.
+    #[arg(long, env = "CLUSTER_ROOT", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/static"))]
+    pub(crate) root: std::path::PathBuf,
+
     /// Largest `ms` accepted by `GET /sleep?ms=N`; larger values get `400`.
     #[arg(long, env = "CLUSTER_MAX_SLEEP", default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) max_sleep: Duration,

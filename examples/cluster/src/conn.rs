@@ -88,6 +88,11 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
+    /// The metrics of the worker these connections belong to.
+    pub(crate) fn metrics(&self) -> &WorkerMetrics {
+        &self.metrics
+    }
+
     pub(crate) fn new(
         config: ConnConfig,
         signal: Arc<Signal>,
@@ -472,7 +477,8 @@ pub(crate) struct ConnService<S> {
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
 where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone,
+    S::Error: Into<BoxError>,
 {
     type Response = Response<TrackedBody<B>>;
     type Error = Infallible;
@@ -539,13 +545,25 @@ pin_project_lite::pin_project! {
 
 impl<S, B> Future for ConnFuture<S>
 where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
 {
     type Output = Result<Response<TrackedBody<B>>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let Ok(mut res) = ready!(this.inner.poll(cx));
+        let mut res = match ready!(this.inner.poll(cx)) {
+            Ok(res) => res.map(|body| Inner::App { body }),
+            Err(e) => {
+                // hyper would close the connection on a service error; a layer's failure
+                // becomes an ordinary 500 instead, and is logged.
+                let e: BoxError = e.into();
+                tracing::error!(error = %e, "service error: answering 500");
+                let mut res = Response::new(Inner::Empty);
+                *res.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                res
+            }
+        };
         this.settings.metrics.count_response(res.status().as_u16());
         if *this.http1 {
             let draining = this.settings.signal.level() != DrainLevel::Serving;
@@ -560,7 +578,7 @@ where
             }
         }
         let guard = this.guard.take();
-        Poll::Ready(Ok(res.map(|body| TrackedBody { body, guard })))
+        Poll::Ready(Ok(res.map(|inner| TrackedBody { inner, guard })))
     }
 }
 
@@ -571,8 +589,18 @@ pin_project_lite::pin_project! {
     #[derive(Debug)]
     pub(crate) struct TrackedBody<B> {
         #[pin]
-        body: B,
+        inner: Inner<B>,
         guard: Option<InFlight>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The application's body, or the empty body of a `500` for a service error.
+    #[project = InnerProj]
+    #[derive(Debug)]
+    enum Inner<B> {
+        App { #[pin] body: B },
+        Empty,
     }
 }
 
@@ -585,7 +613,10 @@ impl<B: Body> Body for TrackedBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let res = ready!(this.body.poll_frame(cx));
+        let res = match this.inner.project() {
+            InnerProj::App { body } => ready!(body.poll_frame(cx)),
+            InnerProj::Empty => None,
+        };
         if res.is_none() {
             this.guard.take();
         }
@@ -593,11 +624,17 @@ impl<B: Body> Body for TrackedBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.inner {
+            Inner::App { body } => body.is_end_stream(),
+            Inner::Empty => true,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.inner {
+            Inner::App { body } => body.size_hint(),
+            Inner::Empty => SizeHint::with_exact(0),
+        }
     }
 }
 
@@ -624,10 +661,8 @@ pub(crate) async fn serve_connection<IO, S, B>(
 ) -> Outcome
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -975,9 +1010,15 @@ mod tests {
         tokio::task::JoinHandle<(Outcome, Duration)>,
     ) {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        let app = crate::routes::app(crate::routes::RouteConfig {
-            max_sleep: Duration::from_secs(60),
-        });
+        let app = crate::routes::app(
+            crate::routes::RouteConfig {
+                max_sleep: Duration::from_secs(60),
+                static_files: None,
+            },
+            tower_abort::AbortLayer::new(),
+            prometheus_client::metrics::counter::Counter::default(),
+            crate::routes::backpressure(64, 64, Duration::from_secs(1)),
+        );
         let task = tokio::spawn(async move {
             let start = Instant::now();
             let outcome = serve_connection(server, app, settings).await;
@@ -1041,6 +1082,39 @@ mod tests {
             Duration::ZERO,
             "closed right after the last response"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_service_error_is_a_500_and_the_connection_lives_on() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let settings = settings(2, 5, None);
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let failing = tower::service_fn(|req: Request<Incoming>| async move {
+            if req.uri().path() == "/fail" {
+                Err(std::io::Error::other("boom"))
+            } else {
+                Ok(Response::new(http_body_util::Full::new(
+                    Bytes::from_static(b"fine"),
+                )))
+            }
+        });
+        let task = tokio::spawn(serve_connection(server, failing, settings));
+        client
+            .write_all(b"GET /fail HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        client.read_to_string(&mut out).await.unwrap();
+        assert!(
+            out.starts_with("HTTP/1.1 500 Internal Server Error\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("content-length: 0\r\n"), "{out}");
+        assert!(
+            out.ends_with("fine"),
+            "second request served on the same connection: {out}"
+        );
+        assert!(matches!(task.await.unwrap(), Outcome::Closed(Ok(()))));
     }
 
     #[test]

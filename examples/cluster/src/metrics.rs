@@ -27,6 +27,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tower_abort::AbortRoot;
 use tower_backpressure::{BackpressureHandle, ShedReason};
+use tower_zerocopy::SendfileStats;
 
 /// Label set of `http_requests_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -51,6 +52,9 @@ pub(crate) struct WorkerMetrics {
     /// The parent of every request's `AbortSignal` in this process; the drain shuts it
     /// down, and its per-reason counts are exported as `abort_total{reason}`.
     pub(crate) abort_root: AbortRoot,
+    /// Bytes the connections sent with `sendfile(2)` and from user-space buffers, exported as
+    /// `zerocopy_sendfile_bytes_total` and `zerocopy_copied_bytes_total`.
+    pub(crate) sendfile: SendfileStats,
 }
 
 impl WorkerMetrics {
@@ -76,6 +80,8 @@ impl WorkerMetrics {
         );
         let abort_root = AbortRoot::new();
         registry.register_collector(Box::new(AbortCollector(abort_root.clone())));
+        let sendfile = SendfileStats::new();
+        registry.register_collector(Box::new(ZeroCopyCollector(sendfile.clone())));
         WorkerMetrics {
             registry,
             requests,
@@ -83,6 +89,7 @@ impl WorkerMetrics {
             status_cache: (100..600).map(|_| OnceLock::new()).collect(),
             work_cancelled,
             abort_root,
+            sendfile,
         }
     }
 
@@ -179,6 +186,31 @@ impl prometheus_client::collector::Collector for BackpressureCollector {
             let labels = vec![("reason".to_owned(), reason.as_str().to_owned())];
             let counter = ConstCounter::new(self.handle.shed_count(reason));
             counter.encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Encodes the `SendfileStats` counters at encode time.
+#[derive(Debug)]
+struct ZeroCopyCollector(SendfileStats);
+
+impl prometheus_client::collector::Collector for ZeroCopyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        for (name, help, value) in [
+            (
+                "zerocopy_sendfile_bytes",
+                "Response bytes sent with sendfile(2), never copied through user space",
+                self.0.sendfile_bytes(),
+            ),
+            (
+                "zerocopy_copied_bytes",
+                "Response bytes written from user-space buffers (heads, small or non-file bodies, HTTP/2)",
+                self.0.copied_bytes(),
+            ),
+        ] {
+            let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(value).encode(metric)?;
         }
         Ok(())
     }

@@ -30,16 +30,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body::Body;
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use tower::Service;
 use tower_abort::future::Aborted;
-use tower_abort::{AbortBody, AbortLayer, AbortReason, AbortSignal, TimeoutFormat};
-use tower_backpressure::{BackpressureLayer, ResponseBody};
+use tower_abort::{AbortLayer, AbortReason, AbortSignal, TimeoutFormat};
+use tower_backpressure::BackpressureLayer;
+use tower_zerocopy::{FileBody, ServeDir};
 
-/// Response body of every route.
-pub(crate) type RouteBody = Full<Bytes>;
+/// Response body of every route: literal bytes, or a file for `/static` (tower-zerocopy's
+/// body, which goes out through sendfile on a capable connection).
+pub(crate) type RouteBody = FileBody;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
@@ -48,6 +52,8 @@ const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=ut
 pub(crate) struct RouteConfig {
     /// Upper bound of `/sleep?ms=N`.
     pub(crate) max_sleep: Duration,
+    /// The service behind `GET /static/{*path}` (`None`: that prefix is `404`).
+    pub(crate) static_files: Option<ServeDir>,
 }
 
 /// The backpressure layer of one worker: its state (limit, queue, counters) is created
@@ -70,8 +76,10 @@ pub(crate) fn backpressure(
 /// `AbortLayer` is outermost, so every request (404s included) gets its signal and the
 /// signal fires whatever the inner layers do. tower-backpressure comes next, so a shed
 /// request costs no routing work and the permit covers the whole response body. Later
-/// layers (singleflight, zerocopy) go between them and [`Routes`]; the connection code only needs a cloneable
-/// `Service<Request<Incoming>>` that never fails.
+/// layers go between them and [`Routes`]. The connection code only needs a cloneable
+/// `Service<Request<Incoming>>` with a `Send` future, any `Bytes` body and any boxable error
+/// (answered with a logged `500`, the connection kept), so a layer that changes the body or
+/// error type needs no change here or in the connection code.
 ///
 /// `work_cancelled` counts `/sleep` requests stopped by their signal.
 pub(crate) fn app(
@@ -81,9 +89,9 @@ pub(crate) fn app(
     backpressure: BackpressureLayer,
 ) -> impl Service<
     Request<Incoming>,
-    Response = Response<AppBody>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<Response<AppBody>, Infallible>> + Send + 'static,
+    Response = Response<impl Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static>,
+    Error: Into<BoxError>,
+    Future: Send + 'static,
 > + Clone
        + Send
        + Sync
@@ -95,9 +103,6 @@ pub(crate) fn app(
         .layer(backpressure)
         .service(Routes::new(config, work_cancelled))
 }
-
-/// Response body of [`app`].
-pub(crate) type AppBody = AbortBody<ResponseBody<RouteBody>>;
 
 /// The abort layer's settings: clients may shorten their own requests with `grpc-timeout`
 /// or `request-timeout` (milliseconds). There is no server-wide default deadline: `/sleep`
@@ -126,6 +131,20 @@ impl Routes {
 
     fn route<B>(&self, req: &Request<B>) -> Route {
         let path = req.uri().path();
+        if let Some(rest) = path.strip_prefix("/static/") {
+            if let Some(files) = &self.config.static_files {
+                // ServeDir sees the path below the prefix, and checks method and path itself.
+                let mut target = format!("/{rest}");
+                if let Some(q) = req.uri().query() {
+                    target.push('?');
+                    target.push_str(q);
+                }
+                return match target.parse::<http::Uri>() {
+                    Ok(uri) => Route::Static(files.clone(), uri),
+                    Err(_) => Route::Respond(text(StatusCode::BAD_REQUEST, "bad path\n")),
+                };
+            }
+        }
         let known = matches!(path, "/" | "/healthz" | "/sleep");
         if !known {
             return Route::Respond(text(StatusCode::NOT_FOUND, "not found\n"));
@@ -151,6 +170,7 @@ impl Routes {
 enum Route {
     Respond(Response<RouteBody>),
     Sleep(Duration),
+    Static(ServeDir, http::Uri),
 }
 
 /// Parses the `ms` parameter of `/sleep`: exactly one, decimal, at most `max`.
@@ -181,7 +201,7 @@ fn parse_sleep(query: Option<&str>, max: Duration) -> Result<Duration, &'static 
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<RouteBody> {
-    let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut res = Response::new(FileBody::from_bytes(Bytes::from_static(body.as_bytes())));
     *res.status_mut() = status;
     res.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN);
     res
@@ -201,6 +221,15 @@ impl<B> Service<Request<B>> for Routes {
             Route::Respond(res) => RouteFuture {
                 state: State::Ready { res: Some(res) },
             },
+            Route::Static(mut files, uri) => {
+                let (mut parts, _body) = req.into_parts();
+                parts.uri = uri;
+                RouteFuture {
+                    state: State::Static {
+                        fut: files.call(Request::from_parts(parts, ())),
+                    },
+                }
+            }
             Route::Sleep(d) => {
                 let signal = req.extensions().get::<AbortSignal>().cloned();
                 RouteFuture {
@@ -234,6 +263,7 @@ pin_project_lite::pin_project! {
     #[derive(Debug)]
     enum State {
         Ready { res: Option<Response<RouteBody>> },
+        Static { fut: tower_zerocopy::ResponseFuture },
         Sleep {
             #[pin]
             sleep: tokio::time::Sleep,
@@ -278,6 +308,7 @@ impl Future for RouteFuture {
             StateProj::Ready { res } => {
                 Poll::Ready(Ok(res.take().expect("RouteFuture polled after completion")))
             }
+            StateProj::Static { fut } => Pin::new(fut).poll(cx),
             StateProj::Sleep {
                 sleep,
                 aborted,
@@ -321,6 +352,7 @@ mod tests {
         Routes::new(
             RouteConfig {
                 max_sleep: Duration::from_secs(5),
+                static_files: None,
             },
             Counter::default(),
         )
@@ -335,7 +367,7 @@ mod tests {
         (
             status,
             bytes.clone(),
-            Response::from_parts(parts, Full::new(bytes)),
+            Response::from_parts(parts, FileBody::from_bytes(bytes)),
         )
     }
 
@@ -394,6 +426,7 @@ mod tests {
             .service(Routes::new(
                 RouteConfig {
                     max_sleep: Duration::from_secs(60),
+                    static_files: None,
                 },
                 cancelled.clone(),
             ))

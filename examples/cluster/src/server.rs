@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_zerocopy::{MarkSendfile, SendfileStream};
 
 use crate::conn::{self, DrainLevel, Settings, Signal};
 
@@ -35,6 +36,29 @@ pub(crate) fn bind_listener(addr: SocketAddr, backlog: i32) -> io::Result<std::n
     Ok(socket.into())
 }
 
+/// Fails if something already listens on `addr`.
+///
+/// `SO_REUSEPORT` would otherwise let a second server (say, a second `cluster` started by
+/// mistake) join the port and silently take a share of the connections. A plain bind fails
+/// on any listening socket, reuse-port or not; the probe is closed before the real sockets
+/// are bound.
+pub(crate) fn ensure_port_free(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    match std::net::TcpListener::bind(addr) {
+        Ok(probe) => {
+            drop(probe);
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            e.kind(),
+            format!("{addr} is already in use (another server, or another cluster, listens there)"),
+        )),
+        Err(e) => Err(io::Error::new(e.kind(), format!("cannot bind {addr}: {e}"))),
+    }
+}
+
 /// Converts a (possibly inherited) std listener for tokio.
 pub(crate) fn into_tokio(listener: std::net::TcpListener) -> io::Result<TcpListener> {
     // An inherited descriptor may be in blocking mode; tokio needs non-blocking or the
@@ -51,10 +75,8 @@ pub(crate) async fn accept_loop<S, B>(
     tracker: TaskTracker,
     stop: CancellationToken,
 ) where
-    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = std::convert::Infallible>
-        + Clone
-        + Send
-        + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     S::Future: Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -70,7 +92,11 @@ pub(crate) async fn accept_loop<S, B>(
                 if let Err(e) = stream.set_nodelay(true) {
                     tracing::debug!(%peer, error = %e, "TCP_NODELAY failed");
                 }
-                let app = app.clone();
+                // tower-zerocopy: file slices leave this socket through sendfile(2), and
+                // requests of this connection carry the capability that lets `/static` use it.
+                let stream =
+                    SendfileStream::with_stats(stream, settings.metrics().sendfile.clone());
+                let app = MarkSendfile::new(app.clone(), stream.capability());
                 tracker.spawn(async move {
                     let outcome = conn::serve_connection(stream, app, settings).await;
                     tracing::trace!(%peer, ?outcome, "connection ended");

@@ -143,6 +143,7 @@ pub(crate) fn run(cli: Cli, workers: usize) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("cannot locate the current executable")?;
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
 
+    server::ensure_port_free(cli.listen)?;
     let mut slots = Vec::with_capacity(workers);
     let mut addr = cli.listen;
     for _ in 0..workers {

@@ -70,6 +70,7 @@ impl Serving {
         let app = routes::app(
             RouteConfig {
                 max_sleep: cli.max_sleep,
+                static_files: Some(tower_zerocopy::ServeDir::new(&cli.root)),
             },
             tower_abort::AbortLayer::with_root(self.metrics.abort_root.clone()),
             self.metrics.work_cancelled.clone(),
@@ -123,6 +124,7 @@ impl Serving {
 
 /// `--workers 0`: one process, no supervisor; it serves `/metrics` itself.
 pub(crate) fn run_standalone(cli: Cli) -> anyhow::Result<()> {
+    server::ensure_port_free(cli.listen)?;
     let std_listener = server::bind_listener(cli.listen, cli.backlog)?;
     let addr = std_listener.local_addr()?;
     let rt = runtime(RuntimeFlavor::MultiThread)?;

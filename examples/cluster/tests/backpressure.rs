@@ -16,7 +16,7 @@ fn sheds_beyond_the_limit_bypasses_healthz_and_exports_metrics() {
         "--max-queued",
         "1",
         "--queue-timeout",
-        "200ms",
+        "1500ms",
         "--metrics-interval",
         "50ms",
     ]);
@@ -30,14 +30,14 @@ fn sheds_beyond_the_limit_bypasses_healthz_and_exports_metrics() {
         "{text}"
     );
 
-    // One request holds the only slot for 3 s.
+    // One request holds the only slot for 4 s.
     let addr = server.addr;
-    let holder = std::thread::spawn(move || get(addr, "/sleep?ms=3000").unwrap());
+    let holder = std::thread::spawn(move || get(addr, "/sleep?ms=4000").unwrap());
     server.wait_metrics("one request in flight", |t| {
         metric(t, "backpressure_in_flight") == Some(1.0)
     });
-    // A second waits in the queue and times out after 200 ms; a third, sent while the
-    // second waits, finds the queue full and is shed at once.
+    // A second waits in the queue and times out after 1.5 s (the slot is still held); a
+    // third, sent while the second waits, finds the queue full and is shed at once.
     let waiter = std::thread::spawn(move || get(addr, "/sleep?ms=10").unwrap());
     server.wait_metrics("one request queued", |t| {
         metric(t, "backpressure_queued") == Some(1.0)

@@ -326,3 +326,42 @@ async fn http2_idle_connection_closed_after_keep_alive_timeout() {
     let t = idle.elapsed();
     assert!(t >= Duration::from_millis(800), "closed after {t:?}");
 }
+
+/// `GET /static/{*path}` serves `--root`; large files go out with sendfile(2), which the
+/// cluster-wide `/metrics` reports as `zerocopy_sendfile_bytes_total`.
+#[test]
+fn static_files_go_through_sendfile() {
+    let root = std::env::temp_dir().join(format!("cluster-static-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(root.join("big.bin"), &data).unwrap();
+    std::fs::write(root.join("small.txt"), "small").unwrap();
+    let server = Server::start(&[
+        "--workers",
+        "1",
+        "--metrics-interval",
+        "100ms",
+        "--root",
+        root.to_str().unwrap(),
+    ]);
+    let res = get(server.addr, "/static/big.bin").unwrap();
+    assert_eq!(res.status, 200);
+    assert!(res.body == data, "byte-exact static file");
+    assert!(res.header("etag").is_some());
+    let res = get(server.addr, "/static/small.txt").unwrap();
+    assert_eq!((res.status, &res.body[..]), (200, &b"small"[..]));
+    assert_eq!(get(server.addr, "/static/missing").unwrap().status, 404);
+    assert_eq!(
+        get(server.addr, "/static/%2e%2e/Cargo.toml")
+            .unwrap()
+            .status,
+        400
+    );
+    let text = server.wait_metrics("zerocopy counters", |t| {
+        metric(t, "zerocopy_sendfile_bytes_total").is_some_and(|v| v >= data.len() as f64)
+    });
+    // The small file and the heads were copied; the large body was not.
+    let copied = metric(&text, "zerocopy_copied_bytes_total").unwrap();
+    assert!(copied > 5.0 && copied < data.len() as f64, "{copied}");
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -373,6 +373,23 @@ fn metrics_are_fresh_at_scrape_time() {
 }
 
 #[test]
+fn a_second_server_on_the_same_port_is_refused() {
+    // SO_REUSEPORT would let it join the port and take a share of the traffic silently.
+    let first = Server::start(&["--workers", "1"]);
+    for workers in ["2", "0"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cluster"))
+            .args(["--listen", &first.addr.to_string(), "--admin", "off"])
+            .args(["--workers", workers])
+            .output()
+            .expect("run a second server");
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("already in use"), "{stderr}");
+    }
+    assert_eq!(get(first.addr, "/").unwrap().status, 200);
+}
+
+#[test]
 fn single_process_mode() {
     let mut server = Server::start(&["--workers", "0", "--shutdown-grace", "2s"]);
     assert!(server.workers().is_empty(), "no worker processes");

@@ -1,0 +1,192 @@
+//! `SendfileStream` write semantics driven by hand: partial writes, `Pending` on a full
+//! socket, the fairness cap, and exact bytes across all of them.
+#![cfg(target_os = "linux")]
+
+mod support;
+
+use std::future::poll_fn;
+use std::io::IoSlice;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::BodyExt;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWrite};
+use tokio::net::UnixStream;
+use tower::ServiceExt;
+use tower_zerocopy::{MarkSendfile, SendfileStream, ServeDir};
+
+#[tokio::test]
+async fn partial_writes_pending_and_cap_are_exact() {
+    let dir = TempDir::new("stream");
+    let len = 6u64 << 20;
+    write_pattern(&dir.path().join("f.bin"), len);
+    let (server, mut client) = UnixStream::pair().unwrap();
+    let mut stream = SendfileStream::new(server).max_chunk(1 << 20);
+    let svc = MarkSendfile::new(ServeDir::new(dir.path()), stream.capability());
+    let res = svc
+        .oneshot(Request::get("/f.bin").body(()).unwrap())
+        .await
+        .unwrap();
+    let mut body = res.into_body();
+    assert!(body.is_sendfile());
+    let mut file_chunks: Vec<Bytes> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        file_chunks.push(frame.unwrap().into_data().unwrap());
+    }
+    let head = Bytes::from_static(b"HEAD-BYTES\r\n");
+    let tail = Bytes::from_static(b"\r\nTAIL");
+    let mut queue: Vec<Bytes> = vec![head.clone()];
+    queue.extend(file_chunks.iter().cloned());
+    queue.push(tail.clone());
+    let mut expected = head.to_vec();
+    expected.extend((0..len).map(pattern));
+    expected.extend_from_slice(&tail);
+
+    // The peer reads slowly on its own task, so the socket fills and writes go Pending.
+    let reader = tokio::spawn(async move {
+        let mut received = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return received,
+                Ok(k) => received.extend_from_slice(&buf[..k]),
+            }
+            tokio::task::yield_now().await;
+        }
+    });
+    let mut saw_pending = false;
+    let mut calls = 0;
+    while !queue.is_empty() {
+        let slices: Vec<IoSlice<'_>> = queue.iter().map(|b| IoSlice::new(b)).collect();
+        let r = poll_fn(|cx| {
+            let r = Pin::new(&mut stream).poll_write_vectored(cx, &slices);
+            saw_pending |= r.is_pending();
+            r
+        })
+        .await;
+        calls += 1;
+        let n = r.expect("write");
+        assert!(n > 0);
+        // The fairness cap bounds one call (plus the small ordinary slices).
+        assert!(n <= (1 << 20) + head.len() + tail.len(), "{n}");
+        let mut n = n;
+        while n > 0 {
+            let first = &mut queue[0];
+            if n >= first.len() {
+                n -= first.len();
+                queue.remove(0);
+            } else {
+                let _ = first.split_to(n);
+                n = 0;
+            }
+        }
+    }
+    assert!(
+        calls >= 6,
+        "the 1 MiB cap splits 6 MiB into at least 6 calls ({calls})"
+    );
+    assert_eq!(stream.stats().sendfile_bytes(), len);
+    assert_eq!(
+        stream.stats().copied_bytes(),
+        (head.len() + tail.len()) as u64
+    );
+    drop(stream);
+    let received = reader.await.unwrap();
+    assert!(saw_pending, "a 6 MiB write must fill a unix socket buffer");
+    assert_eq!(received.len(), expected.len());
+    assert_eq!(hash(&received), hash(&expected));
+}
+
+#[tokio::test]
+async fn truncated_file_is_an_error_not_a_hang() {
+    let dir = TempDir::new("stream-trunc");
+    let path = dir.path().join("f.bin");
+    write_pattern(&path, 1 << 20);
+    let (server, client) = UnixStream::pair().unwrap();
+    let mut stream = SendfileStream::new(server);
+    let svc = MarkSendfile::new(
+        ServeDir::new(dir.path()).cache_capacity(0),
+        stream.capability(),
+    );
+    let res = svc
+        .oneshot(Request::get("/f.bin").body(()).unwrap())
+        .await
+        .unwrap();
+    let chunk = res
+        .into_body()
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    let mut reader = tokio::spawn(async move {
+        let mut client = client;
+        let mut v = Vec::new();
+        let _ = client.read_to_end(&mut v).await;
+        v.len()
+    });
+    let mut offset = 0;
+    let err = loop {
+        let slice = [IoSlice::new(&chunk[offset..])];
+        match poll_fn(|cx| Pin::new(&mut stream).poll_write_vectored(cx, &slice)).await {
+            Ok(n) => offset += n,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+    assert_eq!(
+        offset, 1000,
+        "exactly the bytes that still existed were sent"
+    );
+    assert_eq!(stream.stats().truncations(), 1);
+    drop(stream);
+    assert_eq!((&mut reader).await.unwrap(), 1000);
+}
+
+#[tokio::test]
+async fn for_request_picks_the_path_by_capability_and_version() {
+    let dir = TempDir::new("forreq");
+    let path = dir.path().join("f.bin");
+    write_pattern(&path, 300_000);
+    let (server, _client) = UnixStream::pair().unwrap();
+    let stream = SendfileStream::new(server);
+    let mut marked = http::Extensions::new();
+    marked.insert(stream.capability());
+    let plain = http::Extensions::new();
+    let open = || std::fs::File::open(&path).unwrap();
+    let cases = [
+        (http::Version::HTTP_11, &marked, 0..300_000u64, true),
+        (http::Version::HTTP_2, &marked, 0..300_000, false),
+        (http::Version::HTTP_11, &plain, 0..300_000, false),
+        (http::Version::HTTP_11, &marked, 10..1000, false),
+    ];
+    for (version, ext, range, want) in cases {
+        let mut body =
+            tower_zerocopy::FileBody::for_request(open(), range.clone(), version, ext).unwrap();
+        assert_eq!(body.is_sendfile(), want, "{version:?} {range:?}");
+        let mut got = Vec::new();
+        while let Some(frame) = body.frame().await {
+            got.extend_from_slice(&frame.unwrap().into_data().unwrap());
+        }
+        let want_bytes: Vec<u8> = range.clone().map(pattern).collect();
+        assert_eq!(hash(&got), hash(&want_bytes));
+    }
+    let err =
+        tower_zerocopy::FileBody::for_request(open(), 0..300_001, http::Version::HTTP_11, &plain)
+            .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    assert_eq!(
+        tower_zerocopy::live_mappings(),
+        0,
+        "bodies dropped, maps released"
+    );
+}
