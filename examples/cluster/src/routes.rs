@@ -87,6 +87,11 @@ fn expensive_key(uri: &http::Uri, headers: &http::HeaderMap) -> Option<RequestKe
     DefaultKey::new().key(uri, headers)
 }
 
+/// The key function of `--no-singleflight`: no request coalesces.
+fn no_key(_: &http::Uri, _: &http::HeaderMap) -> Option<RequestKey> {
+    None
+}
+
 /// The singleflight layer of one worker: its flight map and counters are created here,
 /// once, and shared by every connection's clone of the stack. Responses carry
 /// `x-singleflight: leader | follower | ...` so the demo shows who shared what.
@@ -94,6 +99,17 @@ pub(crate) fn singleflight() -> SingleflightLayer<ExpensiveKey> {
     SingleflightLayer::new()
         .debug_header(true)
         .key_fn(expensive_key as ExpensiveKey)
+}
+
+/// [`singleflight`], or with `enabled == false` the same layer with a key function that
+/// never coalesces (`--no-singleflight`), so both cases run the same stack.
+pub(crate) fn singleflight_if(enabled: bool) -> SingleflightLayer<ExpensiveKey> {
+    let layer = singleflight();
+    if enabled {
+        layer
+    } else {
+        layer.key_fn(no_key as ExpensiveKey)
+    }
 }
 
 /// Builds the service every connection of a worker clones.
@@ -646,6 +662,38 @@ mod tests {
             tokio::task::yield_now().await;
         }
         panic!("condition not reached");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_singleflight_runs_every_expensive_request_on_its_own() {
+        let root = tower_abort::AbortRoot::new();
+        let (calls, cancelled) = (Counter::default(), Counter::default());
+        let layer = singleflight_if(false);
+        let stats = layer.stats();
+        let svc = expensive_stack(&root, &calls, &cancelled, layer);
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let req = Request::get("/expensive/report-7?ms=500").body(()).unwrap();
+                tokio::spawn(svc.clone().oneshot(req))
+            })
+            .collect();
+        let mut generations = Vec::new();
+        for t in tasks {
+            let res = t.await.unwrap().unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            generations.push(body);
+        }
+        generations.sort();
+        generations.dedup();
+        assert_eq!(
+            generations.len(),
+            20,
+            "every request got its own backend call"
+        );
+        assert_eq!(calls.get(), 20);
+        assert_eq!((stats.leaders(), stats.followers()), (0, 0));
+        assert_eq!(stats.in_flight(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -47,7 +47,7 @@ impl Serving {
             routes::backpressure(cli.max_in_flight, cli.max_queued, cli.queue_timeout);
         let mut metrics = WorkerMetrics::new();
         metrics.register_backpressure(backpressure.handle());
-        let singleflight = routes::singleflight();
+        let singleflight = routes::singleflight_if(!cli.no_singleflight);
         metrics.register_singleflight(singleflight.stats());
         let metrics = Arc::new(metrics);
         let settings: &'static Settings = Box::leak(Box::new(Settings::new(
