@@ -122,6 +122,15 @@ pub(crate) struct Cli {
     #[arg(long, env = "CLUSTER_QUEUE_TIMEOUT", default_value = "1s", value_parser = parse_positive_duration)]
     pub(crate) queue_timeout: Duration,
 
+    /// Most connections each worker process keeps open at once. Beyond it a new connection
+    /// is accepted, answered `503 Service Unavailable` with `Connection: close` (best effort,
+    /// without reading its request) and closed at once, so a flood can neither exhaust file
+    /// descriptors nor make accept fail in a loop. Lowered at start-up, with a warning, to
+    /// what the process's file-descriptor limit (`RLIMIT_NOFILE`, raised from its soft to its
+    /// hard value at start-up) leaves room for.
+    #[arg(long, env = "CLUSTER_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = parse_at_least_one)]
+    pub(crate) max_connections: usize,
+
     /// Internal: run as a worker of a supervisor (`SLOT:GENERATION:LISTEN_FD:CONTROL_FD`).
     /// Deliberately not readable from the environment.
     #[arg(long, hide = true)]
@@ -273,6 +282,8 @@ mod tests {
         assert_eq!(cli.max_in_flight, 1024);
         assert_eq!(cli.max_queued, 1024);
         assert_eq!(cli.queue_timeout, Duration::from_secs(1));
+        assert_eq!(cli.max_connections, 10_000);
+        assert!(Cli::try_parse_from(["cluster", "--max-connections", "0"]).is_err());
         assert!(Cli::try_parse_from(["cluster", "--max-in-flight", "0"]).is_err());
         assert!(Cli::try_parse_from(["cluster", "--queue-timeout", "0s"]).is_err());
         assert!(cli.worker_count() >= 1);

@@ -11,6 +11,7 @@
 //! - [`routes`]: the application and the one place its tower stack is built;
 //! - [`metrics`]: per-worker registry and the supervisor's sum over workers;
 //! - [`control`]: the supervisor <-> worker control channel;
+//! - [`limits`]: the file-descriptor limit and the connection cap;
 //! - [`fds`]: taking ownership of inherited descriptors (the only `unsafe`).
 
 #![deny(unsafe_code)]
@@ -19,6 +20,7 @@ mod cli;
 mod conn;
 mod control;
 mod fds;
+mod limits;
 mod metrics;
 mod routes;
 mod server;
@@ -40,6 +42,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // Before anything opens descriptors in earnest; workers inherit the raised limit.
+    let nofile = limits::raise_nofile_limit();
+    tracing::debug!(?nofile, "RLIMIT_NOFILE");
 
     let result = match worker {
         Some(args) => {

@@ -76,12 +76,15 @@ impl Serving {
             self.metrics.work_cancelled.clone(),
             self.backpressure.clone(),
         );
+        let max_connections =
+            crate::limits::connection_cap(cli.max_connections, crate::limits::raise_nofile_limit());
         // Carries the worker's span (slot, pid) into the task's log lines.
         tokio::spawn(
             server::accept_loop(
                 listener,
                 app,
                 self.settings,
+                max_connections,
                 self.tracker.clone(),
                 self.stop.clone(),
             )
