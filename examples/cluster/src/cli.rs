@@ -131,6 +131,12 @@ pub(crate) struct Cli {
     #[arg(long, env = "CLUSTER_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = parse_at_least_one)]
     pub(crate) max_connections: usize,
 
+    /// Largest request body in bytes: a larger `Content-Length` is answered `413` before any
+    /// route runs, and a streamed (chunked, HTTP/2) body is cut off with `413` once it
+    /// grows past it.
+    #[arg(long, env = "CLUSTER_MAX_BODY_SIZE", default_value_t = 1024 * 1024)]
+    pub(crate) max_body_size: usize,
+
     /// Internal: run as a worker of a supervisor (`SLOT:GENERATION:LISTEN_FD:CONTROL_FD`).
     /// Deliberately not readable from the environment.
     #[arg(long, hide = true)]
@@ -283,6 +289,7 @@ mod tests {
         assert_eq!(cli.max_queued, 1024);
         assert_eq!(cli.queue_timeout, Duration::from_secs(1));
         assert_eq!(cli.max_connections, 10_000);
+        assert_eq!(cli.max_body_size, 1024 * 1024);
         assert!(Cli::try_parse_from(["cluster", "--max-connections", "0"]).is_err());
         assert!(Cli::try_parse_from(["cluster", "--max-in-flight", "0"]).is_err());
         assert!(Cli::try_parse_from(["cluster", "--queue-timeout", "0s"]).is_err());

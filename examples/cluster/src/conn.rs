@@ -1014,6 +1014,7 @@ mod tests {
             crate::routes::RouteConfig {
                 max_sleep: Duration::from_secs(60),
                 static_files: None,
+                max_body_size: 1024,
             },
             tower_abort::AbortLayer::new(),
             prometheus_client::metrics::counter::Counter::default(),

@@ -9,6 +9,7 @@
 //! - [`server`]: listeners, accept loop, staged drain, admin server;
 //! - [`conn`]: one connection: HTTP/1.1 + HTTP/2, header/idle timeouts, max requests;
 //! - [`routes`]: the application and the one place its tower stack is built;
+//! - [`upload`]: `POST /upload`, the route that reads bodies (under `--max-body-size`);
 //! - [`metrics`]: per-worker registry and the supervisor's sum over workers;
 //! - [`control`]: the supervisor <-> worker control channel;
 //! - [`limits`]: the file-descriptor limit and the connection cap;
@@ -25,6 +26,7 @@ mod metrics;
 mod routes;
 mod server;
 mod supervisor;
+mod upload;
 mod worker;
 
 use std::io::IsTerminal;

@@ -54,6 +54,8 @@ pub(crate) struct RouteConfig {
     pub(crate) max_sleep: Duration,
     /// The service behind `GET /static/{*path}` (`None`: that prefix is `404`).
     pub(crate) static_files: Option<ServeDir>,
+    /// Largest request body (`--max-body-size`): `413` above it (see [`crate::upload`]).
+    pub(crate) max_body_size: usize,
 }
 
 /// The backpressure layer of one worker: its state (limit, queue, counters) is created
@@ -100,7 +102,13 @@ pub(crate) fn app(
         .layer(abort_layer(abort))
         // Outermost of the application layers after the signal: a shed request costs no
         // routing work, and the permit covers the whole response body.
+        // A declared Content-Length over the limit costs nothing; streamed bodies are cut
+        // off by the route that reads them.
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            config.max_body_size,
+        ))
         .layer(backpressure)
+        .layer(crate::upload::UploadLayer)
         .service(Routes::new(config, work_cancelled))
 }
 
@@ -353,6 +361,7 @@ mod tests {
             RouteConfig {
                 max_sleep: Duration::from_secs(5),
                 static_files: None,
+                max_body_size: 1024,
             },
             Counter::default(),
         )
@@ -427,6 +436,7 @@ mod tests {
                 RouteConfig {
                     max_sleep: Duration::from_secs(60),
                     static_files: None,
+                    max_body_size: 1024,
                 },
                 cancelled.clone(),
             ))

@@ -71,6 +71,7 @@ impl Serving {
             RouteConfig {
                 max_sleep: cli.max_sleep,
                 static_files: Some(tower_zerocopy::ServeDir::new(&cli.root)),
+                max_body_size: cli.max_body_size,
             },
             tower_abort::AbortLayer::with_root(self.metrics.abort_root.clone()),
             self.metrics.work_cancelled.clone(),

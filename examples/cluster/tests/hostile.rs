@@ -280,12 +280,18 @@ fn flood(idle: usize, slow: usize, drip: Duration, header_timeout: &str, bound: 
                 tokio::task::yield_now().await;
             }
         }
-        // Peak descriptors while the flood is open (sampled once, shortly after).
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let peak = fd_total(&watched);
+        // Peak of the workers' descriptors while the flood is open, sampled every 100 ms.
+        let mut peak = 0;
         let mut ends = Vec::new();
-        while let Some(end) = set.join_next().await {
-            ends.push(end.unwrap());
+        let mut sample = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                end = set.join_next() => match end {
+                    Some(end) => ends.push(end.unwrap()),
+                    None => break,
+                },
+                _ = sample.tick() => peak = peak.max(fd_total(&watched)),
+            }
         }
         (ends, peak)
     });
@@ -366,4 +372,345 @@ fn soak_idle_flood_10000_and_slowloris_2000() {
         "10s",
         Duration::from_secs(60),
     );
+}
+
+// ===== 3. malformed requests =====
+
+/// What a malformed request must get.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    /// A 4xx, or the connection closed without an answer.
+    Reject,
+    /// Exactly this status, or the connection closed without an answer.
+    Status(u16),
+    /// Tolerated by RFC 9112 (a recipient MAY accept it): any answer below 500, or a close.
+    MayAccept,
+    /// Ambiguous framing (RFC 9112 §6.1: `Transfer-Encoding` with `Content-Length`): a 4xx,
+    /// or an answer after which the connection is closed.
+    MustClose,
+}
+
+/// How the connection behaved after one malformed request.
+#[derive(Debug)]
+enum Seen {
+    /// Closed (EOF or reset) before any answer.
+    Closed,
+    /// Answered with `status`; `then` says what happened to a valid request sent next on the
+    /// same connection.
+    Answered { status: u16, then: FollowUp },
+}
+
+#[derive(Debug, PartialEq)]
+enum FollowUp {
+    /// Exactly one correct answer (`200 ok`), nothing after it.
+    Served,
+    /// The server had closed the connection.
+    Closed,
+}
+
+const FOLLOW_UP: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
+
+fn is_closed(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionAborted
+    )
+}
+
+/// Sends `bytes` on a fresh connection, then (if it lives on) a valid request.
+fn try_malformed(addr: SocketAddr, bytes: &[u8]) -> Result<Seen, String> {
+    let mut s = connect(addr);
+    if let Err(e) = s.write_all(bytes) {
+        return if is_closed(&e) {
+            Ok(Seen::Closed)
+        } else {
+            Err(format!("write: {e}"))
+        };
+    }
+    let first = match read_response(&mut s) {
+        Ok(res) => res,
+        Err(e) if is_closed(&e) && e.to_string().contains("after 0 bytes") => {
+            return Ok(Seen::Closed)
+        }
+        Err(e) if is_closed(&e) => return Err(format!("closed in the middle of an answer: {e}")),
+        Err(e) => return Err(format!("no answer and not closed: {e}")),
+    };
+    if first.status >= 500 || first.status < 100 {
+        return Err(format!("answered {}: {first:?}", first.status));
+    }
+    let then = match s.write_all(FOLLOW_UP).and_then(|()| read_response(&mut s)) {
+        Err(e) if is_closed(&e) && !e.to_string().contains("head") => FollowUp::Closed,
+        Err(e) if is_closed(&e) && e.to_string().contains("after 0 bytes") => FollowUp::Closed,
+        Err(e) => return Err(format!("follow-up: {e}")),
+        Ok(res) if res.status == 200 && res.body == b"ok" => {
+            // Exactly one answer: nothing else may arrive (a desynchronised connection
+            // would answer the smuggled remainder too).
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let mut extra = [0u8; 512];
+            match s.read(&mut extra) {
+                Ok(0) => {}
+                Ok(n) => {
+                    return Err(format!(
+                        "extra bytes after the follow-up: {:?}",
+                        String::from_utf8_lossy(&extra[..n])
+                    ))
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) || is_closed(&e) => {}
+                Err(e) => return Err(format!("after the follow-up: {e}")),
+            }
+            FollowUp::Served
+        }
+        Ok(res) => return Err(format!("follow-up desynchronised: {res:?}")),
+    };
+    Ok(Seen::Answered {
+        status: first.status,
+        then,
+    })
+}
+
+fn judge(expect: Expect, seen: &Seen) -> Result<(), String> {
+    let Seen::Answered { status, then } = seen else {
+        return Ok(()); // a close is acceptable for every bad request
+    };
+    let ok = match expect {
+        Expect::Reject => (400..500).contains(status),
+        Expect::Status(want) => status == &want,
+        Expect::MayAccept => true,
+        Expect::MustClose => (400..500).contains(status) || then == &FollowUp::Closed,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("expected {expect:?}, saw {seen:?}"))
+    }
+}
+
+/// The corpus: (name, bytes, expectation). Requests are on `/` (a `GET`/`HEAD` route that
+/// ignores bodies, so body-framing cases exercise hyper's framing, not a handler).
+fn corpus() -> Vec<(&'static str, Vec<u8>, Expect)> {
+    fn head(request_line: &str, headers: &str) -> Vec<u8> {
+        format!("{request_line}\r\nHost: t\r\n{headers}\r\n").into_bytes()
+    }
+    fn post(headers: &str, body: &str) -> Vec<u8> {
+        format!("POST / HTTP/1.1\r\nHost: t\r\n{headers}\r\n{body}").into_bytes()
+    }
+    fn raw(bytes: &[u8]) -> Vec<u8> {
+        bytes.to_vec()
+    }
+    let long = |n: usize| "a".repeat(n);
+    use Expect::*;
+    vec![
+        // --- methods
+        ("space inside method", head("G ET / HTTP/1.1", ""), Reject),
+        ("separator in method", head("GE(T / HTTP/1.1", ""), Reject),
+        ("NUL in method", raw(b"GE\0T / HTTP/1.1\r\nHost: t\r\n\r\n"), Reject),
+        ("leading space", head(" GET / HTTP/1.1", ""), Reject),
+        ("non-ASCII method", raw(b"G\x80T / HTTP/1.1\r\nHost: t\r\n\r\n"), Reject),
+        ("unknown method", head("FOO / HTTP/1.1", ""), Status(405)),
+        ("lower-case method", head("get / HTTP/1.1", ""), Status(405)),
+        ("empty method", head("/ HTTP/1.1", ""), Reject),
+        ("8 KiB method", head(&format!("{} / HTTP/1.1", "X".repeat(8192)), ""), Reject),
+        ("CONNECT authority-form", head("CONNECT t:80 HTTP/1.1", ""), Reject),
+        // --- versions
+        ("HTTP/1.2", head("GET / HTTP/1.2", ""), Reject),
+        ("HTTP/2.0 request line", head("GET / HTTP/2.0", ""), Reject),
+        ("HTTP/1.1x", head("GET / HTTP/1.1x", ""), Reject),
+        ("lower-case version", head("GET / http/1.1", ""), Reject),
+        ("HTTP/01.1", head("GET / HTTP/01.1", ""), Reject),
+        ("HTTP/0.9", raw(b"GET /\r\n\r\n"), Reject),
+        ("extra token after version", head("GET / HTTP/1.1 x", ""), Reject),
+        ("HTTP/ without digits", head("GET / HTTP/", ""), Reject),
+        ("no version", head("GET /", ""), Reject),
+        // --- header syntax
+        ("header without colon", head("GET / HTTP/1.1", "Xyz t\r\n"), Reject),
+        ("space before colon", head("GET / HTTP/1.1", "X-A : b\r\n"), Reject),
+        ("empty header name", head("GET / HTTP/1.1", ": b\r\n"), Reject),
+        ("obs-fold", head("GET / HTTP/1.1", "X-A: a\r\n b\r\n"), Reject),
+        ("NUL in header value", raw(b"GET / HTTP/1.1\r\nHost: t\r\nX-A: a\0b\r\n\r\n"), Reject),
+        ("CR in header value", raw(b"GET / HTTP/1.1\r\nHost: t\r\nX-A: a\rb\r\n\r\n"), Reject),
+        ("DEL in header value", raw(b"GET / HTTP/1.1\r\nHost: t\r\nX-A: a\x7fb\r\n\r\n"), Reject),
+        ("separator in header name", head("GET / HTTP/1.1", "X(y): z\r\n"), Reject),
+        ("non-ASCII header name", raw(b"GET / HTTP/1.1\r\nHost: t\r\nX\xc3\xa9: z\r\n\r\n"), Reject),
+        ("bare LF line endings", raw(b"GET / HTTP/1.1\nHost: t\n\n"), MayAccept),
+        ("mixed CRLF and LF", raw(b"GET / HTTP/1.1\r\nHost: t\n\r\n"), MayAccept),
+        ("bare CR line ending", raw(b"GET / HTTP/1.1\rHost: t\r\n\r\n"), Reject),
+        ("leading empty lines", raw(b"\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n"), MayAccept),
+        // --- sizes
+        ("101 headers", head("GET / HTTP/1.1", &"X-A: b\r\n".repeat(101)), Status(431)),
+        ("70 KB header value", head("GET / HTTP/1.1", &format!("X-A: {}\r\n", long(70_000))), Status(431)),
+        ("70 KB header name", head("GET / HTTP/1.1", &format!("{}: b\r\n", long(70_000))), Status(431)),
+        ("70 KB URI", head(&format!("GET /{} HTTP/1.1", long(70_000)), ""), Status(431)),
+        ("60 KB URI", head(&format!("GET /{} HTTP/1.1", long(60_000)), ""), Reject),
+        // --- Content-Length
+        ("two different Content-Lengths", post("Content-Length: 1\r\nContent-Length: 2\r\n", "ab"), Reject),
+        ("Content-Length list", post("Content-Length: 1, 2\r\n", "ab"), Reject),
+        ("negative Content-Length", post("Content-Length: -1\r\n", ""), Reject),
+        ("non-numeric Content-Length", post("Content-Length: abc\r\n", ""), Reject),
+        ("Content-Length with plus sign", post("Content-Length: +1\r\n", "a"), Reject),
+        ("Content-Length overflow", post("Content-Length: 99999999999999999999999\r\n", ""), Reject),
+        ("Content-Length hex", post("Content-Length: 0x1\r\n", "a"), Reject),
+        ("empty Content-Length", post("Content-Length: \r\n", ""), Reject),
+        // --- Transfer-Encoding
+        ("TE gzip only", post("Transfer-Encoding: gzip\r\n", "0\r\n\r\n"), Reject),
+        ("TE chunked, chunked", post("Transfer-Encoding: chunked, chunked\r\n", "0\r\n\r\n"), Reject),
+        ("TE chunked then gzip", post("Transfer-Encoding: chunked, gzip\r\n", "0\r\n\r\n"), Reject),
+        ("TE xchunked", post("Transfer-Encoding: xchunked\r\n", "0\r\n\r\n"), Reject),
+        ("TE chunked twice as headers", post("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", "0\r\n\r\n"), Reject),
+        ("TE chunked then identity header", post("Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n", "0\r\n\r\n"), Reject),
+        ("TE on HTTP/1.0", raw(b"POST / HTTP/1.0\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"), MustClose),
+        // --- smuggling shapes
+        ("CL.TE", post("Content-Length: 6\r\nTransfer-Encoding: chunked\r\n", "0\r\n\r\nG"), MustClose),
+        ("TE.CL", post("Transfer-Encoding: chunked\r\nContent-Length: 3\r\n", "8\r\nSMUGGLED\r\n0\r\n\r\n"), MustClose),
+        ("CL.TE with tab", post("Content-Length: 5\r\nTransfer-Encoding:\tchunked\r\n", "0\r\n\r\n"), MustClose),
+        ("TE with space before colon", post("Transfer-Encoding : chunked\r\nContent-Length: 5\r\n", "0\r\n\r\n"), Reject),
+        ("CL.CL smuggling", post("Content-Length: 0\r\nContent-Length: 44\r\n", "GET /x HTTP/1.1\r\nHost: t\r\n\r\n"), Reject),
+        // --- chunked bodies
+        ("chunk size not hex", post("Transfer-Encoding: chunked\r\n", "zz\r\nab\r\n0\r\n\r\n"), Reject),
+        ("negative chunk size", post("Transfer-Encoding: chunked\r\n", "-1\r\na\r\n0\r\n\r\n"), Reject),
+        ("chunk size overflow", post("Transfer-Encoding: chunked\r\n", "ffffffffffffffffff\r\na\r\n0\r\n\r\n"), Reject),
+        ("chunk size 0x prefix", post("Transfer-Encoding: chunked\r\n", "0x1\r\na\r\n0\r\n\r\n"), Reject),
+        ("chunk data longer than size", post("Transfer-Encoding: chunked\r\n", "1\r\nabc\r\n0\r\n\r\n"), Reject),
+        ("chunk size with LF only", post("Transfer-Encoding: chunked\r\n", "1\na\r\n0\r\n\r\n"), MayAccept),
+        // --- targets
+        ("non-UTF-8 path", raw(b"GET /\xff\xfe HTTP/1.1\r\nHost: t\r\n\r\n"), Reject),
+        ("percent-encoded non-UTF-8 path", head("GET /%ff%fe HTTP/1.1", ""), Status(404)),
+        ("static non-UTF-8", head("GET /static/%ff HTTP/1.1", ""), Reject),
+        ("static traversal", head("GET /static/../../../etc/passwd HTTP/1.1", ""), Reject),
+        ("static encoded traversal", head("GET /static/%2e%2e/%2e%2e/etc/passwd HTTP/1.1", ""), Reject),
+        ("static NUL", head("GET /static/a%00b HTTP/1.1", ""), Reject),
+        ("space in target", head("GET /a b HTTP/1.1", ""), Reject),
+        ("sleep with two ms", head("GET /sleep?ms=1&ms=2 HTTP/1.1", ""), Status(400)),
+        ("sleep with huge ms", head("GET /sleep?ms=999999999999999999999 HTTP/1.1", ""), Status(400)),
+        // --- not HTTP at all
+        ("TLS ClientHello", raw(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03abcdefghijklmnopqrstuvwxyzABCDEF\r\n\r\n"), Reject),
+        ("binary junk", (0u8..=255).chain(b"\r\n\r\n".iter().copied()).collect(), Reject),
+    ]
+}
+
+#[test]
+fn malformed_request_corpus_gets_4xx_or_close_and_never_desynchronises() {
+    let server = Server::start(&["--workers", "1", "--header-timeout", "5s"]);
+    let pids = ready_workers(&server, 1);
+    let cases = corpus();
+    assert!(cases.len() >= 50, "{} cases", cases.len());
+    let mut failures = Vec::new();
+    for (name, bytes, expect) in &cases {
+        let seen = try_malformed(server.addr, bytes).and_then(|seen| {
+            judge(*expect, &seen)?;
+            Ok(seen)
+        });
+        eprintln!("{name:40} {seen:?}");
+        if let Err(e) = seen {
+            failures.push(format!("{name}: {e}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!(get(server.addr, "/").unwrap().status, 200);
+    assert_eq!(server.workers(), pids, "a worker died");
+    assert_eq!(restarts(&server), 0.0);
+}
+
+// ===== 4. request body limit =====
+
+/// Writes `parts` on a clone of `s` from another thread (the server may answer and stop
+/// reading before the body is complete, so writing must not block the reader).
+fn write_in_background(
+    s: &std::net::TcpStream,
+    parts: Vec<Vec<u8>>,
+) -> std::thread::JoinHandle<()> {
+    let mut w = s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for p in parts {
+            if w.write_all(&p).is_err() {
+                return; // the server answered and closed: expected past the limit
+            }
+        }
+    })
+}
+
+fn chunked(total: usize, chunk: usize) -> Vec<Vec<u8>> {
+    let mut parts =
+        vec![b"POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec()];
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(chunk);
+        let mut p = format!("{n:x}\r\n").into_bytes();
+        p.extend(std::iter::repeat(b'x').take(n));
+        p.extend_from_slice(b"\r\n");
+        parts.push(p);
+        left -= n;
+    }
+    parts.push(b"0\r\n\r\n".to_vec());
+    parts
+}
+
+#[test]
+fn bodies_over_max_body_size_get_413_declared_or_streamed() {
+    const LIMIT: usize = 64 * 1024;
+    let server = Server::start(&["--workers", "1", "--max-body-size", &LIMIT.to_string()]);
+    let pids = ready_workers(&server, 1);
+
+    // Within the limit, declared and streamed: counted, connection kept.
+    let mut s = connect(server.addr);
+    let mut req =
+        format!("POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {LIMIT}\r\n\r\n").into_bytes();
+    req.extend(std::iter::repeat(b'x').take(LIMIT));
+    s.write_all(&req).unwrap();
+    let res = read_response(&mut s).unwrap();
+    assert_eq!(
+        (res.status, String::from_utf8_lossy(&res.body).into_owned()),
+        (200, format!("received {LIMIT} bytes\n"))
+    );
+    for p in chunked(LIMIT, 4096) {
+        s.write_all(&p).unwrap();
+    }
+    let res = read_response(&mut s).unwrap();
+    assert_eq!(
+        (res.status, String::from_utf8_lossy(&res.body).into_owned()),
+        (200, format!("received {LIMIT} bytes\n"))
+    );
+
+    // A declared Content-Length over the limit: 413 before a byte of body is sent, on the
+    // upload route and on a route that never reads bodies.
+    for path in ["/upload", "/"] {
+        let mut s = connect(server.addr);
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+            LIMIT + 1
+        )
+        .unwrap();
+        let res = read_response(&mut s).unwrap();
+        assert_eq!(res.status, 413, "{path}: {res:?}");
+    }
+
+    // A chunked body that grows past the limit (4 MiB offered, 64 KiB allowed): 413.
+    let mut s = connect(server.addr);
+    let writer = write_in_background(&s, chunked(4 * 1024 * 1024, 16 * 1024));
+    let res = read_response(&mut s).unwrap();
+    assert_eq!(res.status, 413, "{res:?}");
+    drop(s);
+    writer.join().unwrap();
+
+    let m = server.metrics();
+    assert_eq!(
+        metric(&m, "http_requests_total{status=\"413\"}"),
+        Some(3.0),
+        "{m}"
+    );
+    assert_eq!(server.workers(), pids);
+    assert_eq!(restarts(&server), 0.0);
 }
