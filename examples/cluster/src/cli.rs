@@ -137,6 +137,11 @@ pub(crate) struct Cli {
     #[arg(long, env = "CLUSTER_MAX_BODY_SIZE", default_value_t = 1024 * 1024)]
     pub(crate) max_body_size: usize,
 
+    /// Most HTTP/2 streams a client may have open at once on one connection (advertised in
+    /// SETTINGS_MAX_CONCURRENT_STREAMS; hyper's default, made explicit).
+    #[arg(long, env = "CLUSTER_H2_MAX_CONCURRENT_STREAMS", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) h2_max_concurrent_streams: u32,
+
     /// Internal: run as a worker of a supervisor (`SLOT:GENERATION:LISTEN_FD:CONTROL_FD`).
     /// Deliberately not readable from the environment.
     #[arg(long, hide = true)]
@@ -249,6 +254,7 @@ pub(crate) struct ConnConfig {
     pub(crate) max_requests_per_connection: Option<NonZeroU64>,
     pub(crate) max_head_size: usize,
     pub(crate) max_headers: usize,
+    pub(crate) h2_max_concurrent_streams: u32,
 }
 
 impl Cli {
@@ -268,6 +274,7 @@ impl Cli {
             max_requests_per_connection: self.max_requests_per_connection,
             max_head_size: self.max_head_size,
             max_headers: self.max_headers,
+            h2_max_concurrent_streams: self.h2_max_concurrent_streams,
         }
     }
 }

@@ -165,7 +165,9 @@ fn connections_beyond_the_cap_are_refused_at_once_and_descriptors_come_back() {
 /// What a flood connection saw.
 #[derive(Debug)]
 enum FloodEnd {
-    /// Closed by the server (EOF or reset) with no response, after this long.
+    /// Closed by the server (EOF or reset) with no response, this long after the client's
+    /// connect completed (the server's header timer starts later, at accept: a connection
+    /// may first wait in the listen backlog).
     Closed(Duration),
     /// Connecting failed (counted; the server's backlog may be full under a huge flood).
     ConnectFailed,
@@ -177,11 +179,11 @@ enum FloodEnd {
 /// byte per `drip`; returns how it ended. Bounded by `bound`.
 async fn flood_connection(addr: SocketAddr, drip: Option<Duration>, bound: Duration) -> FloodEnd {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let start = Instant::now();
     let Ok(Ok(mut s)) = tokio::time::timeout(bound, tokio::net::TcpStream::connect(addr)).await
     else {
         return FloodEnd::ConnectFailed;
     };
+    let start = Instant::now();
     // Long enough that the head can never complete within the bound.
     let head: Vec<u8> = b"GET / HTTP/1.1\r\nHost: t\r\n"
         .iter()
@@ -255,7 +257,15 @@ fn flood(idle: usize, slow: usize, drip: Duration, header_timeout: &str, bound: 
         own as usize > idle + slow + 256,
         "this process may open only {own} descriptors"
     );
-    let server = Server::start(&["--workers", "2", "--header-timeout", header_timeout]);
+    let server = Server::start(&[
+        "--workers",
+        "2",
+        "--header-timeout",
+        header_timeout,
+        // The kernel caps it at net.core.somaxconn (4096 here).
+        "--backlog",
+        "4096",
+    ]);
     let pids = ready_workers(&server, 2);
     assert_eq!(get(server.addr, "/").unwrap().status, 200);
     std::thread::sleep(Duration::from_millis(200));
@@ -711,6 +721,145 @@ fn bodies_over_max_body_size_get_413_declared_or_streamed() {
         Some(3.0),
         "{m}"
     );
+    assert_eq!(server.workers(), pids);
+    assert_eq!(restarts(&server), 0.0);
+}
+
+// ===== 5. HTTP/2 rapid reset and CONTINUATION flood =====
+
+/// One HTTP/2 `GET /` on a fresh prior-knowledge connection.
+async fn h2_get(addr: SocketAddr) -> Result<http::StatusCode, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut client, conn) = h2::client::handshake(tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let driver = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{addr}/"))
+        .body(())
+        .unwrap();
+    let (res, _) = client.send_request(req, true).map_err(|e| e.to_string())?;
+    let status = res.await.map_err(|e| e.to_string())?.status();
+    driver.abort();
+    Ok(status)
+}
+
+#[test]
+fn http2_rapid_reset_is_cut_off_and_the_server_stays_responsive() {
+    const STREAMS: usize = 5_000;
+    let server = Server::start(&["--workers", "1"]);
+    let pids = ready_workers(&server, 1);
+    let addr = server.addr;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (sent, ended) = rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let driver = tokio::spawn(conn);
+        let mut client = client;
+        let mut sent = 0;
+        let attack = async {
+            for _ in 0..STREAMS {
+                client = match client.ready().await {
+                    Ok(c) => c,
+                    Err(_) => break,
+                };
+                // Each stream asks for expensive-looking work and is cancelled at once.
+                let req = http::Request::get(format!("http://{addr}/sleep?ms=1000"))
+                    .body(())
+                    .unwrap();
+                match client.send_request(req, true) {
+                    Ok((_res, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+                    Err(_) => break,
+                }
+                sent += 1;
+            }
+        };
+        tokio::time::timeout(PATIENCE, attack)
+            .await
+            .expect("the attack loop is bounded");
+        // The server must end the connection (GOAWAY ENHANCE_YOUR_CALM) or survive it.
+        let ended = tokio::time::timeout(PATIENCE, driver).await;
+        (sent, format!("{ended:?}"))
+    });
+    eprintln!("rapid reset: {sent} streams opened and reset; connection: {ended}");
+    // Whatever the attacked connection saw, a new client is served at once.
+    let status = rt.block_on(async { tokio::time::timeout(PATIENCE, h2_get(addr)).await });
+    assert_eq!(status, Ok(Ok(http::StatusCode::OK)));
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+    assert!(
+        ended.contains("ENHANCE_YOUR_CALM") || sent == STREAMS,
+        "the attack connection was neither cut off nor fully served: sent {sent}, {ended}"
+    );
+    assert_eq!(server.workers(), pids);
+    assert_eq!(restarts(&server), 0.0);
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn http2_continuation_flood_is_cut_off_and_the_server_stays_responsive() {
+    const FRAME: usize = 16 * 1024;
+    const MAX_SENT: usize = 64 * 1024 * 1024;
+    let server = Server::start(&["--workers", "1"]);
+    let pids = ready_workers(&server, 1);
+    let mut s = connect(server.addr);
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+                                         // HEADERS without END_HEADERS: `:method GET` (indexed), then a literal header whose
+                                         // value claims 100 MB and continues over CONTINUATION frames that never end.
+    let mut block = vec![0x82, 0x00, 0x03];
+    block.extend_from_slice(b"x-a");
+    // Value length 100,000,000 as an HPACK integer with a 7-bit prefix.
+    let mut n: u64 = 100_000_000 - 127;
+    block.push(0x7f);
+    while n >= 128 {
+        block.push((n % 128) as u8 | 0x80);
+        n /= 128;
+    }
+    block.push(n as u8);
+    start.extend(frame(0x1, 0x1, 1, &block)); // HEADERS, END_STREAM, no END_HEADERS
+    s.write_all(&start).unwrap();
+    let continuation = frame(0x9, 0, 1, &vec![b'a'; FRAME]);
+    let reader = {
+        let mut r = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut got = Vec::new();
+            let end = r.read_to_end(&mut got);
+            (started.elapsed(), got.len(), end.map_err(|e| e.kind()))
+        })
+    };
+    let mut sent = start.len();
+    let write_end = loop {
+        if sent >= MAX_SENT {
+            break None;
+        }
+        match s.write_all(&continuation) {
+            Ok(()) => sent += continuation.len(),
+            Err(e) => break Some(e.kind()),
+        }
+    };
+    let (took, read, read_end) = reader.join().unwrap();
+    eprintln!(
+        "CONTINUATION flood: {} KiB sent before the write failed ({write_end:?}); server sent \
+         {read} bytes then closed ({read_end:?}) after {took:?}",
+        sent / 1024
+    );
+    assert!(
+        write_end.is_some(),
+        "{MAX_SENT} bytes of CONTINUATION frames accepted without closing"
+    );
+    assert_eq!(get(server.addr, "/").unwrap().status, 200);
     assert_eq!(server.workers(), pids);
     assert_eq!(restarts(&server), 0.0);
 }
