@@ -9,6 +9,7 @@
 //! - [`server`]: listeners, accept loop, staged drain, admin server;
 //! - [`conn`]: one connection: HTTP/1.1 + HTTP/2, header/idle timeouts, max requests;
 //! - [`routes`]: the application and the one place its tower stack is built;
+//! - [`strict`]: `400` for requests hyper accepts but another hop could read differently;
 //! - [`upload`]: `POST /upload`, the route that reads bodies (under `--max-body-size`);
 //! - [`metrics`]: per-worker registry and the supervisor's sum over workers;
 //! - [`control`]: the supervisor <-> worker control channel;
@@ -25,6 +26,7 @@ mod limits;
 mod metrics;
 mod routes;
 mod server;
+mod strict;
 mod supervisor;
 mod upload;
 mod worker;

@@ -108,6 +108,7 @@ pub(crate) fn app(
             config.max_body_size,
         ))
         .layer(backpressure)
+        .layer(crate::strict::StrictLayer)
         .layer(crate::upload::UploadLayer)
         .service(Routes::new(config, work_cancelled))
 }
