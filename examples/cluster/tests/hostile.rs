@@ -1233,26 +1233,70 @@ fn sigterm_under_load_answers_or_closes_and_exits_within_the_grace() {
     ]);
     ready_workers(&server, 2);
     let addr = server.addr;
-    #[derive(Default, Debug)]
-    struct Tally {
-        ok: u64,
-        told_503: u64,
-        told_close: u64,
-        unanswered: u64,
-        other: Vec<String>,
-    }
-    let clients: Vec<_> = (0..SLEEPERS + READERS)
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = load_clients(addr, SLEEPERS, READERS, stop);
+    std::thread::sleep(Duration::from_secs(1));
+    let signalled = Instant::now();
+    server.signal("TERM");
+    let status = server.wait_exit(Duration::from_secs(5 + 3));
+    let exited = signalled.elapsed();
+    let tallies: Vec<Tally> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let _ = std::fs::remove_dir_all(&root);
+    let sum = |f: fn(&Tally) -> u64| tallies.iter().map(f).sum::<u64>();
+    let other: Vec<&String> = tallies.iter().flat_map(|t| &t.other).collect();
+    eprintln!(
+        "SIGTERM under load ({SLEEPERS} x /sleep?ms=100, {READERS} x 4 MiB file): {} ok, {} told 503, \
+         {} told Connection: close, {} unanswered (closed/reset with no complete answer), other {other:?}; exit {status:?} \
+         after {exited:?}",
+        sum(|t| t.ok),
+        sum(|t| t.told_503),
+        sum(|t| t.told_close),
+        sum(|t| t.unanswered),
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit: {status:?}\n{}",
+        server.log()
+    );
+    assert!(other.is_empty(), "{other:?}");
+    assert!(tallies.iter().all(|t| t.unanswered <= 2), "{tallies:?}");
+    assert!(sum(|t| t.ok) > 0);
+}
+
+/// What one load client saw.
+#[derive(Default, Debug)]
+struct Tally {
+    ok: u64,
+    told_503: u64,
+    told_close: u64,
+    unanswered: u64,
+    other: Vec<String>,
+}
+
+/// `sleepers` keep-alive clients looping on `GET /sleep?ms=100` and `readers` on
+/// `/static/f.bin`, each until `stop`, a refused reconnect, or `PATIENCE`.
+fn load_clients(
+    addr: SocketAddr,
+    sleepers: usize,
+    readers: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Tally>> {
+    (0..sleepers + readers)
         .map(|i| {
-            let path = if i < SLEEPERS {
+            let path = if i < sleepers {
                 "/sleep?ms=100"
             } else {
                 "/static/f.bin"
             };
+            let stop = stop.clone();
             std::thread::spawn(move || {
                 let mut t = Tally::default();
                 let deadline = Instant::now() + PATIENCE;
                 let mut conn: Option<std::net::TcpStream> = None;
                 while Instant::now() < deadline {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return t;
+                    }
                     let s = match conn.as_mut() {
                         Some(s) => s,
                         None => match std::net::TcpStream::connect(addr) {
@@ -1292,31 +1336,45 @@ fn sigterm_under_load_answers_or_closes_and_exits_within_the_grace() {
                 t
             })
         })
-        .collect();
+        .collect()
+}
+
+/// A rolling restart (`SIGHUP`) under the same load: the old workers drain gently (HTTP/1:
+/// `Connection: close` on the next answer, idle connections closed at their advertised
+/// keep-alive deadline), so no request may fail.
+#[test]
+fn sighup_under_sleep_and_file_load_fails_no_request() {
+    let root = std::env::temp_dir().join(format!("cluster-hostile-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("f.bin"), pattern(4 * 1024 * 1024, 0)).unwrap();
+    let server = Server::start(&["--workers", "2", "--root", root.to_str().unwrap()]);
+    ready_workers(&server, 2);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = load_clients(server.addr, 32, 8, stop.clone());
     std::thread::sleep(Duration::from_secs(1));
     let signalled = Instant::now();
-    server.signal("TERM");
-    let status = server.wait_exit(Duration::from_secs(5 + 3));
-    let exited = signalled.elapsed();
+    server.signal("HUP");
+    server.wait_metrics("rolling restart done", |m| {
+        metric(m, "cluster_rolling_restarts_total") == Some(1.0)
+    });
+    let took = signalled.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let tallies: Vec<Tally> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     let _ = std::fs::remove_dir_all(&root);
     let sum = |f: fn(&Tally) -> u64| tallies.iter().map(f).sum::<u64>();
     let other: Vec<&String> = tallies.iter().flat_map(|t| &t.other).collect();
     eprintln!(
-        "SIGTERM under load ({SLEEPERS} x /sleep?ms=100, {READERS} x 4 MiB file): {} ok, {} told 503, \
-         {} told Connection: close, {} unanswered (closed/reset with no complete answer), other {other:?}; exit {status:?} \
-         after {exited:?}",
+        "SIGHUP under load (32 x /sleep?ms=100, 8 x 4 MiB file): rolling restart took {took:?}; \
+         {} ok, {} told 503, {} told Connection: close, {} unanswered, other {other:?}",
         sum(|t| t.ok),
         sum(|t| t.told_503),
         sum(|t| t.told_close),
         sum(|t| t.unanswered),
     );
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "exit: {status:?}\n{}",
-        server.log()
-    );
     assert!(other.is_empty(), "{other:?}");
-    assert!(tallies.iter().all(|t| t.unanswered <= 2), "{tallies:?}");
+    assert_eq!(sum(|t| t.unanswered), 0, "{tallies:?}");
+    assert_eq!(sum(|t| t.told_503), 0);
     assert!(sum(|t| t.ok) > 0);
+    assert_eq!(restarts(&server), 0.0);
 }
