@@ -100,14 +100,15 @@ pub(crate) fn app(
        + 'static {
     tower::ServiceBuilder::new()
         .layer(abort_layer(abort))
-        // Outermost of the application layers after the signal: a shed request costs no
-        // routing work, and the permit covers the whole response body.
-        // A declared Content-Length over the limit costs nothing; streamed bodies are cut
-        // off by the route that reads them.
+        // A declared Content-Length over `--max-body-size` is a 413 that costs nothing;
+        // streamed bodies are cut off by the route that reads them (`crate::upload`).
         .layer(tower_http::limit::RequestBodyLimitLayer::new(
             config.max_body_size,
         ))
+        // Outermost of the working layers: a shed request costs no routing work, and the
+        // permit covers the whole response body.
         .layer(backpressure)
+        // Before anything that could share or start work for an ambiguous request.
         .layer(crate::strict::StrictLayer)
         .layer(crate::upload::UploadLayer)
         .service(Routes::new(config, work_cancelled))

@@ -9,7 +9,8 @@
 //! the former, removes the latter from the request and closes the connection after the
 //! response, as RFC 9112 §6.1 allows.)
 //!
-//! A rejected request's body is never read; `Connection: close` makes hyper close the
+//! Generic over the inner service's body, so it sits outside tower-singleflight (a rejected
+//! request must not share another request's answer). A rejected request's body is never read; `Connection: close` makes hyper close the
 //! connection after the answer instead of trying to find the next request.
 
 use std::future::Future;
@@ -19,8 +20,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::{Either, Full};
 use tower::{Layer, Service};
-use tower_zerocopy::FileBody;
 
 /// Rejects ambiguous requests before the routes see them.
 #[derive(Debug, Clone, Copy, Default)]
@@ -63,11 +64,14 @@ fn check<B>(req: &Request<B>) -> Option<&'static str> {
     None
 }
 
-impl<S, B> Service<Request<B>> for Strict<S>
+/// The inner service's body, or the short text of a rejection.
+pub(crate) type StrictBody<B> = Either<B, Full<Bytes>>;
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Strict<S>
 where
-    S: Service<Request<B>, Response = Response<FileBody>>,
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
 {
-    type Response = Response<FileBody>;
+    type Response = Response<StrictBody<ResB>>;
     type Error = S::Error;
     type Future = StrictFuture<S::Future>;
 
@@ -75,14 +79,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         match check(&req) {
             None => StrictFuture::Inner {
                 fut: self.inner.call(req),
             },
             Some(why) => {
-                let mut res =
-                    Response::new(FileBody::from_bytes(Bytes::from_static(why.as_bytes())));
+                let mut res = Response::new(Full::new(Bytes::from_static(why.as_bytes())));
                 *res.status_mut() = StatusCode::BAD_REQUEST;
                 let headers = res.headers_mut();
                 headers.insert(
@@ -102,21 +105,24 @@ pin_project_lite::pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub(crate) enum StrictFuture<F> {
         Inner { #[pin] fut: F },
-        Rejected { res: Option<Response<FileBody>> },
+        Rejected { res: Option<Response<Full<Bytes>>> },
     }
 }
 
-impl<F, E> Future for StrictFuture<F>
+impl<F, B, E> Future for StrictFuture<F>
 where
-    F: Future<Output = Result<Response<FileBody>, E>>,
+    F: Future<Output = Result<Response<B>, E>>,
 {
-    type Output = Result<Response<FileBody>, E>;
+    type Output = Result<Response<StrictBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            StrictProj::Inner { fut } => fut.poll(cx),
+            StrictProj::Inner { fut } => {
+                fut.poll(cx).map(|res| res.map(|res| res.map(Either::Left)))
+            }
             StrictProj::Rejected { res } => {
-                Poll::Ready(Ok(res.take().expect("polled after completion")))
+                let res = res.take().expect("polled after completion");
+                Poll::Ready(Ok(res.map(Either::Right)))
             }
         }
     }
