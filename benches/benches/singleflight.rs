@@ -220,5 +220,79 @@ fn http_unique(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, unique_keys, many_waiters, http_unique);
+/// End to end in process: bursts of 100 identical requests to a backend that takes 1 ms,
+/// with and without the layer. Prints the backend calls per burst; criterion reports the
+/// latency of a whole burst (the slowest request's).
+fn http_burst(c: &mut Criterion) {
+    use std::sync::{atomic::AtomicUsize, Arc};
+    use std::time::Duration;
+    const BURST: usize = 100;
+    let rt = current_thread();
+    let mut g = c.benchmark_group("singleflight/http_burst_100x1ms");
+    g.throughput(Throughput::Elements(BURST as u64));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let backend = {
+        let calls = Arc::clone(&calls);
+        service_fn(move |_req: Request<()>| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            async {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(&[7; 4096]))))
+            }
+        })
+    };
+    let burst = || {
+        Request::get("/expensive")
+            .header("host", "bench")
+            .body(())
+            .unwrap()
+    };
+
+    let bursts = AtomicUsize::new(0);
+    g.bench_function("without_layer", |b| {
+        b.to_async(&rt).iter(|| {
+            bursts.fetch_add(1, Ordering::Relaxed);
+            let all = (0..BURST).map(|_| {
+                let svc = backend.clone();
+                async move {
+                    let response = svc.oneshot(burst()).await.unwrap();
+                    http_body_util::BodyExt::collect(response.into_body())
+                        .await
+                        .unwrap()
+                }
+            });
+            futures::future::join_all(all)
+        })
+    });
+    let n = bursts.swap(0, Ordering::Relaxed).max(1);
+    eprintln!(
+        "without_layer: {:.1} backend calls per burst of {BURST}",
+        calls.swap(0, Ordering::Relaxed) as f64 / n as f64
+    );
+
+    let svc = SingleflightLayer::new().layer(backend.clone());
+    g.bench_function("with_layer", |b| {
+        b.to_async(&rt).iter(|| {
+            bursts.fetch_add(1, Ordering::Relaxed);
+            let all = (0..BURST).map(|_| {
+                let svc = svc.clone();
+                async move {
+                    let response = svc.oneshot(burst()).await.unwrap();
+                    http_body_util::BodyExt::collect(response.into_body())
+                        .await
+                        .unwrap()
+                }
+            });
+            futures::future::join_all(all)
+        })
+    });
+    let n = bursts.swap(0, Ordering::Relaxed).max(1);
+    eprintln!(
+        "with_layer: {:.1} backend calls per burst of {BURST}",
+        calls.swap(0, Ordering::Relaxed) as f64 / n as f64
+    );
+    g.finish();
+}
+
+criterion_group!(benches, unique_keys, many_waiters, http_unique, http_burst);
 criterion_main!(benches);

@@ -1,7 +1,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -95,68 +95,80 @@ where
         if *this.phase == Phase::Done {
             return Poll::Ready(None);
         }
-        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
-            return Poll::Ready(None);
-        };
-        match inner.poll_frame(cx) {
-            Poll::Ready(None) => {
-                *this.phase = Phase::Done;
-                this.guard.disarm();
-                *this.sleep = None;
-                return Poll::Ready(None);
-            }
-            Poll::Ready(Some(Ok(frame))) => {
-                if this
-                    .inner
-                    .as_ref()
-                    .as_pin_ref()
-                    .is_some_and(|b| b.is_end_stream())
-                {
-                    *this.phase = Phase::Done;
-                    this.guard.disarm();
-                }
-                return Poll::Ready(Some(Ok(frame)));
-            }
-            Poll::Ready(Some(Err(err))) => {
-                // The body failed on its own; the server will reset the stream. Not a
-                // client going away.
-                *this.phase = Phase::Done;
-                this.guard.disarm();
-                *this.sleep = None;
-                return Poll::Ready(Some(Err(err.into())));
-            }
-            Poll::Pending => {}
-        }
-
-        let Some(deadline) = this.guard.signal().and_then(|s| s.deadline()) else {
-            return Poll::Pending;
-        };
+        let deadline = this.guard.signal().and_then(|s| s.deadline());
         let grace = this.mode.grace();
         loop {
-            let sleep = this
-                .sleep
-                .get_or_insert_with(|| Box::pin(sleep_until(deadline)));
-            ready!(sleep.as_mut().poll(cx));
-            if let Some(signal) = this.guard.signal() {
-                signal.fire(AbortReason::DeadlineExceeded);
+            // The deadline first, once its timer is armed (below): a body whose frames are
+            // always ready never returns `Pending`, and must still end at its deadline.
+            if let (Some(deadline), Some(sleep)) = (deadline, this.sleep.as_mut()) {
+                while sleep.as_mut().poll(cx).is_ready() {
+                    if let Some(signal) = this.guard.signal() {
+                        signal.fire(AbortReason::DeadlineExceeded);
+                    }
+                    if *this.phase == Phase::Streaming && !grace.is_zero() {
+                        // Let the body's producer see the signal and finish cleanly first.
+                        *this.phase = Phase::Grace;
+                        let backstop = deadline.checked_add(grace).unwrap_or(deadline);
+                        sleep.as_mut().reset(backstop);
+                        continue;
+                    }
+                    if *this.phase == Phase::Grace {
+                        crate::event::backstop(AbortReason::DeadlineExceeded, grace);
+                    }
+                    *this.phase = Phase::Done;
+                    this.guard.disarm();
+                    this.inner.set(None);
+                    *this.sleep = None;
+                    return Poll::Ready(Some(Err(
+                        Aborted::new(AbortReason::DeadlineExceeded).into()
+                    )));
+                }
             }
-            if *this.phase == Phase::Streaming && !grace.is_zero() {
-                // Let the body's producer see the signal and finish cleanly first.
-                *this.phase = Phase::Grace;
-                let backstop = deadline.checked_add(grace).unwrap_or(deadline);
-                sleep.as_mut().reset(backstop);
-                continue;
+            let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+                return Poll::Ready(None);
+            };
+            match inner.poll_frame(cx) {
+                Poll::Ready(None) => {
+                    *this.phase = Phase::Done;
+                    this.guard.disarm();
+                    *this.sleep = None;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Trailers are the last frame: hyper sends them and drops the body unpolled.
+                    if frame.is_trailers()
+                        || this
+                            .inner
+                            .as_ref()
+                            .as_pin_ref()
+                            .is_some_and(|b| b.is_end_stream())
+                    {
+                        *this.phase = Phase::Done;
+                        this.guard.disarm();
+                    } else if let (Some(deadline), None) = (deadline, this.sleep.as_ref()) {
+                        // Arm the timer so the deadline is checked on the next poll.
+                        let mut sleep = Box::pin(sleep_until(deadline));
+                        let _ = sleep.as_mut().poll(cx);
+                        *this.sleep = Some(sleep);
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Poll::Ready(Some(Err(err))) => {
+                    // The body failed on its own; the server will reset the stream. Not a
+                    // client going away.
+                    *this.phase = Phase::Done;
+                    this.guard.disarm();
+                    *this.sleep = None;
+                    return Poll::Ready(Some(Err(err.into())));
+                }
+                Poll::Pending => match deadline {
+                    // Arm the timer and check it at once (it may have passed already).
+                    Some(deadline) if this.sleep.is_none() => {
+                        *this.sleep = Some(Box::pin(sleep_until(deadline)));
+                    }
+                    _ => return Poll::Pending,
+                },
             }
-            if *this.phase == Phase::Grace {
-                crate::event::backstop(AbortReason::DeadlineExceeded, grace);
-            }
-            *this.phase = Phase::Done;
-            this.guard.disarm();
-            this.inner.set(None);
-            *this.sleep = None;
-            return Poll::Ready(Some(
-                Err(Aborted::new(AbortReason::DeadlineExceeded).into()),
-            ));
         }
     }
 

@@ -42,6 +42,9 @@ pub(crate) struct RootInner {
     // `CancellationToken::is_cancelled` would take the root's mutex that every in-flight
     // request shares.
     shutdown: AtomicBool,
+    // Where the first `shutdown` falls in the order of firings (`0` if the external token
+    // was cancelled directly); written before `shutdown` is set.
+    shutdown_order: AtomicU64,
     // The token came from the user, who may cancel it without going through `shutdown`.
     external: bool,
     counters: [AtomicU64; 4],
@@ -68,6 +71,7 @@ impl AbortRoot {
             inner: Arc::new(RootInner {
                 token,
                 shutdown: AtomicBool::new(false),
+                shutdown_order: AtomicU64::new(0),
                 external,
                 counters: Default::default(),
             }),
@@ -77,6 +81,13 @@ impl AbortRoot {
     /// Fires [`AbortReason::Shutdown`] in every request signal under this root: the ones
     /// in flight now and every later one. Idempotent.
     pub fn shutdown(&self) {
+        let order = crate::signal::next_firing();
+        let _ = self.inner.shutdown_order.compare_exchange(
+            0,
+            order,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         if !self.inner.shutdown.swap(true, Ordering::AcqRel) {
             crate::event::root_shutdown();
         }
@@ -107,6 +118,12 @@ impl AbortRoot {
 impl RootInner {
     pub(crate) fn is_shutdown(&self) -> bool {
         self.shutdown.load(Ordering::Acquire) || (self.external && self.token.is_cancelled())
+    }
+
+    /// Where the shutdown falls in the order of firings, if the root is shut down.
+    pub(crate) fn shutdown_order(&self) -> Option<u64> {
+        self.is_shutdown()
+            .then(|| self.shutdown_order.load(Ordering::Relaxed))
     }
 
     pub(crate) fn count(&self, reason: AbortReason) {

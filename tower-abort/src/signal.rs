@@ -1,7 +1,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -60,8 +60,9 @@ pub struct AbortSignal {
 }
 
 struct Inner {
-    /// `0` while armed, then the fired reason's code; written once, by compare-exchange.
-    state: AtomicU8,
+    /// `0` while armed, then the fired reason's code and, above it, its place in the order
+    /// of firings (see [`next_firing`]); written once, by compare-exchange.
+    state: AtomicU64,
     /// Created on first need (an `aborted()` wait, a child): a request whose handler never
     /// waits costs no token, so the layer allocates once per request, not twice.
     token: Mutex<Option<CancellationToken>>,
@@ -98,7 +99,7 @@ impl AbortSignal {
     fn build(parent: Parent, deadline: Option<Instant>, request: Option<RequestInfo>) -> Self {
         AbortSignal {
             inner: Arc::new(Inner {
-                state: AtomicU8::new(0),
+                state: AtomicU64::new(0),
                 token: Mutex::new(None),
                 parent,
                 deadline,
@@ -272,14 +273,21 @@ impl AbortSignal {
 
     /// Fires with `reason` unless the signal already fired (directly or through a parent).
     pub(crate) fn fire(&self, reason: AbortReason) -> bool {
-        self.observe().is_none() && self.set(reason).is_ok()
+        self.observe().is_none() && self.set(reason, next_firing()).is_ok()
     }
 
     /// The fired reason, resolving one inherited from a parent (root, parent signal, or a
     /// source of `any`) into this signal's own state, so it is reported and stays stable.
     fn observe(&self) -> Option<AbortReason> {
-        if let Some(reason) = AbortReason::from_code(self.inner.state.load(Ordering::Acquire)) {
-            return Some(reason);
+        self.observe_ordered().map(|(reason, _)| reason)
+    }
+
+    /// [`observe`](Self::observe) with the firing's place in the order of firings. An
+    /// inherited reason keeps its origin's place, so `any` picks the source that fired
+    /// first even when nobody looked at it in between.
+    fn observe_ordered(&self) -> Option<(AbortReason, u64)> {
+        if let Some(fired) = unpack(self.inner.state.load(Ordering::Acquire)) {
+            return Some(fired);
         }
         let inherited = match &self.inner.parent {
             Parent::None => None,
@@ -287,25 +295,29 @@ impl AbortSignal {
                 .inner
                 .request
                 .as_ref()
-                .filter(|r| r.layer.root.inner.is_shutdown())
-                .map(|_| AbortReason::Shutdown),
-            Parent::Signal(parent) => parent.observe(),
-            Parent::Any(sources) => sources.iter().find_map(AbortSignal::observe),
+                .and_then(|r| r.layer.root.inner.shutdown_order())
+                .map(|order| (AbortReason::Shutdown, order)),
+            Parent::Signal(parent) => parent.observe_ordered(),
+            Parent::Any(sources) => sources
+                .iter()
+                .filter_map(AbortSignal::observe_ordered)
+                .min_by_key(|&(_, order)| order),
         }?;
-        Some(match self.set(inherited) {
+        Some(match self.set(inherited.0, inherited.1) {
             Ok(()) => inherited,
             Err(earlier) => earlier,
         })
     }
 
-    fn set(&self, reason: AbortReason) -> Result<(), AbortReason> {
+    fn set(&self, reason: AbortReason, order: u64) -> Result<(), (AbortReason, u64)> {
         let inner = &*self.inner;
+        let packed = order << 8 | u64::from(reason.code());
         if let Err(current) =
             inner
                 .state
-                .compare_exchange(0, reason.code(), Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(0, packed, Ordering::AcqRel, Ordering::Acquire)
         {
-            return Err(AbortReason::from_code(current).unwrap_or(reason));
+            return Err(unpack(current).unwrap_or((reason, order)));
         }
         // A waiter that creates the token after this point sees the state under the same
         // lock order (see `token`), so nobody misses the cancellation.
@@ -364,6 +376,19 @@ impl AbortSignal {
             }
         }
     }
+}
+
+/// Numbers firings in the order they happen (shared by every signal and root).
+static FIRINGS: AtomicU64 = AtomicU64::new(1);
+
+/// The next place in the order of firings.
+pub(crate) fn next_firing() -> u64 {
+    FIRINGS.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A signal's state: the fired reason and its place in the order, or `None` while armed.
+fn unpack(state: u64) -> Option<(AbortReason, u64)> {
+    AbortReason::from_code((state & 0xff) as u8).map(|reason| (reason, state >> 8))
 }
 
 fn lock(mutex: &Mutex<Option<CancellationToken>>) -> MutexGuard<'_, Option<CancellationToken>> {
@@ -536,6 +561,27 @@ mod tests {
         let none = AbortSignal::any([]);
         assert!(!none.is_aborted());
         assert!(none.abort());
+    }
+
+    #[test]
+    fn any_reports_the_source_that_fired_first_not_the_first_listed() {
+        // Nobody looks at `either` until both sources have fired.
+        let a = AbortSignal::new();
+        let b = AbortSignal::new();
+        let either = AbortSignal::any([a.clone(), b.clone()]);
+        let below = either.child();
+        b.fire(AbortReason::ClientGone);
+        a.fire(AbortReason::Shutdown);
+        assert_eq!(below.reason(), Some(AbortReason::ClientGone));
+        assert_eq!(either.reason(), Some(AbortReason::ClientGone));
+        // The same through a source that inherits its reason from a parent.
+        let parent = AbortSignal::new();
+        let c = parent.child();
+        let d = AbortSignal::new();
+        let either = AbortSignal::any([d.clone(), c]);
+        parent.fire(AbortReason::DeadlineExceeded);
+        d.abort();
+        assert_eq!(either.reason(), Some(AbortReason::DeadlineExceeded));
     }
 
     #[test]

@@ -14,9 +14,11 @@ impl AbortSignal {
     /// the handle.
     ///
     /// Await the [`TaskHandle`] to join it: `Ok(output)` when it completed, `Err(reason)`
-    /// when the signal stopped it. Dropping the handle detaches the task, which still
-    /// stops when the signal fires. The task never outlives the request's signal, so a
-    /// client that goes away frees the work it started.
+    /// when the signal stopped it. Dropping the handle detaches the task: it then runs until
+    /// it completes or the signal fires, so a client that goes away frees the work it
+    /// started. A signal does not fire when its response completes normally, so detached
+    /// work may outlive a successful request; keep the handle and await it (or call
+    /// [`TaskHandle::abort`]) to bound the task by the handler.
     ///
     /// # Panics
     ///

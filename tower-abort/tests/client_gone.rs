@@ -243,3 +243,49 @@ async fn the_signal_fires_before_the_handler_and_the_body_are_dropped() {
         Some(Some(AbortReason::ClientGone))
     );
 }
+
+/// A body that sends one data frame and then trailers, and only learns it has ended when
+/// polled once more (like `http_body_util::StreamBody` or a gRPC encoder).
+struct DataThenTrailers(u8);
+
+impl Body for DataThenTrailers {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0 += 1;
+        Poll::Ready(match self.0 {
+            1 => Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(b"x")))),
+            2 => Some(Ok(http_body::Frame::trailers(http::HeaderMap::new()))),
+            _ => None,
+        })
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn body_dropped_right_after_its_trailers_does_not_fire() {
+    // Trailers are a body's last frame: hyper (HTTP/1 and HTTP/2) sends them and drops the
+    // body without polling it again.
+    let seen = Seen::default();
+    let svc = AbortLayer::new().layer(tower::service_fn({
+        let seen = seen.clone();
+        move |req: Request<()>| {
+            seen.record(&req);
+            async { Ok::<_, std::convert::Infallible>(http::Response::new(DataThenTrailers(0))) }
+        }
+    }));
+    let mut body = Box::pin(svc.oneshot(get("/")).await.unwrap().into_body());
+    let data = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+    assert!(data.unwrap().unwrap().is_data());
+    let trailers = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+    assert!(trailers.unwrap().unwrap().is_trailers());
+    drop(body);
+    assert_eq!(
+        seen.only().reason(),
+        None,
+        "fired after the trailers were sent"
+    );
+}

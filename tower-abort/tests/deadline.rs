@@ -341,3 +341,49 @@ async fn a_grpc_call_past_its_deadline_gets_grpc_status_4() {
         StatusCode::GATEWAY_TIMEOUT
     );
 }
+
+/// A stream whose next frame is always ready (a fast producer): it never returns `Pending`.
+struct AlwaysReady;
+
+impl http_body::Body for AlwaysReady {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Infallible>>> {
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+            b"x",
+        )))))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadline_ends_a_body_whose_frames_are_always_ready() {
+    use http_body_util::BodyExt;
+    let seen = Seen::default();
+    let layer = AbortLayer::new()
+        .with_timeout(Duration::from_secs(1))
+        .with_mode(TimeoutMode::Drop);
+    let svc = layer.layer(service_fn({
+        let seen = seen.clone();
+        move |req: Request<()>| {
+            seen.record(&req);
+            async { Ok::<_, Infallible>(Response::new(AlwaysReady)) }
+        }
+    }));
+    let mut body = svc.oneshot(get("/download")).await.unwrap().into_body();
+    assert!(body.frame().await.unwrap().is_ok());
+    advance(Duration::from_secs(1)).await;
+    // Bounded: the next poll after the deadline must end the body.
+    let mut ended = None;
+    for _ in 0..3 {
+        if let Err(e) = body.frame().await.unwrap() {
+            ended = Some(e.to_string());
+            break;
+        }
+    }
+    assert_eq!(ended.as_deref(), Some("request aborted: deadline exceeded"));
+    assert_eq!(seen.only().reason(), Some(AbortReason::DeadlineExceeded));
+}

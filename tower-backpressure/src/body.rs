@@ -97,7 +97,8 @@ where
                 let finished = match &frame {
                     None => true,
                     Some(Err(_)) => true,
-                    Some(Ok(_)) => body.is_end_stream(),
+                    // Trailers are the last frame; servers drop the body after them.
+                    Some(Ok(frame)) => frame.is_trailers() || body.is_end_stream(),
                 };
                 if finished {
                     if let Some(mut permit) = this.permit.take() {

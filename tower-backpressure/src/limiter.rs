@@ -19,7 +19,7 @@ use crate::adaptive::{AdaptiveState, LimitStrategy, Outcome};
 use crate::error::{Overloaded, ShedReason};
 use crate::order::{Priority, QueueOrder};
 use crate::stats::{Histogram, Summary};
-use crate::sync::{lock, Arc, Mutex};
+use crate::sync::{lock, Arc, AtomicBool, AtomicU64, Mutex};
 
 /// Everything about a limiter that does not change after it is built.
 #[derive(Clone, Debug)]
@@ -276,7 +276,10 @@ impl State {
                 timeout = Some(timeout.map_or(target, |t| t.min(target)));
             }
         }
-        let queue = timeout.map(|t| (slot.enqueued + t, ShedReason::QueueTimeout));
+        // A timeout too long for the clock (`Duration::MAX`) never expires.
+        let queue = timeout
+            .and_then(|t| slot.enqueued.checked_add(t))
+            .map(|at| (at, ShedReason::QueueTimeout));
         let own = slot.deadline.map(|d| (d, ShedReason::DeadlineUnreachable));
         match (queue, own) {
             (Some(q), Some(o)) => Some(if o.0 <= q.0 { o } else { q }),
@@ -480,25 +483,21 @@ impl Limiter {
         if config.queue_timeout == Some(Duration::ZERO) {
             return Admission::Shed(state.overloaded(ShedReason::QueueFull));
         }
-        if state.queued >= state.max_queued {
-            // A high-priority request takes the slot of the newest normal waiter.
+        // A high-priority request finding the queue full takes the slot of the newest
+        // normal waiter.
+        let victim = if state.queued >= state.max_queued {
             let victim = match ticket.priority {
                 Priority::High => state.queues[Priority::Normal.index()].back().copied(),
                 Priority::Normal => None,
             };
-            let Some(victim) = victim else {
+            if victim.is_none() {
                 return Admission::Shed(state.overloaded(ShedReason::QueueFull));
-            };
-            state.queues[Priority::Normal.index()].pop_back();
-            state.queued -= 1;
-            let overloaded = state.overloaded(ShedReason::QueueFull);
-            let slot = state.slots.get_mut(&victim).expect("queued id has a slot");
-            slot.status = Status::Shed(ShedReason::QueueFull);
-            slot.retry_after = overloaded.retry_after();
-            if let Some(w) = slot.waker.take() {
-                wakers.push(w);
             }
-        }
+            victim
+        } else {
+            None
+        };
+        // Before the eviction: a request shed for its deadline must not cost a waiter its place.
         if let (Some(deadline), Some(mean)) = (ticket.deadline, state.mean_service) {
             let ahead = if state.lifo_now(config) {
                 match ticket.priority {
@@ -511,6 +510,17 @@ impl Limiter {
             let expected = (ahead + 1) as f64 * mean / state.limit.max(1) as f64;
             if now.get() + Duration::from_secs_f64(expected.min(1e6)) > deadline {
                 return Admission::Shed(state.overloaded(ShedReason::DeadlineUnreachable));
+            }
+        }
+        if let Some(victim) = victim {
+            state.queues[Priority::Normal.index()].pop_back();
+            state.queued -= 1;
+            let overloaded = state.overloaded(ShedReason::QueueFull);
+            let slot = state.slots.get_mut(&victim).expect("queued id has a slot");
+            slot.status = Status::Shed(ShedReason::QueueFull);
+            slot.retry_after = overloaded.retry_after();
+            if let Some(w) = slot.waker.take() {
+                wakers.push(w);
             }
         }
         let now = now.get();
@@ -646,8 +656,8 @@ pub(crate) struct Snapshot {
 /// atomics only because it is shared between the permit and the request body.
 #[derive(Debug, Default)]
 pub(crate) struct MeterState {
-    charged: std::sync::atomic::AtomicU64,
-    released: std::sync::atomic::AtomicBool,
+    charged: AtomicU64,
+    released: AtomicBool,
 }
 
 impl MeterState {
@@ -841,9 +851,12 @@ impl Drop for Permit {
         } else {
             Outcome::Ignore
         };
-        let extra = self.meter.as_ref().map_or(0, |m| m.release());
-        let bytes = self.bytes + extra;
+        let meter = self.meter.take();
+        let reserved = self.bytes;
         self.limiter.with_state(|state, config, wakers| {
+            // Under the lock, like `charge_bytes`: a charge is either counted here or sees
+            // the meter released and skipped, never both missed.
+            let bytes = reserved + meter.as_ref().map_or(0, |m| m.release());
             if let Some((now, elapsed)) = timing {
                 if outcome == Outcome::Success {
                     state.service_time.record(elapsed);
@@ -994,6 +1007,33 @@ mod tests {
             shed(limiter.admit(ticket(), now)).reason(),
             ShedReason::QueueFull
         );
+    }
+
+    #[test]
+    fn a_high_priority_request_shed_for_its_deadline_evicts_nobody() {
+        let mut config = Config::new(1);
+        config.max_queued = 1;
+        let limiter = Limiter::new(config);
+        let now = Instant::now();
+        // Each request takes 10 s at the current drain rate.
+        lock(&limiter.shared.state).mean_service = Some(10.0);
+        let _busy = admitted(limiter.admit(ticket(), now));
+        let mut normal = queued(limiter.admit(ticket(), now));
+        let hurried = Ticket {
+            priority: Priority::High,
+            deadline: Some(now + Duration::from_secs(1)),
+            ..ticket()
+        };
+        assert_eq!(
+            shed(limiter.admit(hurried, now)).reason(),
+            ShedReason::DeadlineUnreachable
+        );
+        // The normal waiter keeps its place: nobody took it.
+        assert_eq!(limiter.snapshot().queued, 1);
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(normal.poll_permit(&mut cx).is_pending());
+        assert_eq!(limiter.snapshot().shed[ShedReason::QueueFull.index()], 0);
     }
 
     #[test]

@@ -3,10 +3,16 @@
 //! interleaving of the real code.
 
 #[cfg(not(all(test, loom)))]
-pub(crate) use std::sync::{Arc, Mutex, MutexGuard};
+pub(crate) use std::sync::{
+    atomic::{AtomicBool, AtomicU64},
+    Arc, Mutex, MutexGuard,
+};
 
 #[cfg(all(test, loom))]
-pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
+pub(crate) use loom::sync::{
+    atomic::{AtomicBool, AtomicU64},
+    Arc, Mutex, MutexGuard,
+};
 
 /// Locks `mutex`, recovering the guard if a panicking thread poisoned it.
 ///

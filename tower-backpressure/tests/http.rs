@@ -734,3 +734,48 @@ async fn adaptive_limit_counts_5xx_and_429_as_overload_and_ignores_4xx_and_cance
     assert_eq!(handle.limit(), 7, "a gateway timeout backs off");
     assert_idle(&handle);
 }
+
+/// One data frame, then trailers; it only reports its end when polled once more (like
+/// `http_body_util::StreamBody` or a gRPC encoder).
+struct DataThenTrailers(u8);
+
+impl http_body::Body for DataThenTrailers {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0 += 1;
+        Poll::Ready(match self.0 {
+            1 => Some(Ok(http_body::Frame::data(Bytes::from_static(b"x")))),
+            2 => Some(Ok(http_body::Frame::trailers(http::HeaderMap::new()))),
+            _ => None,
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_ending_with_trailers_counts_as_completed() {
+    // hyper sends the trailers and drops the body without polling it again: the request
+    // finished normally and its service time must be sampled (adaptive limits, Retry-After).
+    let layer = BackpressureLayer::builder(1).build();
+    let handle = layer.handle();
+    let svc = layer.layer(tower::service_fn(|_: Request<Body>| async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        Ok::<_, Infallible>(Response::new(DataThenTrailers(0)))
+    }));
+    let mut body = Box::pin(svc.oneshot(req(0)).await.unwrap().into_body());
+    let data = body.frame().await;
+    assert!(data.unwrap().unwrap().is_data());
+    let trailers = body.frame().await;
+    assert!(trailers.unwrap().unwrap().is_trailers());
+    assert!(
+        !body.holds_permit(),
+        "the permit is returned with the trailers"
+    );
+    drop(body);
+    assert_eq!(handle.service_time().count, 1);
+    assert_idle(&handle);
+}

@@ -122,3 +122,24 @@ async fn high_priority_and_bypass_through_a_classifier() {
     assert_eq!(queued_normal.await.unwrap().unwrap(), 2);
     assert_eq!((handle.in_flight(), handle.queued()), (0, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_queue_timeout_too_long_for_the_clock_waits_instead_of_panicking() {
+    // `Duration::MAX` reads as "wait as long as it takes"; adding it to an instant overflows.
+    let layer = BackpressureLayer::builder(1)
+        .max_queued(1)
+        .queue_timeout(Duration::MAX)
+        .build_typed();
+    let handle = layer.handle();
+    let gate = Arc::new(Semaphore::new(0));
+    let svc = layer.layer(gated(gate.clone()));
+    let first = tokio::spawn(svc.clone().oneshot(1));
+    tokio::task::yield_now().await;
+    let second = tokio::spawn(svc.clone().oneshot(2));
+    tokio::task::yield_now().await;
+    assert_eq!((handle.in_flight(), handle.queued()), (1, 1));
+    gate.add_permits(2);
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    assert_eq!(second.await.unwrap().unwrap(), 2);
+    assert_eq!((handle.in_flight(), handle.queued()), (0, 0));
+}

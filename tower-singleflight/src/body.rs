@@ -55,6 +55,12 @@ pin_project! {
 }
 
 impl<B> SingleflightBody<B> {
+    /// Wraps a body of the inner service's type, for responses built outside the layer
+    /// (an error handler's, say) that must have the layer's body type.
+    pub fn new(body: B) -> Self {
+        Self::inner(body)
+    }
+
     pub(crate) fn inner(body: B) -> Self {
         Self {
             kind: Kind::Inner { body },
@@ -397,7 +403,10 @@ pub(crate) struct Reader {
 }
 
 impl Reader {
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    pub(crate) fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let fanout = &self.fanout;
         let mut state = lock(&fanout.state);
         loop {

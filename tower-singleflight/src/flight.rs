@@ -115,9 +115,13 @@ impl<V: Send + 'static> Wake for Flight<V> {
 /// Registration of one waiter in one flight. Dropping it leaves the flight.
 pub(crate) struct Waiter<K: Hash + Eq, V> {
     pub(crate) flight: Arc<Flight<V>>,
-    pub(crate) group: Option<(Arc<GroupInner<K, V>>, K)>,
+    /// The group, key and shard to leave when the flight ends; `None` for a flight
+    /// running alone after an overflow.
+    pub(crate) group: Option<(Arc<GroupInner<K, V>>, K, usize)>,
     pub(crate) slot: usize,
     pub(crate) finished: bool,
+    /// Set when this waiter finished the work with no other waiter registered.
+    pub(crate) alone: bool,
 }
 
 impl<K, V> Waiter<K, V>
@@ -215,6 +219,7 @@ where
         state.stage = Stage::Done(outcome);
         state.waiters.try_remove(self.slot);
         self.finished = true;
+        self.alone = state.waiters.is_empty();
         let wakers = take_wakers(&mut state.waiters);
         drop(state);
         self.forget();
@@ -225,8 +230,8 @@ where
     }
 
     fn forget(&self) {
-        if let Some((group, key)) = &self.group {
-            group.forget(key, &self.flight);
+        if let Some((group, key, shard)) = &self.group {
+            group.forget(key, *shard, &self.flight);
         }
     }
 }
@@ -248,8 +253,8 @@ impl<K: Hash + Eq, V> Drop for Waiter<K, V> {
             };
             drop(state);
             drop_quietly(work);
-            if let Some((group, key)) = &self.group {
-                group.forget(key, &self.flight);
+            if let Some((group, key, shard)) = &self.group {
+                group.forget(key, *shard, &self.flight);
             }
             return;
         }

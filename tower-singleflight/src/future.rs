@@ -10,6 +10,7 @@ use std::{
 };
 
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
@@ -165,7 +166,9 @@ impl<S, ReqB, K, ResB> Future for ResponseFuture<S, ReqB, K>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
-    ResB: 'static,
+    ResB: Body + Send + 'static,
+    ResB::Data: Send,
+    ResB::Error: Into<BoxError>,
     K: Hash + Eq,
 {
     type Output = Result<Response<SingleflightBody<ResB>>, BoxError>;
@@ -182,8 +185,8 @@ where
                     return Poll::Ready(Ok(labelled(response, label, config)));
                 }
                 StateProj::Lead { run, label } => {
-                    let outcome = ready!(Pin::new(run).poll(cx)).map_err(BoxError::from)?;
-                    return Poll::Ready(lead_response(&outcome, label, config));
+                    let outcome = ready!(Pin::new(&mut *run).poll(cx)).map_err(BoxError::from)?;
+                    return Poll::Ready(lead_response(&outcome, run.was_alone(), label, config));
                 }
                 StateProj::Follow {
                     run,
@@ -211,26 +214,23 @@ where
                         let outcome = ready!(Pin::new(run).poll(cx)).map_err(BoxError::from)?;
                         let request = req.as_ref().expect("a follower keeps its request");
                         match &*outcome.0 {
-                            OutcomeKind::Shared {
-                                head,
-                                fanout,
-                                leader_headers,
+                            OutcomeKind::Shared(shared) => {
                                 #[cfg(feature = "tracing")]
-                                span,
-                            } => {
-                                #[cfg(feature = "tracing")]
-                                tracing::Span::current().follows_from(span.clone());
-                                if share::vary_matches(
-                                    &head.headers,
-                                    leader_headers,
-                                    request.headers(),
-                                ) {
+                                tracing::Span::current().follows_from(&shared.span);
+                                let fanned = shared.fanned_out::<ResB>();
+                                if let Some((head, fanout)) = fanned.filter(|(head, _)| {
+                                    share::vary_matches(
+                                        &head.headers,
+                                        &shared.leader_headers,
+                                        request.headers(),
+                                    )
+                                }) {
                                     let body = if *head_only {
                                         SingleflightBody::empty()
                                     } else {
                                         SingleflightBody::shared(fanout.reader())
                                     };
-                                    let response = Response::from_parts(head.clone(), body);
+                                    let response = Response::from_parts(head, body);
                                     return Poll::Ready(Ok(labelled(response, "follower", config)));
                                 }
                                 counters.bypass(BypassReason::VaryMismatch);
@@ -325,19 +325,34 @@ fn cached_response<B>(
     Response::new(SingleflightBody::empty())
 }
 
-fn lead_response<B: 'static>(
+fn lead_response<B>(
     outcome: &Outcome,
+    alone: bool,
     label: &'static str,
     config: &Config,
-) -> Result<Response<SingleflightBody<B>>, BoxError> {
+) -> Result<Response<SingleflightBody<B>>, BoxError>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     match &*outcome.0 {
-        OutcomeKind::Shared { head, fanout, .. } => {
-            let body = SingleflightBody::shared(fanout.reader());
-            Ok(labelled(
-                Response::from_parts(head.clone(), body),
-                label,
-                config,
-            ))
+        OutcomeKind::Shared(shared) => {
+            // Nobody else waited: the response is the leader's, untouched.
+            if let Some(response) = alone.then(|| shared.take_whole::<B>()).flatten() {
+                return Ok(labelled(
+                    response.map(SingleflightBody::inner),
+                    label,
+                    config,
+                ));
+            }
+            match shared.fanned_out::<B>() {
+                Some((head, fanout)) => {
+                    let body = SingleflightBody::shared(fanout.reader());
+                    Ok(labelled(Response::from_parts(head, body), label, config))
+                }
+                None => Err("singleflight: the leader's response was already taken".into()),
+            }
         }
         OutcomeKind::NotShared { response } => {
             let taken = response

@@ -1,7 +1,7 @@
 //! The runtime-agnostic core: [`Group`], its builder and the [`Run`] future.
 
 use std::{
-    collections::HashMap,
+    collections::{hash_map::Entry, HashMap},
     fmt,
     future::Future,
     hash::{BuildHasher, Hash, RandomState},
@@ -245,7 +245,8 @@ where
     /// Joins the flight for `key` if there is one; never starts one.
     pub fn join(&self, key: &K) -> Option<Run<K, V>> {
         let inner = &self.inner;
-        let map = lock(inner.shard(key));
+        let shard = inner.shard_index(key);
+        let map = lock(&inner.shards[shard]);
         let flight = map.get(key)?;
         let mut state = lock(&flight.state);
         if !Flight::joinable(&state) || inner.too_old(flight) {
@@ -261,9 +262,10 @@ where
         Some(Run {
             waiter: Waiter {
                 flight,
-                group: Some((Arc::clone(inner), key.clone())),
+                group: Some((Arc::clone(inner), key.clone(), shard)),
                 slot,
                 finished: false,
+                alone: false,
             },
             role: Role::Follower,
         })
@@ -271,48 +273,62 @@ where
 
     fn run_boxed(&self, key: K, make: impl FnOnce() -> BoxWork<V>) -> Run<K, V> {
         let inner = &self.inner;
-        let mut map = lock(inner.shard(&key));
-        let mut replacing = false;
-        if let Some(flight) = map.get(&key) {
-            let mut state = lock(&flight.state);
-            if Flight::joinable(&state) && !inner.too_old(flight) {
-                if state.waiters.len() >= inner.config.max_waiters {
+        let shard = inner.shard_index(&key);
+        let mut map = lock(&inner.shards[shard]);
+        let own_key = key.clone();
+        let entry = match map.entry(key) {
+            Entry::Occupied(mut entry) => {
+                let flight = entry.get();
+                let mut state = lock(&flight.state);
+                if Flight::joinable(&state) && !inner.too_old(flight) {
+                    if state.waiters.len() >= inner.config.max_waiters {
+                        drop(state);
+                        drop(map);
+                        return self.overflow(make);
+                    }
+                    let slot = state.add_waiter();
+                    let flight = Arc::clone(flight);
                     drop(state);
                     drop(map);
-                    return self.overflow(key, make);
+                    return Run {
+                        waiter: Waiter {
+                            flight,
+                            group: Some((Arc::clone(inner), own_key, shard)),
+                            slot,
+                            finished: false,
+                            alone: false,
+                        },
+                        role: Role::Follower,
+                    };
                 }
-                let slot = state.add_waiter();
-                let flight = Arc::clone(flight);
                 drop(state);
-                drop(map);
-                return Run {
-                    waiter: Waiter {
-                        flight,
-                        group: Some((Arc::clone(inner), key)),
-                        slot,
-                        finished: false,
-                    },
-                    role: Role::Follower,
-                };
+                // Finished, cancelled or too old: a new flight replaces it (the old one
+                // goes on for its own waiters). The number of keys does not change.
+                let (flight, slot) = Flight::starting(inner.now());
+                let flight = Arc::new(flight);
+                entry.insert(Arc::clone(&flight));
+                (flight, slot)
             }
-            replacing = true;
-        }
-        if !replacing && inner.flights.load(Ordering::Relaxed) >= inner.config.max_keys {
-            drop(map);
-            return self.overflow(key, make);
-        }
-        let (flight, slot) = Flight::starting(inner.now());
-        let flight = Arc::new(flight);
-        map.insert(key.clone(), Arc::clone(&flight));
-        if !replacing {
-            inner.flights.fetch_add(1, Ordering::Relaxed);
-        }
+            Entry::Vacant(entry) => {
+                if inner.flights.load(Ordering::Relaxed) >= inner.config.max_keys {
+                    drop(map);
+                    return self.overflow(make);
+                }
+                let (flight, slot) = Flight::starting(inner.now());
+                let flight = Arc::new(flight);
+                entry.insert(Arc::clone(&flight));
+                inner.flights.fetch_add(1, Ordering::Relaxed);
+                (flight, slot)
+            }
+        };
         drop(map);
+        let (flight, slot) = entry;
         let mut waiter = Waiter {
             flight,
-            group: Some((Arc::clone(inner), key)),
+            group: Some((Arc::clone(inner), own_key, shard)),
             slot,
             finished: false,
+            alone: false,
         };
         waiter.start(make);
         Run {
@@ -321,13 +337,14 @@ where
         }
     }
 
-    fn overflow(&self, _key: K, make: impl FnOnce() -> BoxWork<V>) -> Run<K, V> {
+    fn overflow(&self, make: impl FnOnce() -> BoxWork<V>) -> Run<K, V> {
         let (flight, slot) = Flight::starting(self.inner.now());
         let mut waiter = Waiter {
             flight: Arc::new(flight),
             group: None,
             slot,
             finished: false,
+            alone: false,
         };
         match self.inner.config.overflow {
             OverflowPolicy::RunAlone => {
@@ -371,12 +388,11 @@ impl<K, V> Group<K, V> {
 }
 
 impl<K: Hash + Eq, V> GroupInner<K, V> {
-    fn shard(&self, key: &K) -> &Mutex<HashMap<K, Arc<Flight<V>>>> {
+    fn shard_index(&self, key: &K) -> usize {
         let hash = self.hasher.hash_one(key);
-        // The map rehashes with its own hasher; the high bits pick the shard, so the two
-        // uses of this hash do not correlate.
-        let index = (hash >> 32) as usize & (self.shards.len() - 1);
-        &self.shards[index]
+        // Each shard's map hashes with its own random keys, so picking the shard with this
+        // independent hash does not skew the maps.
+        (hash >> 32) as usize & (self.shards.len() - 1)
     }
 
     fn too_old(&self, flight: &Flight<V>) -> bool {
@@ -393,11 +409,15 @@ impl<K: Hash + Eq, V> GroupInner<K, V> {
     }
 
     /// Removes `flight` from the map if it is still the entry for `key`.
-    pub(crate) fn forget(&self, key: &K, flight: &Arc<Flight<V>>) {
-        let mut map = lock(self.shard(key));
-        if map.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
-            map.remove(key);
-            self.flights.fetch_sub(1, Ordering::Relaxed);
+    pub(crate) fn forget(&self, key: &K, shard: usize, flight: &Arc<Flight<V>>) {
+        let mut map = lock(&self.shards[shard]);
+        if let Some((key, current)) = map.remove_entry(key) {
+            if Arc::ptr_eq(&current, flight) {
+                self.flights.fetch_sub(1, Ordering::Relaxed);
+            } else {
+                // A newer flight replaced this one (max age): it stays.
+                map.insert(key, current);
+            }
         }
     }
 }
@@ -419,6 +439,13 @@ impl<K: Hash + Eq, V> Run<K, V> {
     /// How this call takes part in its flight.
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// Whether this call finished the shared work itself while no other caller was
+    /// waiting for it: then nobody else can see its output, which it may use exclusively.
+    /// Meaningful once the future has returned `Ready`.
+    pub fn was_alone(&self) -> bool {
+        self.waiter.alone
     }
 
     /// Whether this call started the flight.

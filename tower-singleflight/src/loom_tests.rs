@@ -214,3 +214,118 @@ fn futures_task_noop() -> Waker {
     }
     Waker::from(Arc::new(Noop))
 }
+
+// ===== the body fan-out =====
+
+mod fanout {
+    use std::{future::poll_fn, time::Duration};
+
+    use bytes::Bytes;
+    use http_body::{Body, Frame};
+
+    use super::*;
+    use crate::{
+        body::{Fanout, Reader},
+        error::BoxError,
+    };
+
+    /// Yields `a`, then `b` once the signal fires, then ends.
+    struct SignalBody {
+        signal: Arc<Signal>,
+        step: u8,
+    }
+
+    impl Body for SignalBody {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            match self.step {
+                0 => {
+                    self.step = 1;
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"a")))))
+                }
+                1 => {
+                    let mut wait = Arc::clone(&self.signal).wait();
+                    match Pin::new(&mut wait).poll(cx) {
+                        Poll::Ready(()) => {
+                            self.step = 2;
+                            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"b")))))
+                        }
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
+                _ => Poll::Ready(None),
+            }
+        }
+    }
+
+    fn fanout(signal: &Arc<Signal>) -> Arc<Fanout> {
+        let body = SignalBody {
+            signal: Arc::clone(signal),
+            step: 0,
+        };
+        Fanout::new(
+            Box::pin(body),
+            1 << 20,
+            Duration::from_secs(1),
+            Arc::default(),
+        )
+    }
+
+    fn read_all(reader: &mut Reader) -> Vec<u8> {
+        block_on(async {
+            let mut out = Vec::new();
+            while let Some(frame) = poll_fn(|cx| reader.poll_frame(cx)).await {
+                out.extend_from_slice(&frame.unwrap().into_data().unwrap());
+            }
+            out
+        })
+    }
+
+    #[test]
+    fn loom_two_readers_on_two_threads_get_the_whole_body() {
+        loom::model(|| {
+            let signal = Signal::new();
+            let fanout = fanout(&signal);
+            let mut first = fanout.reader();
+            let mut second = fanout.reader();
+            let other = thread::spawn(move || read_all(&mut second));
+            let firer = {
+                let signal = Arc::clone(&signal);
+                thread::spawn(move || signal.fire())
+            };
+            assert_eq!(read_all(&mut first), b"ab");
+            assert_eq!(other.join().unwrap(), b"ab");
+            firer.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn loom_a_reader_leaving_hands_the_body_to_another() {
+        loom::model(|| {
+            let signal = Signal::new();
+            let fanout = fanout(&signal);
+            let mut leaving = fanout.reader();
+            let mut staying = fanout.reader();
+            // The leaving reader drives once (it reads `a` and polls for `b`), then goes.
+            let a = block_on(poll_fn(|cx| leaving.poll_frame(cx)));
+            assert_eq!(a.unwrap().unwrap().into_data().unwrap(), "a");
+            let waker = futures_task_noop();
+            assert!(leaving
+                .poll_frame(&mut Context::from_waker(&waker))
+                .is_pending());
+            let dropper = thread::spawn(move || drop(leaving));
+            let firer = {
+                let signal = Arc::clone(&signal);
+                thread::spawn(move || signal.fire())
+            };
+            assert_eq!(read_all(&mut staying), b"ab");
+            dropper.join().unwrap();
+            firer.join().unwrap();
+        });
+    }
+}

@@ -176,7 +176,7 @@ where
                 Arc::clone(config),
                 Arc::clone(counters),
                 #[cfg(feature = "tracing")]
-                span.id(),
+                span.clone(),
                 #[cfg(feature = "micro-cache")]
                 shared.cache.clone().zip(store_key).map(|(cache, key)| {
                     Box::new(move |cached| cache.insert(key, cached)) as share::CacheStore

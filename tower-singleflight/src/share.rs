@@ -27,16 +27,11 @@ use crate::{
 #[derive(Clone)]
 pub(crate) struct Outcome(pub(crate) Arc<OutcomeKind>);
 
+// One per flight, behind an `Arc`: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum OutcomeKind {
-    /// The leader's response may be shared: its head, and its body being fanned out.
-    Shared {
-        head: Parts,
-        fanout: Arc<Fanout>,
-        /// The leader's request headers, to check each follower against `Vary`.
-        leader_headers: HeaderMap,
-        #[cfg(feature = "tracing")]
-        span: Option<tracing::Id>,
-    },
+    /// The leader's response may be shared.
+    Shared(SharedResponse),
     /// The response belongs to the leader alone; followers make their own calls.
     NotShared {
         /// The leader's response (a `Response<B>`), taken by the leader if it still waits.
@@ -49,6 +44,104 @@ pub(crate) enum OutcomeKind {
         /// How many followers may still retry (under [`ErrorPolicy::Retry`]).
         retries_left: AtomicUsize,
     },
+}
+
+/// A shareable response: kept whole until someone other than a lone leader needs it, then
+/// split into a head to copy and a body to fan out.
+pub(crate) struct SharedResponse {
+    share: Mutex<Share>,
+    /// The leader's request headers, to check each follower against `Vary`.
+    pub(crate) leader_headers: HeaderMap,
+    /// The leader's flight span, kept open so followers can link to it.
+    #[cfg(feature = "tracing")]
+    pub(crate) span: tracing::Span,
+    config: Arc<Config>,
+    counters: Arc<Counters>,
+}
+
+enum Share {
+    /// The leader's `Response<B>`, untouched.
+    Whole {
+        response: Box<dyn Any + Send>,
+        #[cfg(feature = "micro-cache")]
+        store: Option<CacheStore>,
+    },
+    /// Split: the head to copy, the body being fanned out.
+    FannedOut { head: Parts, fanout: Arc<Fanout> },
+    /// Taken by a leader that finished alone.
+    Taken,
+}
+
+impl SharedResponse {
+    /// The whole response, for a leader that finished with nobody else waiting (so nobody
+    /// else can ever ask for it): no copy, no fan-out. `None` once it was split, or when
+    /// the micro-cache wants the body.
+    pub(crate) fn take_whole<B: 'static>(&self) -> Option<Response<B>> {
+        let mut share = self.share.lock().unwrap_or_else(|p| p.into_inner());
+        #[cfg(feature = "micro-cache")]
+        if let Share::Whole { store: Some(_), .. } = &*share {
+            return None;
+        }
+        if !matches!(&*share, Share::Whole { .. }) {
+            return None;
+        }
+        let Share::Whole { response, .. } = std::mem::replace(&mut *share, Share::Taken) else {
+            unreachable!("checked above")
+        };
+        response.downcast::<Response<B>>().ok().map(|r| *r)
+    }
+
+    /// A copy of the head and the body's fan-out, splitting the response on first use.
+    pub(crate) fn fanned_out<B>(&self) -> Option<(Parts, Arc<Fanout>)>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let mut share = self.share.lock().unwrap_or_else(|p| p.into_inner());
+        if let Share::Whole { .. } = &*share {
+            let Share::Whole {
+                response,
+                #[cfg(feature = "micro-cache")]
+                store,
+            } = std::mem::replace(&mut *share, Share::Taken)
+            else {
+                unreachable!("checked above")
+            };
+            let response = response.downcast::<Response<B>>().ok()?;
+            let (head, body) = response.into_parts();
+            let body: BoxBody = Box::pin(IntoBytes::new(body));
+            let fanout = Fanout::new(
+                body,
+                self.config.max_shared_body,
+                self.config.lag_timeout,
+                Arc::clone(&self.counters),
+            );
+            #[cfg(feature = "micro-cache")]
+            if let (Some(store), Some(cache)) = (store, &self.config.cache) {
+                let fresh_for = crate::cache::freshness(&head.headers, cache.linger);
+                if !fresh_for.is_zero() {
+                    let (head, leader_headers) = (head.clone(), self.leader_headers.clone());
+                    fanout.on_complete(Box::new(move |chunks, trailers| {
+                        let bytes = chunks.iter().map(bytes::Bytes::len).sum();
+                        store(Arc::new(crate::cache::Cached {
+                            head,
+                            leader_headers,
+                            chunks,
+                            trailers,
+                            bytes,
+                            expires_at: tokio::time::Instant::now() + fresh_for,
+                        }));
+                    }));
+                }
+            }
+            *share = Share::FannedOut { head, fanout };
+        }
+        match &*share {
+            Share::FannedOut { head, fanout } => Some((head.clone(), Arc::clone(fanout))),
+            _ => None,
+        }
+    }
 }
 
 impl Outcome {
@@ -73,7 +166,7 @@ pub(crate) async fn work<F, B, E>(
     leader_headers: HeaderMap,
     config: Arc<Config>,
     counters: Arc<Counters>,
-    #[cfg(feature = "tracing")] span: Option<tracing::Id>,
+    #[cfg(feature = "tracing")] span: tracing::Span,
     #[cfg(feature = "micro-cache")] store: Option<CacheStore>,
 ) -> Outcome
 where
@@ -98,37 +191,18 @@ where
                     response: Mutex::new(Some(Box::new(response))),
                 }
             }
-            None => {
-                let (head, body) = response.into_parts();
-                let body: BoxBody = Box::pin(IntoBytes::new(body));
-                let fanout =
-                    Fanout::new(body, config.max_shared_body, config.lag_timeout, counters);
-                #[cfg(feature = "micro-cache")]
-                if let (Some(store), Some(cache)) = (store, &config.cache) {
-                    let fresh_for = crate::cache::freshness(&head.headers, cache.linger);
-                    if !fresh_for.is_zero() {
-                        let (head, leader_headers) = (head.clone(), leader_headers.clone());
-                        fanout.on_complete(Box::new(move |chunks, trailers| {
-                            let bytes = chunks.iter().map(bytes::Bytes::len).sum();
-                            store(Arc::new(crate::cache::Cached {
-                                head,
-                                leader_headers,
-                                chunks,
-                                trailers,
-                                bytes,
-                                expires_at: tokio::time::Instant::now() + fresh_for,
-                            }));
-                        }));
-                    }
-                }
-                OutcomeKind::Shared {
-                    head,
-                    fanout,
-                    leader_headers,
-                    #[cfg(feature = "tracing")]
-                    span,
-                }
-            }
+            None => OutcomeKind::Shared(SharedResponse {
+                share: Mutex::new(Share::Whole {
+                    response: Box::new(response),
+                    #[cfg(feature = "micro-cache")]
+                    store,
+                }),
+                leader_headers,
+                #[cfg(feature = "tracing")]
+                span,
+                config,
+                counters,
+            }),
         },
     };
     Outcome(Arc::new(kind))

@@ -932,3 +932,100 @@ async fn a_custom_key_function_decides_what_is_the_same_resource() {
     assert_eq!(backend.calls(), 1);
     assert_clean(&stats);
 }
+
+#[tokio::test]
+async fn a_lone_leader_gets_its_response_untouched_and_sharers_get_exact_hints() {
+    use http_body::Body as _;
+    let layer = SingleflightLayer::new();
+    let stats = layer.stats();
+    let (open, gate_rx) = gate();
+    let inner = service_fn(move |_req: Request<()>| {
+        let gate_rx = gate_rx.clone();
+        async move {
+            wait_open(gate_rx).await;
+            Ok::<_, Infallible>(Response::new(full(payload(1000))))
+        }
+    });
+    let svc = layer.layer(inner);
+    open.send(true).unwrap();
+    let alone = svc.clone().oneshot(get("/l")).await.unwrap();
+    assert!(
+        format!("{:?}", alone.body()).contains("inner"),
+        "no fan-out for one waiter"
+    );
+    assert_eq!(alone.body().size_hint().exact(), Some(1000));
+
+    open.send(false).unwrap();
+    let a = tokio::spawn(svc.clone().oneshot(get("/l")));
+    let b = tokio::spawn(svc.clone().oneshot(get("/l")));
+    until(|| stats.followers() == 1).await;
+    open.send(true).unwrap();
+    for response in [a.await.unwrap().unwrap(), b.await.unwrap().unwrap()] {
+        assert!(format!("{:?}", response.body()).contains("shared"));
+        assert_eq!(response.body().size_hint().exact(), Some(1000));
+        assert!(!response.body().is_end_stream());
+        assert_eq!(collect(response).await.unwrap(), payload(1000));
+    }
+    assert_clean(&stats);
+}
+
+#[tokio::test]
+async fn http_followers_are_woken_exactly_once() {
+    use futures_test::task::new_count_waker;
+    use std::{future::Future, task::Context};
+    let (open, gate_rx) = gate();
+    let inner = service_fn(move |_req: Request<()>| {
+        let gate_rx = gate_rx.clone();
+        async move {
+            wait_open(gate_rx).await;
+            Ok::<_, Infallible>(Response::new(full("once")))
+        }
+    });
+    let layer = SingleflightLayer::new();
+    let stats = layer.stats();
+    let svc = layer.layer(inner);
+    let mut leader = Box::pin(svc.clone().oneshot(get("/wake")));
+    let (leader_waker, leader_wakes) = new_count_waker();
+    assert!(leader
+        .as_mut()
+        .poll(&mut Context::from_waker(&leader_waker))
+        .is_pending());
+    let mut followers: Vec<_> = (0..3)
+        .map(|_| {
+            let (waker, count) = new_count_waker();
+            (Box::pin(svc.clone().oneshot(get("/wake"))), waker, count)
+        })
+        .collect();
+    for (f, waker, _) in &mut followers {
+        assert!(f
+            .as_mut()
+            .poll(&mut Context::from_waker(waker))
+            .is_pending());
+    }
+    assert_eq!(stats.followers(), 3);
+    open.send(true).unwrap();
+    assert_eq!(
+        leader_wakes.get(),
+        1,
+        "only the driver is woken by the work"
+    );
+    for (_, _, count) in &followers {
+        assert_eq!(count.get(), 0);
+    }
+    let leader = match leader
+        .as_mut()
+        .poll(&mut Context::from_waker(&leader_waker))
+    {
+        std::task::Poll::Ready(r) => r.unwrap(),
+        std::task::Poll::Pending => panic!("the leader finishes when woken"),
+    };
+    for (f, waker, count) in &mut followers {
+        assert_eq!(count.get(), 1, "each follower woken exactly once");
+        match f.as_mut().poll(&mut Context::from_waker(waker)) {
+            std::task::Poll::Ready(r) => assert_eq!(collect(r.unwrap()).await.unwrap(), "once"),
+            std::task::Poll::Pending => panic!("a woken follower is ready"),
+        }
+    }
+    assert_eq!(collect(leader).await.unwrap(), "once");
+    assert_clean(&stats);
+}

@@ -356,6 +356,19 @@ pub fn warmed_bytes() -> u64 {
     WARMED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Number of file memory maps alive in this process (each registered for sendfile). Always 0
+/// on targets other than Linux. Useful for leak checks.
+pub fn live_mappings() -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        crate::registry::live_mappings()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        0
+    }
+}
+
 /// Brings `range` of `file` into the page cache by reading it into a scratch buffer, like
 /// nginx's `aio threads`. Runs on the blocking pool.
 #[cfg(target_os = "linux")]

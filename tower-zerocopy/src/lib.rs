@@ -19,7 +19,7 @@ mod serve;
 mod stream;
 mod sys;
 
-pub use body::{warmed_bytes, FileBody, DEFAULT_MAP_WINDOW, DEFAULT_READ_CHUNK};
+pub use body::{live_mappings, warmed_bytes, FileBody, DEFAULT_MAP_WINDOW, DEFAULT_READ_CHUNK};
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use listener::{MakeFuture, SendfileListener, WithSendfile};
@@ -31,16 +31,3 @@ pub use serve::{
 pub use stream::{
     SendfileCapability, SendfileSocket, SendfileStats, SendfileStream, DEFAULT_MAX_CHUNK,
 };
-
-/// Number of file memory maps alive in this process (each registered for sendfile). Always 0
-/// on targets other than Linux. Useful for leak checks.
-pub fn live_mappings() -> usize {
-    #[cfg(target_os = "linux")]
-    {
-        registry::live_mappings()
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        0
-    }
-}

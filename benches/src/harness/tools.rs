@@ -91,10 +91,10 @@ pub fn versions(names: &[&str]) -> BTreeMap<String, String> {
     let mut v = BTreeMap::new();
     for &n in names {
         let line = match n {
-            "wrk" => first_line("wrk", &["-v"]),
+            "wrk" => first_line("wrk", &["-v"]).map(|l| short_version(&l, "Copyright")),
             "nginx" => first_line("nginx", &["-v"]),
             "node" => first_line("node", &["--version"]).map(|s| format!("node {s}")),
-            "curl" => first_line("curl", &["--version"]),
+            "curl" => first_line("curl", &["--version"]).map(|l| short_version(&l, "(")),
             "rustc" => first_line("rustc", &["--version"]),
             "kernel" => first_line("uname", &["-sr"]),
             _ => None,
@@ -104,6 +104,11 @@ pub fn versions(names: &[&str]) -> BTreeMap<String, String> {
         }
     }
     v
+}
+
+/// `line` up to `stop` (version banners go on to list copyrights and libraries).
+pub fn short_version(line: &str, stop: &str) -> String {
+    line.split(stop).next().unwrap_or(line).trim().to_owned()
 }
 
 /// A one-line description of the machine: CPU model, online CPUs, memory.
@@ -149,6 +154,22 @@ mod tests {
             "AMD EPYC 7B13, 2 CPUs, 7.8 GiB RAM"
         );
         assert_eq!(describe_machine("", "", 1), "unknown CPU, 1 CPUs");
+    }
+
+    #[test]
+    fn shortens_version_banners() {
+        assert_eq!(
+            short_version(
+                "wrk debian/4.1.0-3+b2 [epoll] Copyright (C) 2012 Will Glozer",
+                "Copyright"
+            ),
+            "wrk debian/4.1.0-3+b2 [epoll]"
+        );
+        assert_eq!(
+            short_version("curl 7.88.1 (x86_64-pc-linux-gnu) libcurl/7.88.1", "("),
+            "curl 7.88.1"
+        );
+        assert_eq!(short_version("node v20", "("), "node v20");
     }
 
     #[test]

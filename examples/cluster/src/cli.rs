@@ -59,6 +59,12 @@ pub(crate) struct Cli {
     #[arg(long, env = "CLUSTER_ROOT", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/static"))]
     pub(crate) root: std::path::PathBuf,
 
+    /// Turn request coalescing off: every `/expensive/{key}` request runs its own backend
+    /// call (they still pass through the layer, counted as bypasses). For comparisons such
+    /// as the benches' `herd` suite.
+    #[arg(long, env = "CLUSTER_NO_SINGLEFLIGHT")]
+    pub(crate) no_singleflight: bool,
+
     /// Largest `ms` accepted by `GET /sleep?ms=N`; larger values get `400`.
     #[arg(long, env = "CLUSTER_MAX_SLEEP", default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) max_sleep: Duration,

@@ -1041,6 +1041,8 @@ mod tests {
             tower_abort::AbortLayer::new(),
             prometheus_client::metrics::counter::Counter::default(),
             crate::routes::backpressure(64, 64, Duration::from_secs(1)),
+            crate::routes::singleflight(),
+            prometheus_client::metrics::counter::Counter::default(),
         );
         let task = tokio::spawn(async move {
             let start = Instant::now();

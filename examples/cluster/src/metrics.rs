@@ -27,6 +27,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tower_abort::AbortRoot;
 use tower_backpressure::{BackpressureHandle, ShedReason};
+use tower_singleflight::{BypassReason, Stats as SingleflightStats};
 use tower_zerocopy::SendfileStats;
 
 /// Label set of `http_requests_total`.
@@ -52,6 +53,9 @@ pub(crate) struct WorkerMetrics {
     /// `demo_work_cancelled_total`: `/sleep` requests that stopped early because their
     /// `AbortSignal` fired (client gone, deadline, shutdown).
     pub(crate) work_cancelled: Counter,
+    /// `demo_backend_calls_total`: calls that reached the expensive backend of
+    /// `/expensive/{key}` (behind tower-singleflight, so fewer than the requests).
+    pub(crate) backend_calls: Counter,
     /// The parent of every request's `AbortSignal` in this process; the drain shuts it
     /// down, and its per-reason counts are exported as `abort_total{reason}`.
     pub(crate) abort_root: AbortRoot,
@@ -87,6 +91,12 @@ impl WorkerMetrics {
             "/sleep requests stopped early because their AbortSignal fired",
             work_cancelled.clone(),
         );
+        let backend_calls = Counter::default();
+        registry.register(
+            "demo_backend_calls",
+            "Calls that reached the expensive backend of /expensive/{key} (after coalescing)",
+            backend_calls.clone(),
+        );
         let abort_root = AbortRoot::new();
         registry.register_collector(Box::new(AbortCollector(abort_root.clone())));
         let sendfile = SendfileStats::new();
@@ -98,6 +108,7 @@ impl WorkerMetrics {
             connections_refused,
             status_cache: (100..600).map(|_| OnceLock::new()).collect(),
             work_cancelled,
+            backend_calls,
             abort_root,
             sendfile,
         }
@@ -109,6 +120,15 @@ impl WorkerMetrics {
     pub(crate) fn register_backpressure(&mut self, handle: BackpressureHandle) {
         self.registry
             .register_collector(Box::new(BackpressureCollector { handle }));
+    }
+
+    /// Reports tower-singleflight's counters with every snapshot:
+    /// `singleflight_leaders_total`, `singleflight_followers_total`,
+    /// `singleflight_fallbacks_total`, `singleflight_bypass_total{reason}` and the
+    /// `singleflight_in_flight` gauge (summed over workers).
+    pub(crate) fn register_singleflight(&mut self, stats: SingleflightStats) {
+        self.registry
+            .register_collector(Box::new(SingleflightCollector { stats }));
     }
 
     /// Counts one response.
@@ -195,6 +215,59 @@ impl prometheus_client::collector::Collector for BackpressureCollector {
         for reason in ShedReason::ALL {
             let labels = vec![("reason".to_owned(), reason.as_str().to_owned())];
             let counter = ConstCounter::new(self.handle.shed_count(reason));
+            counter.encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a singleflight [`SingleflightStats`] handle at encode time.
+#[derive(Debug)]
+struct SingleflightCollector {
+    stats: SingleflightStats,
+}
+
+impl prometheus_client::collector::Collector for SingleflightCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let counters = [
+            (
+                "singleflight_leaders",
+                "Requests that called the backend on behalf of a flight",
+                self.stats.leaders(),
+            ),
+            (
+                "singleflight_followers",
+                "Requests that joined a flight instead of calling the backend",
+                self.stats.followers(),
+            ),
+            (
+                "singleflight_fallbacks",
+                "Followers that made their own call (unshareable response, Vary, timeout, retry)",
+                self.stats.fallbacks(),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        let gauge = ConstGauge::new(self.stats.in_flight() as i64);
+        let metric = encoder.encode_descriptor(
+            "singleflight_in_flight",
+            "Keys with a flight in progress now",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)?;
+        let mut family = encoder.encode_descriptor(
+            "singleflight_bypass",
+            "Requests that did not get a shared response, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for reason in BypassReason::ALL {
+            let labels = vec![("reason".to_owned(), reason.as_str().to_owned())];
+            let counter = ConstCounter::new(self.stats.bypassed(reason));
             counter.encode(family.encode_family(&labels)?)?;
         }
         Ok(())
@@ -632,6 +705,25 @@ pub(crate) fn encode_registry(registry: &Registry) -> String {
 mod tests {
     use super::*;
     use prometheus_client::metrics::histogram::Histogram;
+
+    #[test]
+    fn singleflight_and_backend_metrics_are_exported() {
+        let mut m = WorkerMetrics::new();
+        m.register_singleflight(crate::routes::singleflight().stats());
+        m.backend_calls.inc();
+        let text = m.encode();
+        for line in [
+            "demo_backend_calls_total 1",
+            "singleflight_leaders_total 0",
+            "singleflight_followers_total 0",
+            "singleflight_fallbacks_total 0",
+            "singleflight_in_flight 0",
+            "singleflight_bypass_total{reason=\"method\"} 0",
+            "singleflight_bypass_total{reason=\"set_cookie\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
 
     fn worker(requests_200: u64, open: i64) -> WorkerMetrics {
         let m = WorkerMetrics::new();

@@ -6,6 +6,7 @@
 //! | `GET /` | `200 text/plain` `Hello, World!` |
 //! | `GET /healthz` | `200 text/plain` `ok` |
 //! | `GET /sleep?ms=N` | waits `N` ms (at most `--max-sleep`) then `200`; a missing, malformed or too large `N` gets `400`; stops at once when the request's `AbortSignal` fires (`503` on shutdown, `504` past a deadline; a client that left gets nothing), counted in `demo_work_cancelled_total` |
+//! | `GET /expensive/{key}?ms=N` | a simulated expensive backend call behind tower-singleflight: waits `N` ms (default 200, at most `--max-sleep`), then `200 application/json` `{"key":"…","generation":G}` where `G` numbers this worker's backend calls; concurrent identical requests share one call (`demo_backend_calls_total` counts the calls). `key` is 1-64 of `[A-Za-z0-9_.-]`, else `400`. Stops on shutdown (`503`) or a passed deadline (`504`); a leader whose client leaves does not stop the shared call, which is dropped when the last waiting client has left |
 //! | anything else | `404` (`405` with `Allow` for another method on a known path) |
 //!
 //! `HEAD` is accepted wherever `GET` is. Malformed requests (`400`) and oversized heads
@@ -23,6 +24,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -37,6 +39,7 @@ use tower::Service;
 use tower_abort::future::Aborted;
 use tower_abort::{AbortLayer, AbortReason, AbortSignal, TimeoutFormat};
 use tower_backpressure::BackpressureLayer;
+use tower_singleflight::{DefaultKey, KeyFn, RequestKey, SingleflightLayer};
 use tower_zerocopy::{FileBody, ServeDir};
 
 /// Response body of every route: literal bytes, or a file for `/static` (tower-zerocopy's
@@ -73,6 +76,44 @@ pub(crate) fn backpressure(
         .build()
 }
 
+/// The key function of [`singleflight`]: only `/expensive/{key}` coalesces (with the
+/// default key: scheme, authority, path, query); every other route bypasses the layer
+/// (counted as `singleflight_bypass_total{reason="no_key"}`), so `/sleep` keeps one call
+/// per request and its own cancellation semantics.
+pub(crate) type ExpensiveKey = fn(&http::Uri, &http::HeaderMap) -> Option<RequestKey>;
+
+fn expensive_key(uri: &http::Uri, headers: &http::HeaderMap) -> Option<RequestKey> {
+    if !uri.path().starts_with("/expensive/") {
+        return None;
+    }
+    DefaultKey::new().key(uri, headers)
+}
+
+/// The key function of `--no-singleflight`: no request coalesces.
+fn no_key(_: &http::Uri, _: &http::HeaderMap) -> Option<RequestKey> {
+    None
+}
+
+/// The singleflight layer of one worker: its flight map and counters are created here,
+/// once, and shared by every connection's clone of the stack. Responses carry
+/// `x-singleflight: leader | follower | ...` so the demo shows who shared what.
+pub(crate) fn singleflight() -> SingleflightLayer<ExpensiveKey> {
+    SingleflightLayer::new()
+        .debug_header(true)
+        .key_fn(expensive_key as ExpensiveKey)
+}
+
+/// [`singleflight`], or with `enabled == false` the same layer with a key function that
+/// never coalesces (`--no-singleflight`), so both cases run the same stack.
+pub(crate) fn singleflight_if(enabled: bool) -> SingleflightLayer<ExpensiveKey> {
+    let layer = singleflight();
+    if enabled {
+        layer
+    } else {
+        layer.key_fn(no_key as ExpensiveKey)
+    }
+}
+
 /// Builds the service every connection of a worker clones.
 ///
 /// `AbortLayer` is outermost, so every request (404s included) gets its signal and the
@@ -83,12 +124,20 @@ pub(crate) fn backpressure(
 /// (answered with a logged `500`, the connection kept), so a layer that changes the body or
 /// error type needs no change here or in the connection code.
 ///
-/// `work_cancelled` counts `/sleep` requests stopped by their signal.
+/// tower-singleflight sits inside backpressure, just above [`Routes`]: only requests
+/// admitted by backpressure coalesce, and the leader's permit covers the shared work.
+/// Its errors (a panicking handler; routes never fail otherwise) reach the connection
+/// code, which answers a logged `500`.
+///
+/// `work_cancelled` counts `/sleep` requests stopped by their signal; `backend_calls`
+/// counts `/expensive` backend calls.
 pub(crate) fn app(
     config: RouteConfig,
     abort: AbortLayer,
     work_cancelled: Counter,
     backpressure: BackpressureLayer,
+    singleflight: SingleflightLayer<ExpensiveKey>,
+    backend_calls: Counter,
 ) -> impl Service<
     Request<Incoming>,
     Response = Response<impl Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static>,
@@ -110,8 +159,9 @@ pub(crate) fn app(
         .layer(backpressure)
         // Before anything that could share or start work for an ambiguous request.
         .layer(crate::strict::StrictLayer)
+        .layer(singleflight)
         .layer(crate::upload::UploadLayer)
-        .service(Routes::new(config, work_cancelled))
+        .service(Routes::new(config, work_cancelled).with_backend_calls(backend_calls))
 }
 
 /// The abort layer's settings: clients may shorten their own requests with `grpc-timeout`
@@ -129,6 +179,8 @@ fn abort_layer(abort: AbortLayer) -> AbortLayer {
 pub(crate) struct Routes {
     config: Arc<RouteConfig>,
     work_cancelled: Counter,
+    backend_calls: Counter,
+    generations: Arc<AtomicU64>,
 }
 
 impl Routes {
@@ -136,7 +188,15 @@ impl Routes {
         Routes {
             config: Arc::new(config),
             work_cancelled,
+            backend_calls: Counter::default(),
+            generations: Arc::default(),
         }
+    }
+
+    /// Counts `/expensive` backend calls in `counter`.
+    pub(crate) fn with_backend_calls(mut self, counter: Counter) -> Self {
+        self.backend_calls = counter;
+        self
     }
 
     fn route<B>(&self, req: &Request<B>) -> Route {
@@ -155,7 +215,8 @@ impl Routes {
                 };
             }
         }
-        let known = matches!(path, "/" | "/healthz" | "/sleep");
+        let expensive = path.strip_prefix("/expensive/");
+        let known = expensive.is_some() || matches!(path, "/" | "/healthz" | "/sleep");
         if !known {
             return Route::Respond(text(StatusCode::NOT_FOUND, "not found\n"));
         }
@@ -165,10 +226,27 @@ impl Routes {
                 .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
             return Route::Respond(res);
         }
+        if let Some(key) = expensive {
+            let valid = !key.is_empty()
+                && key.len() <= 64
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+            if !valid {
+                return Route::Respond(text(
+                    StatusCode::BAD_REQUEST,
+                    "`key` must be 1-64 of [A-Za-z0-9_.-]\n",
+                ));
+            }
+            return match parse_ms(req.uri().query(), self.config.max_sleep, DEFAULT_EXPENSIVE) {
+                Ok(d) => Route::Expensive(key.to_owned(), d),
+                Err(msg) => Route::Respond(text(StatusCode::BAD_REQUEST, msg)),
+            };
+        }
         match path {
             "/" => Route::Respond(text(StatusCode::OK, "Hello, World!")),
             "/healthz" => Route::Respond(text(StatusCode::OK, "ok")),
-            _ => match parse_sleep(req.uri().query(), self.config.max_sleep) {
+            _ => match parse_ms(req.uri().query(), self.config.max_sleep, None) {
                 Ok(d) => Route::Sleep(d),
                 Err(msg) => Route::Respond(text(StatusCode::BAD_REQUEST, msg)),
             },
@@ -180,11 +258,20 @@ impl Routes {
 enum Route {
     Respond(Response<RouteBody>),
     Sleep(Duration),
+    Expensive(String, Duration),
     Static(ServeDir, http::Uri),
 }
 
-/// Parses the `ms` parameter of `/sleep`: exactly one, decimal, at most `max`.
-fn parse_sleep(query: Option<&str>, max: Duration) -> Result<Duration, &'static str> {
+/// How long `/expensive/{key}` takes without `ms`.
+const DEFAULT_EXPENSIVE: Option<Duration> = Some(Duration::from_millis(200));
+
+/// Parses the `ms` parameter: at most one, decimal, at most `max`; `default` when absent
+/// (required when `None`).
+fn parse_ms(
+    query: Option<&str>,
+    max: Duration,
+    default: Option<Duration>,
+) -> Result<Duration, &'static str> {
     let mut ms = None;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -195,7 +282,11 @@ fn parse_sleep(query: Option<&str>, max: Duration) -> Result<Duration, &'static 
             ms = Some(value);
         }
     }
-    let ms = ms.ok_or("missing `ms` query parameter\n")?;
+    let ms = match (ms, default) {
+        (Some(ms), _) => ms,
+        (None, Some(default)) => return Ok(default.min(max)),
+        (None, None) => return Err("missing `ms` query parameter\n"),
+    };
     // `u64::from_str` accepts a leading `+`; a strict parser keeps the contract simple.
     if ms.is_empty() || ms.len() > 20 || !ms.bytes().all(|b| b.is_ascii_digit()) {
         return Err("`ms` must be a non-negative integer\n");
@@ -210,11 +301,48 @@ fn parse_sleep(query: Option<&str>, max: Duration) -> Result<Duration, &'static 
     Ok(d)
 }
 
+fn json(done: &Expensive) -> Response<RouteBody> {
+    // The key is restricted to characters that need no escaping in JSON.
+    let body = format!(
+        "{{\"key\":\"{}\",\"generation\":{}}}\n",
+        done.key, done.generation
+    );
+    let mut res = Response::new(FileBody::from_bytes(Bytes::from(body)));
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<RouteBody> {
     let mut res = Response::new(FileBody::from_bytes(Bytes::from_static(body.as_bytes())));
     *res.status_mut() = status;
     res.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN);
     res
+}
+
+impl Routes {
+    fn sleep<B>(&self, req: &Request<B>, d: Duration, expensive: Option<Expensive>) -> RouteFuture {
+        let signal = req.extensions().get::<AbortSignal>().cloned();
+        RouteFuture {
+            state: State::Sleep {
+                sleep: tokio::time::sleep(d),
+                aborted: signal.as_ref().map(AbortSignal::aborted),
+                work: WorkGuard {
+                    signal,
+                    counter: self.work_cancelled.clone(),
+                    done: false,
+                },
+                expensive,
+            },
+        }
+    }
+}
+
+/// The answer `/expensive/{key}` will give.
+#[derive(Debug)]
+struct Expensive {
+    key: String,
+    generation: u64,
 }
 
 impl<B> Service<Request<B>> for Routes {
@@ -240,19 +368,12 @@ impl<B> Service<Request<B>> for Routes {
                     },
                 }
             }
-            Route::Sleep(d) => {
-                let signal = req.extensions().get::<AbortSignal>().cloned();
-                RouteFuture {
-                    state: State::Sleep {
-                        sleep: tokio::time::sleep(d),
-                        aborted: signal.as_ref().map(AbortSignal::aborted),
-                        work: WorkGuard {
-                            signal,
-                            counter: self.work_cancelled.clone(),
-                            done: false,
-                        },
-                    },
-                }
+            Route::Sleep(d) => self.sleep(&req, d, None),
+            Route::Expensive(key, d) => {
+                // The backend call starts here: one per flight, thanks to the layer above.
+                self.backend_calls.inc();
+                let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+                self.sleep(&req, d, Some(Expensive { key, generation }))
             }
         }
     }
@@ -280,6 +401,7 @@ pin_project_lite::pin_project! {
             #[pin]
             aborted: Option<Aborted>,
             work: WorkGuard,
+            expensive: Option<Expensive>,
         },
     }
 }
@@ -321,18 +443,28 @@ impl Future for RouteFuture {
             StateProj::Static { fut } => Pin::new(fut).poll(cx),
             StateProj::Sleep {
                 sleep,
-                aborted,
+                mut aborted,
                 work,
+                expensive,
             } => {
                 // The work first: a sleep that is over is not cancelled.
                 if sleep.poll(cx).is_ready() {
                     work.finish(false);
-                    return Poll::Ready(Ok(text(StatusCode::OK, "slept\n")));
+                    return Poll::Ready(Ok(match expensive.take() {
+                        Some(done) => json(&done),
+                        None => text(StatusCode::OK, "slept\n"),
+                    }));
                 }
-                let Some(aborted) = aborted.as_pin_mut() else {
+                let Some(signal) = aborted.as_mut().as_pin_mut() else {
                     return Poll::Pending;
                 };
-                let reason = std::task::ready!(aborted.poll(cx));
+                let reason = std::task::ready!(signal.poll(cx));
+                if expensive.is_some() && reason == AbortReason::ClientGone {
+                    // Shared work outlives the client that started it: tower-singleflight
+                    // drops it when the last waiting client has gone.
+                    aborted.set(None);
+                    return Poll::Pending;
+                }
                 work.finish(true);
                 let (status, body) = match reason {
                     AbortReason::Shutdown => (
@@ -357,6 +489,8 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
     use tower::ServiceExt;
+    use tower_abort::AbortBody;
+    use tower_singleflight::SingleflightBody;
 
     fn routes() -> Routes {
         Routes::new(
@@ -504,5 +638,195 @@ mod tests {
         assert_eq!(&body[..], b"slept\n");
         assert_eq!(cancelled.get(), 0);
         assert_eq!(root.stats().total(), 0);
+    }
+
+    fn expensive_stack(
+        root: &tower_abort::AbortRoot,
+        backend_calls: &Counter,
+        work_cancelled: &Counter,
+        singleflight: SingleflightLayer<ExpensiveKey>,
+    ) -> impl Service<
+        Request<()>,
+        Response = Response<AbortBody<SingleflightBody<RouteBody>>>,
+        Error = tower_singleflight::error::BoxError,
+        Future = impl Send,
+    > + Clone {
+        tower::ServiceBuilder::new()
+            .layer(abort_layer(AbortLayer::with_root(root.clone())))
+            .layer(singleflight)
+            .service(
+                Routes::new(
+                    RouteConfig {
+                        max_sleep: Duration::from_secs(60),
+                        static_files: None,
+                        max_body_size: 1024,
+                    },
+                    work_cancelled.clone(),
+                )
+                .with_backend_calls(backend_calls.clone()),
+            )
+    }
+
+    async fn until(mut cond: impl FnMut() -> bool) {
+        for _ in 0..10_000 {
+            if cond() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("condition not reached");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_singleflight_runs_every_expensive_request_on_its_own() {
+        let root = tower_abort::AbortRoot::new();
+        let (calls, cancelled) = (Counter::default(), Counter::default());
+        let layer = singleflight_if(false);
+        let stats = layer.stats();
+        let svc = expensive_stack(&root, &calls, &cancelled, layer);
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let req = Request::get("/expensive/report-7?ms=500").body(()).unwrap();
+                tokio::spawn(svc.clone().oneshot(req))
+            })
+            .collect();
+        let mut generations = Vec::new();
+        for t in tasks {
+            let res = t.await.unwrap().unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            generations.push(body);
+        }
+        generations.sort();
+        generations.dedup();
+        assert_eq!(
+            generations.len(),
+            20,
+            "every request got its own backend call"
+        );
+        assert_eq!(calls.get(), 20);
+        assert_eq!((stats.leaders(), stats.followers()), (0, 0));
+        assert_eq!(stats.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_expensive_requests_share_one_backend_call() {
+        let root = tower_abort::AbortRoot::new();
+        let (calls, cancelled) = (Counter::default(), Counter::default());
+        let layer = singleflight();
+        let stats = layer.stats();
+        let svc = expensive_stack(&root, &calls, &cancelled, layer);
+        let start = tokio::time::Instant::now();
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let req = Request::get("/expensive/report-7?ms=500").body(()).unwrap();
+                tokio::spawn(svc.clone().oneshot(req))
+            })
+            .collect();
+        let mut roles = Vec::new();
+        for t in tasks {
+            let res = t.await.unwrap().unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            assert_eq!(res.headers()[CONTENT_TYPE], "application/json");
+            roles.push(res.headers()["x-singleflight"].to_str().unwrap().to_owned());
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"{\"key\":\"report-7\",\"generation\":1}\n");
+        }
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+        assert_eq!(calls.get(), 1);
+        assert_eq!(roles.iter().filter(|r| *r == "leader").count(), 1);
+        assert_eq!((stats.leaders(), stats.followers()), (1, 19));
+        assert_eq!(stats.in_flight(), 0);
+        // A different key is a different call.
+        let req = Request::get("/expensive/other?ms=1").body(()).unwrap();
+        let body = svc
+            .oneshot(req)
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(
+            &body.to_bytes()[..],
+            b"{\"key\":\"other\",\"generation\":2}\n"
+        );
+        assert_eq!(calls.get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_leader_leaving_does_not_stop_the_shared_call() {
+        let root = tower_abort::AbortRoot::new();
+        let (calls, cancelled) = (Counter::default(), Counter::default());
+        let layer = singleflight();
+        let stats = layer.stats();
+        let svc = expensive_stack(&root, &calls, &cancelled, layer);
+        let get = || Request::get("/expensive/k?ms=1000").body(()).unwrap();
+        let leader = tokio::spawn(svc.clone().oneshot(get()));
+        until(|| stats.leaders() == 1).await;
+        let followers: Vec<_> = (0..3)
+            .map(|_| tokio::spawn(svc.clone().oneshot(get())))
+            .collect();
+        until(|| stats.followers() == 3).await;
+        leader.abort();
+        assert!(leader.await.unwrap_err().is_cancelled());
+        for f in followers {
+            let res = f.await.unwrap().unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"{\"key\":\"k\",\"generation\":1}\n");
+        }
+        assert_eq!(calls.get(), 1);
+        assert_eq!(cancelled.get(), 0, "the shared call ran to its end");
+        assert_eq!(root.stats().get(AbortReason::ClientGone), 1);
+        assert_eq!(stats.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn other_routes_bypass_the_singleflight_layer() {
+        let root = tower_abort::AbortRoot::new();
+        let (calls, cancelled) = (Counter::default(), Counter::default());
+        let layer = singleflight();
+        let stats = layer.stats();
+        let svc = expensive_stack(&root, &calls, &cancelled, layer);
+        let a = tokio::spawn(
+            svc.clone()
+                .oneshot(Request::get("/sleep?ms=100").body(()).unwrap()),
+        );
+        let b = tokio::spawn(
+            svc.clone()
+                .oneshot(Request::get("/sleep?ms=100").body(()).unwrap()),
+        );
+        assert_eq!(a.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(b.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!((stats.leaders(), stats.followers()), (0, 0));
+        assert_eq!(stats.bypassed(tower_singleflight::BypassReason::NoKey), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expensive_takes_200ms_by_default_and_validates_its_input() {
+        let root = tower_abort::AbortRoot::new();
+        let (calls, cancelled) = (Counter::default(), Counter::default());
+        let svc = expensive_stack(&root, &calls, &cancelled, singleflight());
+        let start = tokio::time::Instant::now();
+        let res = svc
+            .clone()
+            .oneshot(Request::get("/expensive/a").body(()).unwrap());
+        assert_eq!(res.await.unwrap().status(), StatusCode::OK);
+        assert_eq!(start.elapsed(), Duration::from_millis(200));
+        for uri in [
+            "/expensive/",
+            "/expensive/a/b",
+            "/expensive/a%22b",
+            "/expensive/a?ms=x",
+            "/expensive/a?ms=999999",
+        ] {
+            let res = svc
+                .clone()
+                .oneshot(Request::get(uri).body(()).unwrap())
+                .await;
+            assert_eq!(res.unwrap().status(), StatusCode::BAD_REQUEST, "{uri}");
+        }
+        assert_eq!(calls.get(), 1);
     }
 }

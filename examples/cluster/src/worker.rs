@@ -35,6 +35,7 @@ struct Serving {
     settings: &'static Settings,
     metrics: Arc<WorkerMetrics>,
     backpressure: BackpressureLayer,
+    singleflight: tower_singleflight::SingleflightLayer<routes::ExpensiveKey>,
     tracker: TaskTracker,
     stop: CancellationToken,
 }
@@ -46,6 +47,8 @@ impl Serving {
             routes::backpressure(cli.max_in_flight, cli.max_queued, cli.queue_timeout);
         let mut metrics = WorkerMetrics::new();
         metrics.register_backpressure(backpressure.handle());
+        let singleflight = routes::singleflight_if(!cli.no_singleflight);
+        metrics.register_singleflight(singleflight.stats());
         let metrics = Arc::new(metrics);
         let settings: &'static Settings = Box::leak(Box::new(Settings::new(
             cli.conn_config(),
@@ -57,6 +60,7 @@ impl Serving {
             settings,
             metrics,
             backpressure,
+            singleflight,
             tracker: TaskTracker::new(),
             stop: CancellationToken::new(),
         }
@@ -76,6 +80,8 @@ impl Serving {
             tower_abort::AbortLayer::with_root(self.metrics.abort_root.clone()),
             self.metrics.work_cancelled.clone(),
             self.backpressure.clone(),
+            self.singleflight.clone(),
+            self.metrics.backend_calls.clone(),
         );
         let max_connections =
             crate::limits::connection_cap(cli.max_connections, crate::limits::raise_nofile_limit());

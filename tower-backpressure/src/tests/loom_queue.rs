@@ -180,3 +180,26 @@ fn loom_high_priority_eviction_races_release() {
         assert_idle(&l);
     });
 }
+
+#[test]
+fn loom_streamed_bytes_charged_while_the_permit_is_released_do_not_leak() {
+    loom::model(|| {
+        let l = limiter(1, Some(100));
+        let mut permit = match l.admit_with(ticket(0), Instant::now) {
+            Admission::Admitted(p) => p,
+            other => panic!("{other:?}"),
+        };
+        // The request body (read by another task) charges streamed bytes while the
+        // response body, and with it the permit, is dropped.
+        let meter = permit.meter();
+        let body = {
+            let l = l.clone();
+            thread::spawn(move || {
+                let _ = l.charge_bytes(&meter, 10);
+            })
+        };
+        drop(permit);
+        body.join().unwrap();
+        assert_idle(&l);
+    });
+}

@@ -47,6 +47,23 @@ fn open_beneath_path(root: &Path, rel: &str, policy: SymlinkPolicy) -> io::Resul
             "path leaves the root",
         ));
     }
+    open_any(&path)
+}
+
+/// Opens a file or a directory for reading (metadata of a directory is needed for index files
+/// and redirects).
+#[cfg(windows)]
+fn open_any(path: &Path) -> io::Result<File> {
+    use std::os::windows::fs::OpenOptionsExt;
+    // FILE_FLAG_BACKUP_SEMANTICS: without it Windows refuses to open a directory handle.
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(0x0200_0000)
+        .open(path)
+}
+
+#[cfg(not(windows))]
+fn open_any(path: &Path) -> io::Result<File> {
     File::open(path)
 }
 
