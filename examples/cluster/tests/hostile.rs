@@ -585,6 +585,8 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, Expect)> {
         ("missing Host", raw(b"GET / HTTP/1.1\r\n\r\n"), Status(400)),
         ("two Host headers", head("GET / HTTP/1.1", "Host: u\r\n"), Status(400)),
         ("two identical Host headers", head("GET / HTTP/1.1", "Host: t\r\n"), Status(400)),
+        // Rejected before tower-singleflight: it must not share another request's answer.
+        ("two Host headers on /expensive", head("GET /expensive/k HTTP/1.1", "Host: u\r\n"), StatusThenClose(400)),
         ("two Host headers on HTTP/1.0", head("GET / HTTP/1.0", "Host: u\r\nConnection: keep-alive\r\n"), Status(400)),
         // --- sizes
         ("101 headers", head("GET / HTTP/1.1", &"X-A: b\r\n".repeat(101)), Status(431)),
