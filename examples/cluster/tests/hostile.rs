@@ -1380,3 +1380,62 @@ fn sighup_under_sleep_and_file_load_fails_no_request() {
     assert!(sum(|t| t.ok) > 0);
     assert_eq!(restarts(&server), 0.0);
 }
+
+/// Rapid reset in its sharpest form: 1,000 HEADERS + RST_STREAM pairs in one write, so h2
+/// sees the resets before hyper can accept the streams. Past
+/// `H2_MAX_PENDING_ACCEPT_RESET_STREAMS` (20) the connection must get GOAWAY with
+/// `ENHANCE_YOUR_CALM`, and the server must keep answering other clients.
+#[test]
+fn http2_rapid_reset_burst_gets_goaway_enhance_your_calm() {
+    let server = Server::start(&["--workers", "1"]);
+    let pids = ready_workers(&server, 1);
+    // The server closes with our frames still unread, so its kernel may answer with a reset
+    // that discards the GOAWAY before we read it: a few attempts, one GOAWAY needed.
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let goaway = rapid_reset_burst(server.addr);
+        seen.push(goaway);
+        if goaway.is_some() {
+            break;
+        }
+    }
+    eprintln!("rapid reset burst: GOAWAY error codes per attempt {seen:?}");
+    assert_eq!(
+        seen.last(),
+        Some(&Some(0xb)),
+        "expected GOAWAY ENHANCE_YOUR_CALM"
+    );
+    assert_eq!(get(server.addr, "/").unwrap().status, 200);
+    assert_eq!(server.workers(), pids);
+    assert_eq!(restarts(&server), 0.0);
+}
+
+/// One burst on a fresh connection; the GOAWAY error code the server sent, if one was read.
+fn rapid_reset_burst(addr: SocketAddr) -> Option<u32> {
+    let mut s = connect(addr);
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+                                       // :method GET, :scheme http, :path /, :authority t
+    let block = [0x82, 0x86, 0x84, 0x41, 0x01, b't'];
+    for i in 0..1_000u32 {
+        let id = 1 + 2 * i;
+        out.extend(frame(0x1, 0x5, id, &block)); // HEADERS, END_STREAM | END_HEADERS
+        out.extend(frame(0x3, 0, id, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+    }
+    // The server may close mid-write: that is one of the outcomes we accept.
+    let _ = s.write_all(&out);
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    // Walk the server's frames looking for GOAWAY (type 7) and its error code.
+    let mut goaway = None;
+    let mut at = 0;
+    while at + 9 <= got.len() {
+        let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+        if got[at + 3] == 0x7 && at + 9 + 8 <= got.len() {
+            let p = &got[at + 9..];
+            goaway = Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+        }
+        at += 9 + len;
+    }
+    goaway
+}
