@@ -128,6 +128,26 @@ pub(crate) struct Cli {
     #[arg(long, env = "CLUSTER_QUEUE_TIMEOUT", default_value = "1s", value_parser = parse_positive_duration)]
     pub(crate) queue_timeout: Duration,
 
+    /// Most connections each worker process keeps open at once. Beyond it a new connection
+    /// is accepted, answered `503 Service Unavailable` with `Connection: close` (best effort,
+    /// without reading its request) and closed at once, so a flood can neither exhaust file
+    /// descriptors nor make accept fail in a loop. Lowered at start-up, with a warning, to
+    /// what the process's file-descriptor limit (`RLIMIT_NOFILE`, raised from its soft to its
+    /// hard value at start-up) leaves room for.
+    #[arg(long, env = "CLUSTER_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = parse_at_least_one)]
+    pub(crate) max_connections: usize,
+
+    /// Largest request body in bytes: a larger `Content-Length` is answered `413` before any
+    /// route runs, and a streamed (chunked, HTTP/2) body is cut off with `413` once it
+    /// grows past it.
+    #[arg(long, env = "CLUSTER_MAX_BODY_SIZE", default_value_t = 1024 * 1024)]
+    pub(crate) max_body_size: usize,
+
+    /// Most HTTP/2 streams a client may have open at once on one connection (advertised in
+    /// SETTINGS_MAX_CONCURRENT_STREAMS; hyper's default, made explicit).
+    #[arg(long, env = "CLUSTER_H2_MAX_CONCURRENT_STREAMS", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) h2_max_concurrent_streams: u32,
+
     /// Internal: run as a worker of a supervisor (`SLOT:GENERATION:LISTEN_FD:CONTROL_FD`).
     /// Deliberately not readable from the environment.
     #[arg(long, hide = true)]
@@ -240,6 +260,7 @@ pub(crate) struct ConnConfig {
     pub(crate) max_requests_per_connection: Option<NonZeroU64>,
     pub(crate) max_head_size: usize,
     pub(crate) max_headers: usize,
+    pub(crate) h2_max_concurrent_streams: u32,
 }
 
 impl Cli {
@@ -259,6 +280,7 @@ impl Cli {
             max_requests_per_connection: self.max_requests_per_connection,
             max_head_size: self.max_head_size,
             max_headers: self.max_headers,
+            h2_max_concurrent_streams: self.h2_max_concurrent_streams,
         }
     }
 }
@@ -279,6 +301,9 @@ mod tests {
         assert_eq!(cli.max_in_flight, 1024);
         assert_eq!(cli.max_queued, 1024);
         assert_eq!(cli.queue_timeout, Duration::from_secs(1));
+        assert_eq!(cli.max_connections, 10_000);
+        assert_eq!(cli.max_body_size, 1024 * 1024);
+        assert!(Cli::try_parse_from(["cluster", "--max-connections", "0"]).is_err());
         assert!(Cli::try_parse_from(["cluster", "--max-in-flight", "0"]).is_err());
         assert!(Cli::try_parse_from(["cluster", "--queue-timeout", "0s"]).is_err());
         assert!(cli.worker_count() >= 1);

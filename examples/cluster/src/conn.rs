@@ -77,6 +77,16 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 // ===== impl Settings =====
 
+/// HTTP/2: streams opened and reset by the client before the server accepted them, at
+/// once, beyond which the connection is closed with GOAWAY (h2's default, 20).
+pub(crate) const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// HTTP/2: streams the server reset because of client errors, per connection, beyond which
+/// the connection is closed with GOAWAY (hyper's default, 1024).
+pub(crate) const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// HTTP/2: response bytes buffered per stream before the handler is made to wait (hyper's
+/// default, 400 KiB).
+pub(crate) const H2_MAX_SEND_BUF_SIZE: usize = 400 * 1024;
+
 /// Per-worker connection settings, shared by every connection.
 #[derive(Debug)]
 pub(crate) struct Settings {
@@ -111,9 +121,20 @@ impl Settings {
         if config.max_headers != HYPER_DEFAULT_MAX_HEADERS {
             http1.max_headers(config.max_headers);
         }
+        // HTTP/2 limits, explicit so that they are reviewed here rather than inherited from
+        // whatever hyper/h2 version is in the lock file.
         builder
             .http2()
-            .max_header_list_size(u32::try_from(config.max_head_size).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(config.max_head_size).unwrap_or(u32::MAX))
+            .max_concurrent_streams(config.h2_max_concurrent_streams)
+            // Rapid reset (CVE-2023-44487): streams the client opened and reset before we
+            // accepted them; past this many at once the connection gets GOAWAY
+            // (ENHANCE_YOUR_CALM).
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+            // The other side of it: streams we had to reset because the client misbehaved
+            // (e.g. an oversized or malformed header block); past this many, GOAWAY.
+            .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+            .max_send_buf_size(H2_MAX_SEND_BUF_SIZE);
         let keep_alive_header = keep_alive.then(|| {
             // Rounded down: the client should give up on the connection before we do.
             // Leaked once per process so cloning it per response is a copy, not a refcount.
@@ -995,6 +1016,7 @@ mod tests {
             max_requests_per_connection: max_requests.and_then(NonZeroU64::new),
             max_head_size: 16 * 1024,
             max_headers: 100,
+            h2_max_concurrent_streams: 200,
         };
         Box::leak(Box::new(Settings::new(
             config,
@@ -1014,6 +1036,7 @@ mod tests {
             crate::routes::RouteConfig {
                 max_sleep: Duration::from_secs(60),
                 static_files: None,
+                max_body_size: 1024,
             },
             tower_abort::AbortLayer::new(),
             prometheus_client::metrics::counter::Counter::default(),

@@ -9,8 +9,11 @@
 //! - [`server`]: listeners, accept loop, staged drain, admin server;
 //! - [`conn`]: one connection: HTTP/1.1 + HTTP/2, header/idle timeouts, max requests;
 //! - [`routes`]: the application and the one place its tower stack is built;
+//! - [`strict`]: `400` for requests hyper accepts but another hop could read differently;
+//! - [`upload`]: `POST /upload`, the route that reads bodies (under `--max-body-size`);
 //! - [`metrics`]: per-worker registry and the supervisor's sum over workers;
 //! - [`control`]: the supervisor <-> worker control channel;
+//! - [`limits`]: the file-descriptor limit and the connection cap;
 //! - [`fds`]: taking ownership of inherited descriptors (the only `unsafe`).
 
 #![deny(unsafe_code)]
@@ -19,10 +22,13 @@ mod cli;
 mod conn;
 mod control;
 mod fds;
+mod limits;
 mod metrics;
 mod routes;
 mod server;
+mod strict;
 mod supervisor;
+mod upload;
 mod worker;
 
 use std::io::IsTerminal;
@@ -40,6 +46,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // Before anything opens descriptors in earnest; workers inherit the raised limit.
+    let nofile = limits::raise_nofile_limit();
+    tracing::debug!(?nofile, "RLIMIT_NOFILE");
 
     let result = match worker {
         Some(args) => {

@@ -45,6 +45,9 @@ pub(crate) struct WorkerMetrics {
     pub(crate) requests: Family<StatusLabel, Counter>,
     /// `http_connections_open`: connections currently open.
     pub(crate) connections_open: Gauge,
+    /// `http_connections_refused_total`: connections closed at once because the worker
+    /// already had `--max-connections` open.
+    pub(crate) connections_refused: Counter,
     /// Counters of statuses 100..=599, filled on first use.
     status_cache: Box<[OnceLock<Counter>]>,
     /// `demo_work_cancelled_total`: `/sleep` requests that stopped early because their
@@ -76,6 +79,12 @@ impl WorkerMetrics {
             "HTTP connections currently open",
             connections_open.clone(),
         );
+        let connections_refused = Counter::default();
+        registry.register(
+            "http_connections_refused",
+            "HTTP connections closed at once because --max-connections were open",
+            connections_refused.clone(),
+        );
         let work_cancelled = Counter::default();
         registry.register(
             "demo_work_cancelled",
@@ -96,6 +105,7 @@ impl WorkerMetrics {
             registry,
             requests,
             connections_open,
+            connections_refused,
             status_cache: (100..600).map(|_| OnceLock::new()).collect(),
             work_cancelled,
             backend_calls,

@@ -57,6 +57,8 @@ pub(crate) struct RouteConfig {
     pub(crate) max_sleep: Duration,
     /// The service behind `GET /static/{*path}` (`None`: that prefix is `404`).
     pub(crate) static_files: Option<ServeDir>,
+    /// Largest request body (`--max-body-size`): `413` above it (see [`crate::upload`]).
+    pub(crate) max_body_size: usize,
 }
 
 /// The backpressure layer of one worker: its state (limit, queue, counters) is created
@@ -147,10 +149,18 @@ pub(crate) fn app(
        + 'static {
     tower::ServiceBuilder::new()
         .layer(abort_layer(abort))
-        // Outermost of the application layers after the signal: a shed request costs no
-        // routing work, and the permit covers the whole response body.
+        // A declared Content-Length over `--max-body-size` is a 413 that costs nothing;
+        // streamed bodies are cut off by the route that reads them (`crate::upload`).
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            config.max_body_size,
+        ))
+        // Outermost of the working layers: a shed request costs no routing work, and the
+        // permit covers the whole response body.
         .layer(backpressure)
+        // Before anything that could share or start work for an ambiguous request.
+        .layer(crate::strict::StrictLayer)
         .layer(singleflight)
+        .layer(crate::upload::UploadLayer)
         .service(Routes::new(config, work_cancelled).with_backend_calls(backend_calls))
 }
 
@@ -487,6 +497,7 @@ mod tests {
             RouteConfig {
                 max_sleep: Duration::from_secs(5),
                 static_files: None,
+                max_body_size: 1024,
             },
             Counter::default(),
         )
@@ -561,6 +572,7 @@ mod tests {
                 RouteConfig {
                     max_sleep: Duration::from_secs(60),
                     static_files: None,
+                    max_body_size: 1024,
                 },
                 cancelled.clone(),
             ))
@@ -647,6 +659,7 @@ mod tests {
                     RouteConfig {
                         max_sleep: Duration::from_secs(60),
                         static_files: None,
+                        max_body_size: 1024,
                     },
                     work_cancelled.clone(),
                 )

@@ -67,11 +67,19 @@ pub(crate) fn into_tokio(listener: std::net::TcpListener) -> io::Result<TcpListe
     TcpListener::from_std(listener)
 }
 
-/// Accepts connections until `stop` is cancelled, serving each on its own task.
+/// What a connection beyond `--max-connections` is told before it is closed. It is written
+/// without reading the request (the client may not even have sent one yet), so a client
+/// that already wrote its request may see a reset instead; either way it learns at once.
+const OVER_CAPACITY: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\nRetry-After: 1\r\n\r\n";
+
+/// Accepts connections until `stop` is cancelled, serving each on its own task; beyond
+/// `max_connections` open ones, a new connection is answered [`OVER_CAPACITY`] and closed.
 pub(crate) async fn accept_loop<S, B>(
     listener: TcpListener,
     app: S,
     settings: &'static Settings,
+    max_connections: usize,
     tracker: TaskTracker,
     stop: CancellationToken,
 ) where
@@ -89,6 +97,13 @@ pub(crate) async fn accept_loop<S, B>(
         };
         match accepted {
             Ok((stream, peer)) => {
+                // Every task of `tracker` is a connection.
+                if tracker.len() >= max_connections {
+                    refuse(stream);
+                    settings.metrics().connections_refused.inc();
+                    tracing::debug!(%peer, max_connections, "connection refused: at capacity");
+                    continue;
+                }
                 if let Err(e) = stream.set_nodelay(true) {
                     tracing::debug!(%peer, error = %e, "TCP_NODELAY failed");
                 }
@@ -120,6 +135,14 @@ pub(crate) async fn accept_loop<S, B>(
     // stays open (the supervisor and the successor worker hold it), so no queued
     // connection is lost.
     drop(listener);
+}
+
+/// Answers an over-capacity connection without waiting on it: one non-blocking write
+/// (a fresh socket's send buffer always has room for it), then close.
+fn refuse(stream: tokio::net::TcpStream) {
+    let _ = stream.try_write(OVER_CAPACITY);
+    // `drop` closes the descriptor now; no task, timer or buffer stays behind.
+    drop(stream);
 }
 
 fn is_connection_error(e: &io::Error) -> bool {

@@ -75,6 +75,7 @@ impl Serving {
             RouteConfig {
                 max_sleep: cli.max_sleep,
                 static_files: Some(tower_zerocopy::ServeDir::new(&cli.root)),
+                max_body_size: cli.max_body_size,
             },
             tower_abort::AbortLayer::with_root(self.metrics.abort_root.clone()),
             self.metrics.work_cancelled.clone(),
@@ -82,12 +83,15 @@ impl Serving {
             self.singleflight.clone(),
             self.metrics.backend_calls.clone(),
         );
+        let max_connections =
+            crate::limits::connection_cap(cli.max_connections, crate::limits::raise_nofile_limit());
         // Carries the worker's span (slot, pid) into the task's log lines.
         tokio::spawn(
             server::accept_loop(
                 listener,
                 app,
                 self.settings,
+                max_connections,
                 self.tracker.clone(),
                 self.stop.clone(),
             )
