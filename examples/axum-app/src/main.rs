@@ -387,19 +387,28 @@ mod tests {
         assert_eq!(root.stats().get(AbortReason::DeadlineExceeded), 1);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn client_that_leaves_frees_the_work_and_is_counted() {
-        let root = AbortRoot::new();
-        let mut app = app(&root);
+    /// Starts a `/report` long enough to still be running when the test acts on it.
+    async fn start_long_report(
+        root: &AbortRoot,
+    ) -> task::Spawn<
+        impl std::future::Future<Output = Result<axum::response::Response, std::convert::Infallible>>,
+    > {
+        let mut app = app(root);
         let request = Request::get("/report?rows=100000")
             .body(Body::empty())
             .unwrap();
-        let mut call = task::spawn(
+        task::spawn(
             ServiceExt::<Request<Body>>::ready(&mut app)
                 .await
                 .unwrap()
                 .call(request),
-        );
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_that_leaves_frees_the_work_and_is_counted() {
+        let root = AbortRoot::new();
+        let mut call = start_long_report(&root).await;
         assert_pending!(call.poll());
         drop(call);
         assert_eq!(root.stats().get(AbortReason::ClientGone), 1);
@@ -408,16 +417,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn shutdown_stops_a_running_report_with_503() {
         let root = AbortRoot::new();
-        let mut app = app(&root);
-        let request = Request::get("/report?rows=100000")
-            .body(Body::empty())
-            .unwrap();
-        let mut call = task::spawn(
-            ServiceExt::<Request<Body>>::ready(&mut app)
-                .await
-                .unwrap()
-                .call(request),
-        );
+        let mut call = start_long_report(&root).await;
         assert_pending!(call.poll());
         root.shutdown();
         let response = call.await.unwrap();
