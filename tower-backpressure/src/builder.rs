@@ -133,7 +133,7 @@ impl BackpressureBuilder {
     /// Each HTTP request reserves its `Content-Length` (or its body's exact size hint, or
     /// [`unknown_length_bytes`](Self::unknown_length_bytes)) at admission and waits while
     /// the reservation does not fit; a request declaring more than the whole budget is
-    /// answered `413 Payload Too Large`. With
+    /// answered `413 Payload Too Large` (without `Retry-After`: waiting cannot help). With
     /// [`meter_bodies_with`](Self::meter_bodies_with), bytes streamed beyond the
     /// reservation are counted too. Reservations return when the permit does.
     pub fn max_request_bytes(mut self, max_bytes: u64) -> Self {

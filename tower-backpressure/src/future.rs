@@ -249,9 +249,11 @@ where
     }
 }
 
-/// The answer to a shed HTTP request.
+/// The answer to a shed HTTP request: `Retry-After` only where waiting can help, so not
+/// on a `413` for a body larger than the whole byte budget.
 fn shed_response<B>(overloaded: &Overloaded, status: StatusCode) -> Response<ResponseBody<B>> {
-    let status = if overloaded.reason() == ShedReason::TooLarge {
+    let too_large = overloaded.reason() == ShedReason::TooLarge;
+    let status = if too_large {
         StatusCode::PAYLOAD_TOO_LARGE
     } else {
         status
@@ -264,10 +266,12 @@ fn shed_response<B>(overloaded: &Overloaded, status: StatusCode) -> Response<Res
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    headers.insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(overloaded.retry_after().as_secs().max(1)),
-    );
+    if !too_large {
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(overloaded.retry_after().as_secs().max(1)),
+        );
+    }
     response
 }
 

@@ -529,6 +529,10 @@ async fn streamed_request_bytes_count_against_the_budget() {
         .unwrap();
     let response = svc.oneshot(too_big).await.unwrap();
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        !response.headers().contains_key("retry-after"),
+        "retrying the same body cannot succeed"
+    );
     assert_eq!(handle.shed_count(ShedReason::TooLarge), 1);
 }
 
