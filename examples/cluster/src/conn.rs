@@ -843,6 +843,20 @@ mod tests {
         conn.shutdowns.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// Drives `conn` on its own task; the task yields the outcome and how long it took.
+    fn spawn_drive(
+        state: &Arc<ConnState>,
+        signal: Arc<Signal>,
+        conn: FakeConn,
+    ) -> tokio::task::JoinHandle<(Outcome, Duration)> {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let outcome = drive(conn, graceful, &state, &signal).await;
+            (outcome, start.elapsed())
+        })
+    }
+
     fn setup(
         header: u64,
         keep_alive: u64,
@@ -874,16 +888,7 @@ mod tests {
     async fn idle_timeout_is_separate_from_and_longer_than_header_timeout() {
         // header 2 s, keep-alive 7 s: an idle connection must live 7 s, not 2 s.
         let (state, signal, conn, shutdowns) = setup(2, 7, true);
-        let task = {
-            let state = state.clone();
-            tokio::spawn(async move {
-                let start = Instant::now();
-                (
-                    drive(conn, graceful, &state, &signal).await,
-                    start.elapsed(),
-                )
-            })
-        };
+        let task = spawn_drive(&state, signal, conn);
         tokio::time::sleep(Duration::from_secs(1)).await;
         state.on_request(Version::HTTP_11);
         // A slow handler is not limited by either timer.
@@ -903,16 +908,7 @@ mod tests {
         state.on_request(Version::HTTP_11);
         state.on_response_done();
         assert!(state.idle_h1.load(Ordering::Relaxed));
-        let task = {
-            let state = state.clone();
-            tokio::spawn(async move {
-                let start = Instant::now();
-                (
-                    drive(conn, graceful, &state, &signal).await,
-                    start.elapsed(),
-                )
-            })
-        };
+        let task = spawn_drive(&state, signal, conn);
         tokio::time::sleep(Duration::from_secs(4)).await;
         state.on_bytes_while_idle(); // half a head at t = 4 s, then nothing
                                      // In a server the read happens inside the connection's poll, on the driver's task;
@@ -937,16 +933,7 @@ mod tests {
         // header 10 s, keep-alive 1 s: the driver's timer is armed at 10 s when the stream
         // task ends the only response at 0.2 s; the idle close must still come at 1.2 s.
         let (state, signal, conn, shutdowns) = setup(10, 1, true);
-        let task = {
-            let state = state.clone();
-            tokio::spawn(async move {
-                let start = Instant::now();
-                (
-                    drive(conn, graceful, &state, &signal).await,
-                    start.elapsed(),
-                )
-            })
-        };
+        let task = spawn_drive(&state, signal, conn);
         tokio::time::sleep(Duration::from_millis(100)).await;
         state.on_request(Version::HTTP_2);
         tokio::time::sleep(Duration::from_millis(100)).await;
