@@ -33,6 +33,31 @@ async fn wait_open(mut gate: watch::Receiver<bool>) {
     gate.wait_for(|open| *open).await.unwrap();
 }
 
+/// A backend that counts itself active in `backend`, waits for the gate, then answers
+/// `body`.
+fn gated_backend(
+    backend: &Arc<Backend>,
+    gate_rx: watch::Receiver<bool>,
+    body: &'static str,
+) -> impl tower::Service<
+    Request<()>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
+       + Send
+       + 'static {
+    let backend = Arc::clone(backend);
+    service_fn(move |_req: Request<()>| {
+        let (backend, gate_rx) = (Arc::clone(&backend), gate_rx.clone());
+        async move {
+            let _active = backend.enter();
+            wait_open(gate_rx).await;
+            Ok::<_, Infallible>(Response::new(full(body)))
+        }
+    })
+}
+
 fn assert_clean(stats: &Stats) {
     assert_eq!(
         stats.in_flight(),
@@ -261,17 +286,7 @@ async fn a_leader_panic_reaches_every_waiter_as_an_error() {
 async fn two_concurrent(layer: SingleflightLayer, a: Request<()>, b: Request<()>) -> usize {
     let backend = Backend::new();
     let (open, gate_rx) = gate();
-    let inner = {
-        let backend = Arc::clone(&backend);
-        service_fn(move |_req: Request<()>| {
-            let (backend, gate_rx) = (Arc::clone(&backend), gate_rx.clone());
-            async move {
-                let _active = backend.enter();
-                wait_open(gate_rx).await;
-                Ok::<_, Infallible>(Response::new(full("hi")))
-            }
-        })
-    };
+    let inner = gated_backend(&backend, gate_rx, "hi");
     let stats = layer.stats();
     let svc = layer.layer(inner);
     let a = tokio::spawn(svc.clone().oneshot(a));
@@ -878,17 +893,7 @@ async fn the_leaders_error_is_shared_or_retried_with_a_cap() {
 async fn clones_of_the_layer_and_service_share_one_map() {
     let backend = Backend::new();
     let (open, gate_rx) = gate();
-    let inner = {
-        let backend = Arc::clone(&backend);
-        service_fn(move |_req: Request<()>| {
-            let (backend, gate_rx) = (Arc::clone(&backend), gate_rx.clone());
-            async move {
-                let _active = backend.enter();
-                wait_open(gate_rx).await;
-                Ok::<_, Infallible>(Response::new(full("one")))
-            }
-        })
-    };
+    let inner = gated_backend(&backend, gate_rx, "one");
     let layer = SingleflightLayer::new();
     let stats = layer.stats();
     let a = layer.clone().layer(inner.clone());
@@ -910,17 +915,7 @@ async fn a_custom_key_function_decides_what_is_the_same_resource() {
     let layer = SingleflightLayer::new().key_fn(key_fn);
     let backend = Backend::new();
     let (open, gate_rx) = gate();
-    let inner = {
-        let backend = Arc::clone(&backend);
-        service_fn(move |_req: Request<()>| {
-            let (backend, gate_rx) = (Arc::clone(&backend), gate_rx.clone());
-            async move {
-                let _active = backend.enter();
-                wait_open(gate_rx).await;
-                Ok::<_, Infallible>(Response::new(full("k")))
-            }
-        })
-    };
+    let inner = gated_backend(&backend, gate_rx, "k");
     let stats = layer.stats();
     let svc = layer.layer(inner);
     let a = tokio::spawn(svc.clone().oneshot(get("/k?a")));
