@@ -119,6 +119,13 @@ impl Server {
             .expect("handler started")
             .unwrap()
     }
+
+    /// Connects over plain TCP, writes `bytes` and waits for the handler to start.
+    async fn send_raw(&mut self, bytes: &[u8]) -> (TcpStream, AbortSignal) {
+        let mut client = TcpStream::connect(self.addr).await.unwrap();
+        client.write_all(bytes).await.unwrap();
+        (client, self.handler_started().await)
+    }
 }
 
 /// The client has closed: `QUIET_FOR` later the handler still runs, its signal quiet.
@@ -145,12 +152,9 @@ async fn assert_seen(signal: &AbortSignal) {
 #[tokio::test]
 async fn http1_get_then_close_is_seen() {
     let mut server = Server::start(Protocol::Http1, Handler::WaitForSignal).await;
-    let mut client = TcpStream::connect(server.addr).await.unwrap();
-    client
-        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
-        .await
-        .unwrap();
-    let signal = server.handler_started().await;
+    let (client, signal) = server
+        .send_raw(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await;
     drop(client);
     assert_seen(&signal).await;
 }
@@ -158,12 +162,9 @@ async fn http1_get_then_close_is_seen() {
 #[tokio::test]
 async fn http1_small_post_fully_sent_then_close_is_seen() {
     let mut server = Server::start(Protocol::Http1, Handler::WaitForSignal).await;
-    let mut client = TcpStream::connect(server.addr).await.unwrap();
-    client
-        .write_all(b"POST / HTTP/1.1\r\nhost: test\r\ncontent-length: 5\r\n\r\nhello")
-        .await
-        .unwrap();
-    let signal = server.handler_started().await;
+    let (client, signal) = server
+        .send_raw(b"POST / HTTP/1.1\r\nhost: test\r\ncontent-length: 5\r\n\r\nhello")
+        .await;
     drop(client);
     assert_seen(&signal).await;
 }
@@ -171,12 +172,9 @@ async fn http1_small_post_fully_sent_then_close_is_seen() {
 #[tokio::test]
 async fn http1_half_close_is_seen_as_a_disconnect() {
     let mut server = Server::start(Protocol::Http1, Handler::WaitForSignal).await;
-    let mut client = TcpStream::connect(server.addr).await.unwrap();
-    client
-        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
-        .await
-        .unwrap();
-    let signal = server.handler_started().await;
+    let (mut client, signal) = server
+        .send_raw(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await;
     client.shutdown().await.unwrap(); // FIN, but still reading
     assert_seen(&signal).await;
     let mut rest = Vec::new();
@@ -190,12 +188,9 @@ async fn http1_half_close_is_seen_as_a_disconnect() {
 #[tokio::test]
 async fn http1_streaming_response_then_close_is_seen() {
     let mut server = Server::start(Protocol::Http1, Handler::Stream).await;
-    let mut client = TcpStream::connect(server.addr).await.unwrap();
-    client
-        .write_all(b"GET /events HTTP/1.1\r\nhost: test\r\n\r\n")
-        .await
-        .unwrap();
-    let signal = server.handler_started().await;
+    let (mut client, signal) = server
+        .send_raw(b"GET /events HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await;
     let mut buf = vec![0u8; 4096];
     let mut got = Vec::new();
     while !String::from_utf8_lossy(&got).contains("data: hello") {
