@@ -9,7 +9,8 @@
 //! - [`server`]: listeners, accept loop, staged drain, admin server;
 //! - [`conn`]: one connection: HTTP/1.1 + HTTP/2, header/idle timeouts, max requests;
 //! - [`routes`]: the application and the one place its tower stack is built;
-//! - [`strict`]: `400` for requests hyper accepts but another hop could read differently;
+//! - [`strict`]: `400` for requests hyper accepts but another hop could read differently,
+//!   `413` for a declared body over `--max-body-size`;
 //! - [`upload`]: `POST /upload`, the route that reads bodies (under `--max-body-size`);
 //! - [`metrics`]: per-worker registry and the supervisor's sum over workers;
 //! - [`control`]: the supervisor <-> worker control channel;

@@ -33,18 +33,22 @@ use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
+use http_body_util::Either;
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
-use tower::Service;
+use tower::{Layer, Service, ServiceExt};
 use tower_abort::future::Aborted;
 use tower_abort::{AbortLayer, AbortReason, AbortSignal, TimeoutFormat};
 use tower_backpressure::BackpressureLayer;
-use tower_singleflight::{DefaultKey, KeyFn, RequestKey, SingleflightLayer};
+use tower_singleflight::{
+    DefaultKey, KeyFn, RequestKey, Singleflight, SingleflightBody, SingleflightLayer,
+};
 use tower_zerocopy::{FileBody, ServeDir};
 
-/// Response body of every route: literal bytes, or a file for `/static` (tower-zerocopy's
-/// body, which goes out through sendfile on a capable connection).
-pub(crate) type RouteBody = FileBody;
+/// Response body of every route: literal bytes or a file for `/static` (tower-zerocopy's
+/// body, which goes out through sendfile on a capable connection), or for `/expensive` the
+/// body tower-singleflight streams to every waiter.
+pub(crate) type RouteBody = Either<FileBody, SingleflightBody<FileBody>>;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -57,7 +61,8 @@ pub(crate) struct RouteConfig {
     pub(crate) max_sleep: Duration,
     /// The service behind `GET /static/{*path}` (`None`: that prefix is `404`).
     pub(crate) static_files: Option<ServeDir>,
-    /// Largest request body (`--max-body-size`): `413` above it (see [`crate::upload`]).
+    /// Largest request body (`--max-body-size`): `413` above it (see [`crate::strict`] and
+    /// [`crate::upload`]).
     pub(crate) max_body_size: usize,
 }
 
@@ -76,10 +81,9 @@ pub(crate) fn backpressure(
         .build()
 }
 
-/// The key function of [`singleflight`]: only `/expensive/{key}` coalesces (with the
-/// default key: scheme, authority, path, query); every other route bypasses the layer
-/// (counted as `singleflight_bypass_total{reason="no_key"}`), so `/sleep` keeps one call
-/// per request and its own cancellation semantics.
+/// The key function of [`singleflight`], which only `/expensive/{key}` goes through: the
+/// default key (scheme, authority, path, query). Other routes never reach the layer, so
+/// `/sleep` keeps one call per request and its own cancellation semantics.
 pub(crate) type ExpensiveKey = fn(&http::Uri, &http::HeaderMap) -> Option<RequestKey>;
 
 fn expensive_key(uri: &http::Uri, headers: &http::HeaderMap) -> Option<RequestKey> {
@@ -117,17 +121,20 @@ pub(crate) fn singleflight_if(enabled: bool) -> SingleflightLayer<ExpensiveKey> 
 /// Builds the service every connection of a worker clones.
 ///
 /// `AbortLayer` is outermost, so every request (404s included) gets its signal and the
-/// signal fires whatever the inner layers do. tower-backpressure comes next, so a shed
-/// request costs no routing work and the permit covers the whole response body. Later
-/// layers go between them and [`Routes`]. The connection code only needs a cloneable
-/// `Service<Request<Incoming>>` with a `Send` future, any `Bytes` body and any boxable error
-/// (answered with a logged `500`, the connection kept), so a layer that changes the body or
-/// error type needs no change here or in the connection code.
+/// signal fires whatever the inner layers do. The request checks of [`crate::strict`]
+/// (ambiguous framing, a declared body over `--max-body-size`) come next, so a rejected
+/// request never takes a permit. tower-backpressure is next, so a shed request costs no
+/// routing work and the permit covers the whole response body. The connection code only
+/// needs a cloneable `Service<Request<Incoming>>` with a `Send` future, any `Bytes` body
+/// and any boxable error (answered with a logged `500`, the connection kept), so a layer
+/// that changes the body or error type needs no change here or in the connection code.
 ///
-/// tower-singleflight sits inside backpressure, just above [`Routes`]: only requests
-/// admitted by backpressure coalesce, and the leader's permit covers the shared work.
-/// Its errors (a panicking handler; routes never fail otherwise) reach the connection
-/// code, which answers a logged `500`.
+/// tower-singleflight is a route layer: [`Routes`] sends only `GET`/`HEAD
+/// /expensive/{key}` through it (as axum's `route_layer` would), after validating the
+/// key, so other routes pay nothing for it. Only requests admitted by backpressure
+/// coalesce, and the leader's permit covers the shared work. Its errors (a panicking
+/// handler; routes never fail otherwise) reach the connection code, which answers a
+/// logged `500`.
 ///
 /// `work_cancelled` counts `/sleep` requests stopped by their signal; `backend_calls`
 /// counts `/expensive` backend calls.
@@ -147,21 +154,17 @@ pub(crate) fn app(
        + Send
        + Sync
        + 'static {
+    let strict = crate::strict::StrictLayer::new(config.max_body_size);
     tower::ServiceBuilder::new()
         .layer(abort_layer(abort))
-        // A declared Content-Length over `--max-body-size` is a 413 that costs nothing;
-        // streamed bodies are cut off by the route that reads them (`crate::upload`).
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(
-            config.max_body_size,
-        ))
-        // Outermost of the working layers: a shed request costs no routing work, and the
-        // permit covers the whole response body.
+        .layer(strict)
         .layer(backpressure)
-        // Before anything that could share or start work for an ambiguous request.
-        .layer(crate::strict::StrictLayer)
-        .layer(singleflight)
-        .layer(crate::upload::UploadLayer)
-        .service(Routes::new(config, work_cancelled).with_backend_calls(backend_calls))
+        .service(Routes::new(
+            config,
+            work_cancelled,
+            backend_calls,
+            &singleflight,
+        ))
 }
 
 /// The abort layer's settings: clients may shorten their own requests with `grpc-timeout`
@@ -174,31 +177,45 @@ fn abort_layer(abort: AbortLayer) -> AbortLayer {
     )
 }
 
-/// The router: a plain tower [`Service`] whose future does not allocate.
+/// The router: a plain tower [`Service`] whose future does not allocate, except on the
+/// routes that wait for a client body (`/upload`) or share work (`/expensive`).
 #[derive(Debug, Clone)]
 pub(crate) struct Routes {
+    work: Work,
+    /// The backend call of `/expensive/{key}`, behind tower-singleflight.
+    expensive: Singleflight<Backend, ExpensiveKey>,
+}
+
+impl Routes {
+    pub(crate) fn new(
+        config: RouteConfig,
+        work_cancelled: Counter,
+        backend_calls: Counter,
+        singleflight: &SingleflightLayer<ExpensiveKey>,
+    ) -> Self {
+        let work = Work {
+            config: Arc::new(config),
+            work_cancelled,
+            backend_calls,
+            generations: Arc::default(),
+        };
+        Routes {
+            expensive: singleflight.layer(Backend(work.clone())),
+            work,
+        }
+    }
+}
+
+/// What the routes share: settings, counters and the simulated work.
+#[derive(Debug, Clone)]
+struct Work {
     config: Arc<RouteConfig>,
     work_cancelled: Counter,
     backend_calls: Counter,
     generations: Arc<AtomicU64>,
 }
 
-impl Routes {
-    pub(crate) fn new(config: RouteConfig, work_cancelled: Counter) -> Self {
-        Routes {
-            config: Arc::new(config),
-            work_cancelled,
-            backend_calls: Counter::default(),
-            generations: Arc::default(),
-        }
-    }
-
-    /// Counts `/expensive` backend calls in `counter`.
-    pub(crate) fn with_backend_calls(mut self, counter: Counter) -> Self {
-        self.backend_calls = counter;
-        self
-    }
-
+impl Work {
     fn route<B>(&self, req: &Request<B>) -> Route {
         let path = req.uri().path();
         if let Some(rest) = path.strip_prefix("/static/") {
@@ -215,6 +232,9 @@ impl Routes {
                 };
             }
         }
+        if path == "/upload" && req.method() == Method::POST {
+            return Route::Upload;
+        }
         let expensive = path.strip_prefix("/expensive/");
         let known = expensive.is_some() || matches!(path, "/" | "/healthz" | "/sleep");
         if !known {
@@ -227,19 +247,8 @@ impl Routes {
             return Route::Respond(res);
         }
         if let Some(key) = expensive {
-            let valid = !key.is_empty()
-                && key.len() <= 64
-                && key
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-            if !valid {
-                return Route::Respond(text(
-                    StatusCode::BAD_REQUEST,
-                    "`key` must be 1-64 of [A-Za-z0-9_.-]\n",
-                ));
-            }
-            return match parse_ms(req.uri().query(), self.config.max_sleep, DEFAULT_EXPENSIVE) {
-                Ok(d) => Route::Expensive(key.to_owned(), d),
+            return match self.expensive_call(key, req.uri().query()) {
+                Ok(_) => Route::Expensive,
                 Err(msg) => Route::Respond(text(StatusCode::BAD_REQUEST, msg)),
             };
         }
@@ -252,14 +261,36 @@ impl Routes {
             },
         }
     }
+
+    /// The key and duration of `/expensive/{key}?ms=N`, or why the request is a `400`.
+    fn expensive_call<'k>(
+        &self,
+        key: &'k str,
+        query: Option<&str>,
+    ) -> Result<(&'k str, Duration), &'static str> {
+        let valid = !key.is_empty()
+            && key.len() <= 64
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !valid {
+            return Err("`key` must be 1-64 of [A-Za-z0-9_.-]\n");
+        }
+        Ok((
+            key,
+            parse_ms(query, self.config.max_sleep, DEFAULT_EXPENSIVE)?,
+        ))
+    }
 }
 
 /// What a request resolves to.
 enum Route {
-    Respond(Response<RouteBody>),
+    Respond(Response<FileBody>),
     Sleep(Duration),
-    Expensive(String, Duration),
+    /// A valid `/expensive/{key}`: through tower-singleflight to [`Backend`].
+    Expensive,
     Static(ServeDir, http::Uri),
+    Upload,
 }
 
 /// How long `/expensive/{key}` takes without `ms`.
@@ -301,7 +332,7 @@ fn parse_ms(
     Ok(d)
 }
 
-fn json(done: &Expensive) -> Response<RouteBody> {
+fn json(done: &Expensive) -> Response<FileBody> {
     // The key is restricted to characters that need no escaping in JSON.
     let body = format!(
         "{{\"key\":\"{}\",\"generation\":{}}}\n",
@@ -313,27 +344,25 @@ fn json(done: &Expensive) -> Response<RouteBody> {
     res
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<RouteBody> {
+fn text(status: StatusCode, body: &'static str) -> Response<FileBody> {
     let mut res = Response::new(FileBody::from_bytes(Bytes::from_static(body.as_bytes())));
     *res.status_mut() = status;
     res.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN);
     res
 }
 
-impl Routes {
-    fn sleep<B>(&self, req: &Request<B>, d: Duration, expensive: Option<Expensive>) -> RouteFuture {
+impl Work {
+    fn sleep<B>(&self, req: &Request<B>, d: Duration, expensive: Option<Expensive>) -> SleepFuture {
         let signal = req.extensions().get::<AbortSignal>().cloned();
-        RouteFuture {
-            state: State::Sleep {
-                sleep: tokio::time::sleep(d),
-                aborted: signal.as_ref().map(AbortSignal::aborted),
-                work: WorkGuard {
-                    signal,
-                    counter: self.work_cancelled.clone(),
-                    done: false,
-                },
-                expensive,
+        SleepFuture {
+            sleep: tokio::time::sleep(d),
+            aborted: signal.as_ref().map(AbortSignal::aborted),
+            work: WorkGuard {
+                signal,
+                counter: self.work_cancelled.clone(),
+                done: false,
             },
+            expensive,
         }
     }
 }
@@ -345,9 +374,50 @@ struct Expensive {
     generation: u64,
 }
 
-impl<B> Service<Request<B>> for Routes {
-    type Response = Response<RouteBody>;
+/// The simulated backend call of `/expensive/{key}`, which tower-singleflight shares.
+#[derive(Debug, Clone)]
+struct Backend(Work);
+
+impl<B> Service<Request<B>> for Backend {
+    type Response = Response<FileBody>;
     type Error = Infallible;
+    type Future = BackendFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let key = req.uri().path().strip_prefix("/expensive/").unwrap_or("");
+        match self.0.expensive_call(key, req.uri().query()) {
+            Ok((key, d)) => {
+                // The backend call starts here: one per flight, thanks to the layer.
+                self.0.backend_calls.inc();
+                let generation = self.0.generations.fetch_add(1, Ordering::Relaxed) + 1;
+                let done = Expensive {
+                    key: key.to_owned(),
+                    generation,
+                };
+                BackendFuture::Sleep {
+                    fut: self.0.sleep(&req, d, Some(done)),
+                }
+            }
+            // `Routes` validated the request before it reached the layer.
+            Err(msg) => BackendFuture::Ready {
+                res: Some(text(StatusCode::BAD_REQUEST, msg)),
+            },
+        }
+    }
+}
+
+impl<B> Service<Request<B>> for Routes
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<RouteBody>;
+    type Error = BoxError;
     type Future = RouteFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -355,33 +425,35 @@ impl<B> Service<Request<B>> for Routes {
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        match self.route(&req) {
-            Route::Respond(res) => RouteFuture {
-                state: State::Ready { res: Some(res) },
-            },
+        let state = match self.work.route(&req) {
+            Route::Respond(res) => State::Ready { res: Some(res) },
             Route::Static(mut files, uri) => {
                 let (mut parts, _body) = req.into_parts();
                 parts.uri = uri;
-                RouteFuture {
-                    state: State::Static {
-                        fut: files.call(Request::from_parts(parts, ())),
-                    },
+                State::Static {
+                    fut: files.call(Request::from_parts(parts, ())),
                 }
             }
-            Route::Sleep(d) => self.sleep(&req, d, None),
-            Route::Expensive(key, d) => {
-                // The backend call starts here: one per flight, thanks to the layer above.
-                self.backend_calls.inc();
-                let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-                self.sleep(&req, d, Some(Expensive { key, generation }))
-            }
-        }
+            Route::Sleep(d) => State::Sleep {
+                fut: self.work.sleep(&req, d, None),
+            },
+            Route::Upload => State::Upload {
+                fut: crate::upload::upload(req.into_body(), self.work.config.max_body_size),
+            },
+            Route::Expensive => State::Shared {
+                fut: Box::pin(self.expensive.clone().oneshot(req)),
+            },
+        };
+        RouteFuture { state }
     }
 }
 
+/// The future of a shared `/expensive` call.
+type SharedFuture =
+    Pin<Box<dyn Future<Output = Result<Response<SingleflightBody<FileBody>>, BoxError>> + Send>>;
+
 pin_project_lite::pin_project! {
-    /// Future of [`Routes`]: either an immediate response or `/sleep`'s timer.
-    #[derive(Debug)]
+    /// Future of [`Routes`].
     #[must_use = "futures do nothing unless polled"]
     pub(crate) struct RouteFuture {
         #[pin]
@@ -391,18 +463,78 @@ pin_project_lite::pin_project! {
 
 pin_project_lite::pin_project! {
     #[project = StateProj]
-    #[derive(Debug)]
     enum State {
-        Ready { res: Option<Response<RouteBody>> },
+        Ready { res: Option<Response<FileBody>> },
         Static { fut: tower_zerocopy::ResponseFuture },
-        Sleep {
-            #[pin]
-            sleep: tokio::time::Sleep,
-            #[pin]
-            aborted: Option<Aborted>,
-            work: WorkGuard,
-            expensive: Option<Expensive>,
-        },
+        Sleep { #[pin] fut: SleepFuture },
+        Upload { fut: crate::upload::UploadFuture },
+        Shared { fut: SharedFuture },
+    }
+}
+
+impl std::fmt::Debug for RouteFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteFuture").finish_non_exhaustive()
+    }
+}
+
+impl Future for RouteFuture {
+    type Output = Result<Response<RouteBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let res = match self.project().state.project() {
+            StateProj::Ready { res } => res.take().expect("RouteFuture polled after completion"),
+            StateProj::Static { fut } => match std::task::ready!(Pin::new(fut).poll(cx)) {
+                Ok(res) => res,
+                Err(never) => match never {},
+            },
+            StateProj::Sleep { fut } => std::task::ready!(fut.poll(cx)),
+            StateProj::Upload { fut } => std::task::ready!(fut.as_mut().poll(cx)),
+            StateProj::Shared { fut } => {
+                let res = std::task::ready!(fut.as_mut().poll(cx))?;
+                return Poll::Ready(Ok(res.map(Either::Right)));
+            }
+        };
+        Poll::Ready(Ok(res.map(Either::Left)))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Future of [`Backend`]: the simulated call, or a `400` it should never see.
+    #[project = BackendProj]
+    #[derive(Debug)]
+    #[must_use = "futures do nothing unless polled"]
+    pub(crate) enum BackendFuture {
+        Ready { res: Option<Response<FileBody>> },
+        Sleep { #[pin] fut: SleepFuture },
+    }
+}
+
+impl Future for BackendFuture {
+    type Output = Result<Response<FileBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            BackendProj::Ready { res } => Poll::Ready(Ok(res
+                .take()
+                .expect("BackendFuture polled after completion"))),
+            BackendProj::Sleep { fut } => fut.poll(cx).map(Ok),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// `/sleep` and the `/expensive` backend call: a timer that stops when the request's
+    /// signal fires.
+    #[derive(Debug)]
+    #[must_use = "futures do nothing unless polled"]
+    pub(crate) struct SleepFuture {
+        #[pin]
+        sleep: tokio::time::Sleep,
+        #[pin]
+        aborted: Option<Aborted>,
+        work: WorkGuard,
+        expensive: Option<Expensive>,
     }
 }
 
@@ -432,79 +564,79 @@ impl Drop for WorkGuard {
     }
 }
 
-impl Future for RouteFuture {
-    type Output = Result<Response<RouteBody>, Infallible>;
+impl Future for SleepFuture {
+    type Output = Response<FileBody>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Ready { res } => {
-                Poll::Ready(Ok(res.take().expect("RouteFuture polled after completion")))
-            }
-            StateProj::Static { fut } => Pin::new(fut).poll(cx),
-            StateProj::Sleep {
-                sleep,
-                mut aborted,
-                work,
-                expensive,
-            } => {
-                // The work first: a sleep that is over is not cancelled.
-                if sleep.poll(cx).is_ready() {
-                    work.finish(false);
-                    return Poll::Ready(Ok(match expensive.take() {
-                        Some(done) => json(&done),
-                        None => text(StatusCode::OK, "slept\n"),
-                    }));
-                }
-                let Some(signal) = aborted.as_mut().as_pin_mut() else {
-                    return Poll::Pending;
-                };
-                let reason = std::task::ready!(signal.poll(cx));
-                if expensive.is_some() && reason == AbortReason::ClientGone {
-                    // Shared work outlives the client that started it: tower-singleflight
-                    // drops it when the last waiting client has gone.
-                    aborted.set(None);
-                    return Poll::Pending;
-                }
-                work.finish(true);
-                let (status, body) = match reason {
-                    AbortReason::Shutdown => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "stopped: server shutting down\n",
-                    ),
-                    // The layer answers a passed deadline with its own 504.
-                    AbortReason::DeadlineExceeded => {
-                        (StatusCode::GATEWAY_TIMEOUT, "stopped: deadline exceeded\n")
-                    }
-                    // Nobody is left to read it.
-                    _ => (StatusCode::SERVICE_UNAVAILABLE, "stopped\n"),
-                };
-                Poll::Ready(Ok(text(status, body)))
-            }
+        let this = self.project();
+        let (mut aborted, work, expensive) = (this.aborted, this.work, this.expensive);
+        // The work first: a sleep that is over is not cancelled.
+        if this.sleep.poll(cx).is_ready() {
+            work.finish(false);
+            return Poll::Ready(match expensive.take() {
+                Some(done) => json(&done),
+                None => text(StatusCode::OK, "slept\n"),
+            });
         }
+        let Some(signal) = aborted.as_mut().as_pin_mut() else {
+            return Poll::Pending;
+        };
+        let reason = std::task::ready!(signal.poll(cx));
+        if expensive.is_some() && reason == AbortReason::ClientGone {
+            // Shared work outlives the client that started it: tower-singleflight
+            // drops it when the last waiting client has gone.
+            aborted.set(None);
+            return Poll::Pending;
+        }
+        work.finish(true);
+        let (status, body) = match reason {
+            AbortReason::Shutdown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "stopped: server shutting down\n",
+            ),
+            // The layer answers a passed deadline with its own 504.
+            AbortReason::DeadlineExceeded => {
+                (StatusCode::GATEWAY_TIMEOUT, "stopped: deadline exceeded\n")
+            }
+            // Nobody is left to read it.
+            _ => (StatusCode::SERVICE_UNAVAILABLE, "stopped\n"),
+        };
+        Poll::Ready(text(status, body))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
+    use http_body_util::{BodyExt, Empty};
     use tower_abort::AbortBody;
-    use tower_singleflight::SingleflightBody;
+
+    /// Tests drive the stack with an empty body: hyper's `Incoming` cannot be built.
+    type TestBody = Empty<Bytes>;
+
+    fn config(max_sleep: Duration) -> RouteConfig {
+        RouteConfig {
+            max_sleep,
+            static_files: None,
+            max_body_size: 1024,
+        }
+    }
 
     fn routes() -> Routes {
         Routes::new(
-            RouteConfig {
-                max_sleep: Duration::from_secs(5),
-                static_files: None,
-                max_body_size: 1024,
-            },
+            config(Duration::from_secs(5)),
             Counter::default(),
+            Counter::default(),
+            &singleflight(),
         )
     }
 
     async fn get(method: Method, uri: &str) -> (StatusCode, Bytes, Response<RouteBody>) {
-        let req = Request::builder().method(method).uri(uri).body(()).unwrap();
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(TestBody::new())
+            .unwrap();
         let res = routes().oneshot(req).await.unwrap();
         let status = res.status();
         let (parts, body) = res.into_parts();
@@ -512,7 +644,7 @@ mod tests {
         (
             status,
             bytes.clone(),
-            Response::from_parts(parts, FileBody::from_bytes(bytes)),
+            Response::from_parts(parts, Either::Left(FileBody::from_bytes(bytes))),
         )
     }
 
@@ -564,17 +696,15 @@ mod tests {
     }
 
     /// `Routes` is generic over the request body; the app takes hyper's `Incoming`, which
-    /// tests cannot build, so they drive the same stack over `()`.
+    /// tests cannot build, so they drive the same stack over [`TestBody`].
     fn stack(root: &tower_abort::AbortRoot, cancelled: &Counter) -> tower_abort::Abort<Routes> {
         tower::ServiceBuilder::new()
             .layer(abort_layer(AbortLayer::with_root(root.clone())))
             .service(Routes::new(
-                RouteConfig {
-                    max_sleep: Duration::from_secs(60),
-                    static_files: None,
-                    max_body_size: 1024,
-                },
+                config(Duration::from_secs(60)),
                 cancelled.clone(),
+                Counter::default(),
+                &singleflight(),
             ))
     }
 
@@ -583,7 +713,9 @@ mod tests {
         let root = tower_abort::AbortRoot::new();
         let cancelled = Counter::default();
         let svc = stack(&root, &cancelled);
-        let req = Request::get("/sleep?ms=10000").body(()).unwrap();
+        let req = Request::get("/sleep?ms=10000")
+            .body(TestBody::new())
+            .unwrap();
         let call = tokio::spawn(svc.oneshot(req));
         tokio::time::sleep(Duration::from_millis(100)).await;
         root.shutdown();
@@ -602,7 +734,7 @@ mod tests {
         let start = tokio::time::Instant::now();
         let req = Request::get("/sleep?ms=10000")
             .header("request-timeout", "250")
-            .body(())
+            .body(TestBody::new())
             .unwrap();
         let res = stack(&root, &cancelled).oneshot(req).await.unwrap();
         assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
@@ -615,8 +747,10 @@ mod tests {
         let root = tower_abort::AbortRoot::new();
         let cancelled = Counter::default();
         let mut svc = stack(&root, &cancelled);
-        let req = Request::get("/sleep?ms=10000").body(()).unwrap();
-        let fut = ServiceExt::<Request<()>>::ready(&mut svc)
+        let req = Request::get("/sleep?ms=10000")
+            .body(TestBody::new())
+            .unwrap();
+        let fut = ServiceExt::<Request<TestBody>>::ready(&mut svc)
             .await
             .unwrap()
             .call(req);
@@ -631,7 +765,7 @@ mod tests {
     async fn completed_sleep_is_not_counted() {
         let root = tower_abort::AbortRoot::new();
         let cancelled = Counter::default();
-        let req = Request::get("/sleep?ms=10").body(()).unwrap();
+        let req = Request::get("/sleep?ms=10").body(TestBody::new()).unwrap();
         let res = stack(&root, &cancelled).oneshot(req).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
         let body = res.into_body().collect().await.unwrap().to_bytes();
@@ -646,25 +780,19 @@ mod tests {
         work_cancelled: &Counter,
         singleflight: SingleflightLayer<ExpensiveKey>,
     ) -> impl Service<
-        Request<()>,
-        Response = Response<AbortBody<SingleflightBody<RouteBody>>>,
-        Error = tower_singleflight::error::BoxError,
+        Request<TestBody>,
+        Response = Response<AbortBody<RouteBody>>,
+        Error = BoxError,
         Future = impl Send,
     > + Clone {
         tower::ServiceBuilder::new()
             .layer(abort_layer(AbortLayer::with_root(root.clone())))
-            .layer(singleflight)
-            .service(
-                Routes::new(
-                    RouteConfig {
-                        max_sleep: Duration::from_secs(60),
-                        static_files: None,
-                        max_body_size: 1024,
-                    },
-                    work_cancelled.clone(),
-                )
-                .with_backend_calls(backend_calls.clone()),
-            )
+            .service(Routes::new(
+                config(Duration::from_secs(60)),
+                work_cancelled.clone(),
+                backend_calls.clone(),
+                &singleflight,
+            ))
     }
 
     async fn until(mut cond: impl FnMut() -> bool) {
@@ -686,7 +814,9 @@ mod tests {
         let svc = expensive_stack(&root, &calls, &cancelled, layer);
         let tasks: Vec<_> = (0..20)
             .map(|_| {
-                let req = Request::get("/expensive/report-7?ms=500").body(()).unwrap();
+                let req = Request::get("/expensive/report-7?ms=500")
+                    .body(TestBody::new())
+                    .unwrap();
                 tokio::spawn(svc.clone().oneshot(req))
             })
             .collect();
@@ -719,7 +849,9 @@ mod tests {
         let start = tokio::time::Instant::now();
         let tasks: Vec<_> = (0..20)
             .map(|_| {
-                let req = Request::get("/expensive/report-7?ms=500").body(()).unwrap();
+                let req = Request::get("/expensive/report-7?ms=500")
+                    .body(TestBody::new())
+                    .unwrap();
                 tokio::spawn(svc.clone().oneshot(req))
             })
             .collect();
@@ -738,7 +870,9 @@ mod tests {
         assert_eq!((stats.leaders(), stats.followers()), (1, 19));
         assert_eq!(stats.in_flight(), 0);
         // A different key is a different call.
-        let req = Request::get("/expensive/other?ms=1").body(()).unwrap();
+        let req = Request::get("/expensive/other?ms=1")
+            .body(TestBody::new())
+            .unwrap();
         let body = svc
             .oneshot(req)
             .await
@@ -761,7 +895,11 @@ mod tests {
         let layer = singleflight();
         let stats = layer.stats();
         let svc = expensive_stack(&root, &calls, &cancelled, layer);
-        let get = || Request::get("/expensive/k?ms=1000").body(()).unwrap();
+        let get = || {
+            Request::get("/expensive/k?ms=1000")
+                .body(TestBody::new())
+                .unwrap()
+        };
         let leader = tokio::spawn(svc.clone().oneshot(get()));
         until(|| stats.leaders() == 1).await;
         let followers: Vec<_> = (0..3)
@@ -783,7 +921,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn other_routes_bypass_the_singleflight_layer() {
+    async fn other_routes_never_reach_the_singleflight_layer() {
         let root = tower_abort::AbortRoot::new();
         let (calls, cancelled) = (Counter::default(), Counter::default());
         let layer = singleflight();
@@ -791,16 +929,25 @@ mod tests {
         let svc = expensive_stack(&root, &calls, &cancelled, layer);
         let a = tokio::spawn(
             svc.clone()
-                .oneshot(Request::get("/sleep?ms=100").body(()).unwrap()),
+                .oneshot(Request::get("/sleep?ms=100").body(TestBody::new()).unwrap()),
         );
         let b = tokio::spawn(
             svc.clone()
-                .oneshot(Request::get("/sleep?ms=100").body(()).unwrap()),
+                .oneshot(Request::get("/sleep?ms=100").body(TestBody::new()).unwrap()),
         );
         assert_eq!(a.await.unwrap().unwrap().status(), StatusCode::OK);
         assert_eq!(b.await.unwrap().unwrap().status(), StatusCode::OK);
         assert_eq!((stats.leaders(), stats.followers()), (0, 0));
-        assert_eq!(stats.bypassed(tower_singleflight::BypassReason::NoKey), 2);
+        assert_eq!(stats.bypassed(tower_singleflight::BypassReason::NoKey), 0);
+        // A rejected `/expensive` request is answered before the layer too.
+        let res = svc.clone().oneshot(
+            Request::get("/expensive/a?ms=x")
+                .body(TestBody::new())
+                .unwrap(),
+        );
+        assert_eq!(res.await.unwrap().status(), StatusCode::BAD_REQUEST);
+        assert_eq!(stats.bypassed(tower_singleflight::BypassReason::NoKey), 0);
+        assert_eq!(calls.get(), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -811,7 +958,7 @@ mod tests {
         let start = tokio::time::Instant::now();
         let res = svc
             .clone()
-            .oneshot(Request::get("/expensive/a").body(()).unwrap());
+            .oneshot(Request::get("/expensive/a").body(TestBody::new()).unwrap());
         assert_eq!(res.await.unwrap().status(), StatusCode::OK);
         assert_eq!(start.elapsed(), Duration::from_millis(200));
         for uri in [
@@ -823,7 +970,7 @@ mod tests {
         ] {
             let res = svc
                 .clone()
-                .oneshot(Request::get(uri).body(()).unwrap())
+                .oneshot(Request::get(uri).body(TestBody::new()).unwrap())
                 .await;
             assert_eq!(res.unwrap().status(), StatusCode::BAD_REQUEST, "{uri}");
         }

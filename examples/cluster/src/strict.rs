@@ -3,7 +3,10 @@
 //!
 //! - an HTTP/1.1 request without exactly one `Host` (HTTP/1.0: at most one) is `400`;
 //! - `Transfer-Encoding` that applies `chunked` more than once (`chunked, chunked`, or two
-//!   headers), which hyper reads as one chunked coding, is `400` and the connection closes.
+//!   headers), which hyper reads as one chunked coding, is `400` and the connection closes;
+//! - a declared `Content-Length` above `--max-body-size` is `413` before any route runs
+//!   (a body that grows past the limit while streamed is cut off by the one route that
+//!   reads bodies, [`crate::upload`]).
 //!
 //! (`Transfer-Encoding` together with `Content-Length` needs no check here: hyper frames by
 //! the former, removes the latter from the request and closes the connection after the
@@ -18,20 +21,34 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use tower::{Layer, Service};
 
-/// Rejects ambiguous requests before the routes see them.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct StrictLayer;
+/// Rejects ambiguous and oversized requests before the routes see them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StrictLayer {
+    max_body_size: u64,
+}
+
+impl StrictLayer {
+    /// Requests declaring a body over `max_body_size` bytes are answered `413`.
+    pub(crate) fn new(max_body_size: usize) -> Self {
+        StrictLayer {
+            max_body_size: u64::try_from(max_body_size).unwrap_or(u64::MAX),
+        }
+    }
+}
 
 impl<S> Layer<S> for StrictLayer {
     type Service = Strict<S>;
 
     fn layer(&self, inner: S) -> Strict<S> {
-        Strict { inner }
+        Strict {
+            inner,
+            max_body_size: self.max_body_size,
+        }
     }
 }
 
@@ -39,15 +56,35 @@ impl<S> Layer<S> for StrictLayer {
 #[derive(Debug, Clone)]
 pub(crate) struct Strict<S> {
     inner: S,
+    max_body_size: u64,
 }
 
 /// Why a request is rejected, or `None`.
-fn check<B>(req: &Request<B>) -> Option<&'static str> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rejection {
+    /// `400` and the connection closes.
+    Ambiguous(&'static str),
+    /// `413`: the declared body is over the limit.
+    TooLarge,
+}
+
+fn check<B>(req: &Request<B>, max_body_size: u64) -> Option<Rejection> {
     let headers = req.headers();
+    // hyper has already refused a malformed or conflicting `Content-Length`.
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max_body_size) {
+        return Some(Rejection::TooLarge);
+    }
     let hosts = headers.get_all(HOST).iter().count();
     match req.version() {
-        Version::HTTP_11 if hosts != 1 => return Some("exactly one Host header required\n"),
-        Version::HTTP_10 if hosts > 1 => return Some("more than one Host header\n"),
+        Version::HTTP_11 if hosts != 1 => {
+            return Some(Rejection::Ambiguous("exactly one Host header required\n"))
+        }
+        Version::HTTP_10 if hosts > 1 => {
+            return Some(Rejection::Ambiguous("more than one Host header\n"))
+        }
         _ => {}
     }
     if headers.contains_key(TRANSFER_ENCODING) {
@@ -58,7 +95,7 @@ fn check<B>(req: &Request<B>) -> Option<&'static str> {
             .filter(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
             .count();
         if chunked > 1 {
-            return Some("chunked applied more than once\n");
+            return Some(Rejection::Ambiguous("chunked applied more than once\n"));
         }
     }
     None
@@ -80,22 +117,25 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        match check(&req) {
-            None => StrictFuture::Inner {
-                fut: self.inner.call(req),
-            },
-            Some(why) => {
-                let mut res = Response::new(Full::new(Bytes::from_static(why.as_bytes())));
-                *res.status_mut() = StatusCode::BAD_REQUEST;
-                let headers = res.headers_mut();
-                headers.insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; charset=utf-8"),
-                );
-                headers.insert(CONNECTION, HeaderValue::from_static("close"));
-                StrictFuture::Rejected { res: Some(res) }
+        let (status, why) = match check(&req, self.max_body_size) {
+            None => {
+                return StrictFuture::Inner {
+                    fut: self.inner.call(req),
+                }
             }
-        }
+            Some(Rejection::Ambiguous(why)) => (StatusCode::BAD_REQUEST, why),
+            Some(Rejection::TooLarge) => (StatusCode::PAYLOAD_TOO_LARGE, "body too large\n"),
+        };
+        let mut res = Response::new(Full::new(Bytes::from_static(why.as_bytes())));
+        *res.status_mut() = status;
+        let headers = res.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        // The body is never read, so hyper could not find the next request reliably.
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        StrictFuture::Rejected { res: Some(res) }
     }
 }
 
@@ -140,31 +180,62 @@ mod tests {
         b.body(()).unwrap()
     }
 
+    const MAX: u64 = 1024;
+
+    fn rejected(req: &Request<()>) -> bool {
+        check(req, MAX).is_some()
+    }
+
+    #[test]
+    fn declared_bodies_over_the_limit_are_413() {
+        let h = ("host", "a");
+        let cl = |v| ("content-length", v);
+        assert_eq!(check(&req(Version::HTTP_11, &[h, cl("1024")]), MAX), None);
+        assert_eq!(
+            check(&req(Version::HTTP_11, &[h, cl("1025")]), MAX),
+            Some(Rejection::TooLarge)
+        );
+        assert_eq!(
+            check(&req(Version::HTTP_2, &[cl("99999999999999999999")]), MAX),
+            None,
+            "hyper refuses an unparsable length before this layer; it is not ours to judge"
+        );
+    }
+
     #[test]
     fn host_rules() {
-        assert_eq!(check(&req(Version::HTTP_11, &[("host", "a")])), None);
-        assert!(check(&req(Version::HTTP_11, &[])).is_some());
-        assert!(check(&req(Version::HTTP_11, &[("host", "a"), ("host", "b")])).is_some());
-        assert_eq!(check(&req(Version::HTTP_10, &[])), None);
-        assert!(check(&req(Version::HTTP_10, &[("host", "a"), ("host", "a")])).is_some());
+        assert!(!rejected(&req(Version::HTTP_11, &[("host", "a")])));
+        assert!(rejected(&req(Version::HTTP_11, &[])));
+        assert!(rejected(&req(
+            Version::HTTP_11,
+            &[("host", "a"), ("host", "b")]
+        )));
+        assert!(!rejected(&req(Version::HTTP_10, &[])));
+        assert!(rejected(&req(
+            Version::HTTP_10,
+            &[("host", "a"), ("host", "a")]
+        )));
         // HTTP/2 carries the authority in `:authority`.
-        assert_eq!(check(&req(Version::HTTP_2, &[])), None);
+        assert!(!rejected(&req(Version::HTTP_2, &[])));
     }
 
     #[test]
     fn framing_rules() {
         let h = ("host", "a");
         let te = |v| ("transfer-encoding", v);
-        assert_eq!(check(&req(Version::HTTP_11, &[h, te("chunked")])), None);
-        assert_eq!(
-            check(&req(Version::HTTP_11, &[h, te("gzip, Chunked")])),
-            None
-        );
-        assert!(check(&req(Version::HTTP_11, &[h, te("chunked, chunked")])).is_some());
-        assert!(check(&req(Version::HTTP_11, &[h, te("chunked"), te(" chunked")])).is_some());
-        assert_eq!(
-            check(&req(Version::HTTP_11, &[h, ("content-length", "3")])),
-            None
-        );
+        assert!(!rejected(&req(Version::HTTP_11, &[h, te("chunked")])));
+        assert!(!rejected(&req(Version::HTTP_11, &[h, te("gzip, Chunked")])));
+        assert!(rejected(&req(
+            Version::HTTP_11,
+            &[h, te("chunked, chunked")]
+        )));
+        assert!(rejected(&req(
+            Version::HTTP_11,
+            &[h, te("chunked"), te(" chunked")]
+        )));
+        assert!(!rejected(&req(
+            Version::HTTP_11,
+            &[h, ("content-length", "3")]
+        )));
     }
 }
