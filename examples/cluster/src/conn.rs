@@ -523,7 +523,7 @@ where
             _ => false,
         };
         ConnFuture {
-            inner: self.inner.clone().oneshot(req),
+            inner: Call::start(self.inner.clone(), req),
             guard: Some(InFlight(self.state.clone())),
             settings: self.settings,
             http1: matches!(version, Version::HTTP_10 | Version::HTTP_11),
@@ -538,6 +538,63 @@ fn connection_has<B>(req: &Request<B>, token: &str) -> bool {
         v.to_str()
             .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     })
+}
+
+pin_project_lite::pin_project! {
+    /// The application's response future, started as early as possible.
+    ///
+    /// Between handing a request to the service and polling its response future, hyper
+    /// probes the socket for end of stream, reading into its buffer. A request still held
+    /// then (as a lazy [`Oneshot`] would hold it) shares that buffer, so hyper has to
+    /// allocate a fresh one for every request; calling the service at once, when it is
+    /// ready, lets a handler drop the request first.
+    #[project = CallProj]
+    enum Call<S: Service<Request<Incoming>>> {
+        Called { #[pin] fut: S::Future },
+        Waiting { #[pin] fut: Oneshot<S, Request<Incoming>> },
+        Failed { error: Option<BoxError> },
+    }
+}
+
+impl<S> Call<S>
+where
+    S: Service<Request<Incoming>>,
+    S::Error: Into<BoxError>,
+{
+    fn start(mut service: S, req: Request<Incoming>) -> Self {
+        // A no-op waker is enough: if the service is not ready, `Oneshot` asks again with
+        // the connection task's waker before relying on a wake-up.
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        match service.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => Call::Called {
+                fut: service.call(req),
+            },
+            Poll::Ready(Err(e)) => Call::Failed {
+                error: Some(e.into()),
+            },
+            Poll::Pending => Call::Waiting {
+                fut: service.oneshot(req),
+            },
+        }
+    }
+}
+
+impl<S> Future for Call<S>
+where
+    S: Service<Request<Incoming>>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            CallProj::Called { fut } => fut.poll(cx).map_err(Into::into),
+            CallProj::Waiting { fut } => fut.poll(cx).map_err(Into::into),
+            CallProj::Failed { error } => {
+                Poll::Ready(Err(error.take().expect("polled after completion")))
+            }
+        }
+    }
 }
 
 /// Marks one request in flight until dropped.
@@ -555,7 +612,7 @@ pin_project_lite::pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub(crate) struct ConnFuture<S: Service<Request<Incoming>>> {
         #[pin]
-        inner: Oneshot<S, Request<Incoming>>,
+        inner: Call<S>,
         guard: Option<InFlight>,
         settings: &'static Settings,
         http1: bool,
@@ -578,7 +635,6 @@ where
             Err(e) => {
                 // hyper would close the connection on a service error; a layer's failure
                 // becomes an ordinary 500 instead, and is logged.
-                let e: BoxError = e.into();
                 tracing::error!(error = %e, "service error: answering 500");
                 let mut res = Response::new(Inner::Empty);
                 *res.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
@@ -1127,6 +1183,60 @@ mod tests {
             "second request served on the same connection: {out}"
         );
         assert!(matches!(task.await.unwrap(), Outcome::Closed(Ok(()))));
+    }
+
+    /// A service that is not ready at first (it readies itself on a later poll, waking the
+    /// connection), or whose readiness fails: both answered, on the same connection.
+    #[derive(Clone)]
+    struct SlowToReady {
+        polls: Arc<AtomicU64>,
+        fail: bool,
+    }
+
+    impl Service<Request<Incoming>> for SlowToReady {
+        type Response = Response<http_body_util::Full<Bytes>>;
+        type Error = std::io::Error;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            if self.polls.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if self.fail {
+                return Poll::Ready(Err(std::io::Error::other("not ready, ever")));
+            }
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _req: Request<Incoming>) -> Self::Future {
+            std::future::ready(Ok(Response::new(http_body_util::Full::new(
+                Bytes::from_static(b"ready"),
+            ))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_service_not_ready_at_once_is_awaited_and_a_readiness_error_is_a_500() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for (fail, expected) in [(false, "HTTP/1.1 200 OK\r\n"), (true, "HTTP/1.1 500 ")] {
+            let (mut client, server) = tokio::io::duplex(64 * 1024);
+            let polls = Arc::new(AtomicU64::new(0));
+            let svc = SlowToReady {
+                polls: polls.clone(),
+                fail,
+            };
+            let task = tokio::spawn(serve_connection(server, svc, settings(2, 5, None)));
+            client
+                .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = String::new();
+            client.read_to_string(&mut out).await.unwrap();
+            assert_eq!(out.matches(expected).count(), 2, "{out}");
+            assert!(polls.load(Ordering::Relaxed) >= 4, "readiness asked again");
+            assert!(matches!(task.await.unwrap(), Outcome::Closed(Ok(()))));
+        }
     }
 
     #[test]
