@@ -491,7 +491,11 @@ impl<IO: AsyncWrite> AsyncWrite for TimedIo<IO> {
 /// counts responses, and adds `Keep-Alive` / `Connection: close` on HTTP/1.
 #[derive(Debug)]
 pub(crate) struct ConnService<S> {
-    inner: S,
+    /// The connection's own copy of the application, called in place: hyper calls with
+    /// `&self`, and a clone per request would bump every `Arc` in the layer stack twice.
+    /// The lock is never contended (hyper calls from the connection's task) and never
+    /// held across an await.
+    inner: Mutex<S>,
     state: Arc<ConnState>,
     settings: &'static Settings,
 }
@@ -522,8 +526,9 @@ where
             Version::HTTP_10 => connection_has(&req, "keep-alive"),
             _ => false,
         };
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         ConnFuture {
-            inner: Call::start(self.inner.clone(), req),
+            inner: Call::start(&mut inner, req),
             guard: Some(InFlight(self.state.clone())),
             settings: self.settings,
             http1: matches!(version, Version::HTTP_10 | Version::HTTP_11),
@@ -561,9 +566,12 @@ where
     S: Service<Request<Incoming>>,
     S::Error: Into<BoxError>,
 {
-    fn start(mut service: S, req: Request<Incoming>) -> Self {
-        // A no-op waker is enough: if the service is not ready, `Oneshot` asks again with
-        // the connection task's waker before relying on a wake-up.
+    fn start(service: &mut S, req: Request<Incoming>) -> Self
+    where
+        S: Clone,
+    {
+        // A no-op waker is enough: if the service is not ready, a clone of it waits in
+        // `Oneshot`, which asks again with the connection task's waker.
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
         match service.poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => Call::Called {
@@ -573,7 +581,7 @@ where
                 error: Some(e.into()),
             },
             Poll::Pending => Call::Waiting {
-                fut: service.oneshot(req),
+                fut: service.clone().oneshot(req),
             },
         }
     }
@@ -760,7 +768,7 @@ where
         state: state.clone(),
     });
     let svc = ConnService {
-        inner: service,
+        inner: Mutex::new(service),
         state: state.clone(),
         settings,
     };
