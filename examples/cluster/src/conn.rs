@@ -316,8 +316,9 @@ pub(crate) struct ConnState {
     epoch: Instant,
     header_timeout: Duration,
     keep_alive_timeout: Duration,
-    /// The idle (and first-head) timeout once an immediate drain began: at most
-    /// `keep_alive_timeout`.
+    /// Once an immediate drain began, the idle and head timeouts are at most this (so the
+    /// idle one is at most `keep_alive_timeout` too; the head one of a connection that has
+    /// not sent a request yet does not depend on keep-alive).
     drain_idle_timeout: Duration,
     /// An immediate drain began (set by the driver).
     draining: AtomicBool,
@@ -347,7 +348,7 @@ impl ConnState {
             epoch: now,
             header_timeout,
             keep_alive_timeout,
-            drain_idle_timeout: shutdown_idle_timeout.min(keep_alive_timeout),
+            drain_idle_timeout: shutdown_idle_timeout,
             draining: AtomicBool::new(false),
             idle_h1: AtomicBool::new(false),
             h2: AtomicBool::new(false),
@@ -1141,6 +1142,42 @@ mod tests {
             elapsed, DRAIN_IDLE,
             "accepted at 0: dropped at 0 + DRAIN_IDLE"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn immediate_drain_gives_a_new_connection_time_for_its_request_without_keep_alive_too() {
+        // `--keep-alive-timeout 0s` caps idle time, not the wait for a first request.
+        let (state, signal, conn, _) = setup(100, 0, true);
+        let task = spawn_registered(&state, &signal, conn);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        signal.raise(DrainLevel::Immediate);
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::HeaderTimeout), "{outcome:?}");
+        assert_eq!(elapsed, DRAIN_IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn immediate_drain_keeps_a_shorter_keep_alive_deadline() {
+        // keep-alive 0.5 s < shutdown idle timeout 1 s: the idle connection closes at 0.5 s.
+        let state = Arc::new(ConnState::new(
+            Duration::from_secs(100),
+            Duration::from_millis(500),
+            DRAIN_IDLE,
+            Instant::now(),
+        ));
+        let signal = Arc::new(Signal::default());
+        let conn = FakeConn {
+            shutdowns: Arc::new(AtomicUsize::new(0)),
+            finish_on_shutdown: true,
+        };
+        state.on_request(Version::HTTP_11);
+        state.on_response_done();
+        let task = spawn_registered(&state, &signal, conn);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        signal.raise(DrainLevel::Immediate);
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_millis(500));
     }
 
     #[tokio::test(start_paused = true)]
