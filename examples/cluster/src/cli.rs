@@ -54,6 +54,15 @@ pub(crate) struct Cli {
     #[arg(long, env = "CLUSTER_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) shutdown_grace: Duration,
 
+    /// On SIGTERM/SIGINT: the idle timeout of HTTP/1 keep-alive connections while draining
+    /// (at most `--keep-alive-timeout`), counted from when each connection went idle. Every
+    /// answer given while draining carries `Connection: close`, so a client still using its
+    /// connection sends its next request within this time and is told to go, instead of
+    /// racing the close of a connection it believes open (which loses the request). A
+    /// connection idle for longer is closed at once. `0s`: close idle connections at once.
+    #[arg(long, env = "CLUSTER_SHUTDOWN_IDLE_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub(crate) shutdown_idle_timeout: Duration,
+
     /// Directory served under `GET /static/{*path}` (through sendfile on Linux, plaintext
     /// HTTP/1). Default: the demo folder shipped with the example.
     #[arg(long, env = "CLUSTER_ROOT", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/static"))]
@@ -257,6 +266,7 @@ fn parse_head_size(s: &str) -> Result<usize, String> {
 pub(crate) struct ConnConfig {
     pub(crate) keep_alive_timeout: Duration,
     pub(crate) header_timeout: Duration,
+    pub(crate) shutdown_idle_timeout: Duration,
     pub(crate) max_requests_per_connection: Option<NonZeroU64>,
     pub(crate) max_head_size: usize,
     pub(crate) max_headers: usize,
@@ -277,6 +287,7 @@ impl Cli {
         ConnConfig {
             keep_alive_timeout: self.keep_alive_timeout,
             header_timeout: self.header_timeout,
+            shutdown_idle_timeout: self.shutdown_idle_timeout,
             max_requests_per_connection: self.max_requests_per_connection,
             max_head_size: self.max_head_size,
             max_headers: self.max_headers,
@@ -297,6 +308,7 @@ mod tests {
         assert_eq!(cli.keep_alive_timeout, Duration::from_secs(5));
         assert_eq!(cli.header_timeout, Duration::from_secs(10));
         assert_eq!(cli.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(cli.shutdown_idle_timeout, Duration::from_secs(1));
         assert_eq!(cli.max_requests_per_connection, None);
         assert_eq!(cli.max_in_flight, 1024);
         assert_eq!(cli.max_queued, 1024);
@@ -363,6 +375,7 @@ mod tests {
             "CLUSTER_HEADER_TIMEOUT",
             "CLUSTER_MAX_REQUESTS_PER_CONNECTION",
             "CLUSTER_SHUTDOWN_GRACE",
+            "CLUSTER_SHUTDOWN_IDLE_TIMEOUT",
         ] {
             assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
         }

@@ -9,7 +9,7 @@
 //! | --- | --- | --- | --- |
 //! | `Head` | accepted; or (HTTP/1) the first byte of the next request arrives on an idle connection | `--header-timeout` | connection dropped (like hyper and Go: no `408`) |
 //! | `Busy` | a request head was parsed (the service was called) | none: handlers are bounded by the abort layer, not here | – |
-//! | `Idle` | the last in-flight response body finished or was dropped | `--keep-alive-timeout` | graceful close (HTTP/2: GOAWAY) |
+//! | `Idle` | the last in-flight response body finished or was dropped | `--keep-alive-timeout` (immediate drain: `--shutdown-idle-timeout`, if shorter) | graceful close (HTTP/2: GOAWAY) |
 //! | `Closing` | an idle connection was told to close | 1 s | connection dropped |
 //!
 //! The `Head` deadline starts at accept, so it also bounds a client that sends nothing at all
@@ -28,14 +28,19 @@
 //! # Drain
 //!
 //! A worker-wide [`Signal`] is raised by shutdown or rolling restart:
-//! - `Immediate` (SIGTERM/SIGINT): hyper's graceful shutdown at once: idle HTTP/1
-//!   connections close, busy ones finish their request with `Connection: close`, HTTP/2 gets
-//!   GOAWAY.
 //! - `Gentle` (the old worker of a rolling restart): HTTP/2 gets GOAWAY; an HTTP/1 connection
 //!   answers its next request with `Connection: close` and an idle one closes at its
 //!   advertised keep-alive deadline. Closing an idle HTTP/1 connection at an arbitrary moment
 //!   races with a request the client may be sending; this way a client that honours
 //!   `Connection: close` and `Keep-Alive: timeout=N` never loses a request.
+//! - `Immediate` (SIGTERM/SIGINT): the same, but the idle timeout of HTTP/1 connections
+//!   (and the head timeout of connections that have not sent a request yet) shrinks to
+//!   `--shutdown-idle-timeout`, counted from when the phase began: a connection idle for
+//!   longer closes at once. hyper's own graceful shutdown would close an HTTP/1 connection
+//!   the moment its last response was handed to the kernel, including a response whose
+//!   head went out before the drain and so could not say `Connection: close`: the client,
+//!   still reading that body, writes its next request into a connection that is being
+//!   closed, and loses it. Here it gets the answer, with `Connection: close`.
 //! - `Force` (the grace period is over): the connection is dropped.
 
 use std::convert::Infallible;
@@ -101,6 +106,11 @@ impl Settings {
     /// The metrics of the worker these connections belong to.
     pub(crate) fn metrics(&self) -> &WorkerMetrics {
         &self.metrics
+    }
+
+    /// The worker's current drain level.
+    pub(crate) fn signal_level(&self) -> DrainLevel {
+        self.signal.level()
     }
 
     pub(crate) fn new(
@@ -277,6 +287,8 @@ enum Phase {
 #[derive(Debug)]
 struct Timing {
     phase: Phase,
+    /// When `phase` began.
+    since: Instant,
     deadline: Option<Instant>,
     in_flight: usize,
 }
@@ -304,6 +316,12 @@ pub(crate) struct ConnState {
     epoch: Instant,
     header_timeout: Duration,
     keep_alive_timeout: Duration,
+    /// Once an immediate drain began, the idle and head timeouts are at most this (so the
+    /// idle one is at most `keep_alive_timeout` too; the head one of a connection that has
+    /// not sent a request yet does not depend on keep-alive).
+    drain_idle_timeout: Duration,
+    /// An immediate drain began (set by the driver).
+    draining: AtomicBool,
     /// Set while an HTTP/1 connection is idle, so `TimedIo` only locks on the first read.
     idle_h1: AtomicBool,
     h2: AtomicBool,
@@ -313,10 +331,16 @@ pub(crate) struct ConnState {
 }
 
 impl ConnState {
-    fn new(header_timeout: Duration, keep_alive_timeout: Duration, now: Instant) -> Self {
+    fn new(
+        header_timeout: Duration,
+        keep_alive_timeout: Duration,
+        shutdown_idle_timeout: Duration,
+        now: Instant,
+    ) -> Self {
         ConnState {
             timing: Mutex::new(Timing {
                 phase: Phase::Head,
+                since: now,
                 deadline: Some(now + header_timeout),
                 in_flight: 0,
             }),
@@ -324,6 +348,8 @@ impl ConnState {
             epoch: now,
             header_timeout,
             keep_alive_timeout,
+            drain_idle_timeout: shutdown_idle_timeout,
+            draining: AtomicBool::new(false),
             idle_h1: AtomicBool::new(false),
             h2: AtomicBool::new(false),
             requests: AtomicU64::new(0),
@@ -365,6 +391,7 @@ impl ConnState {
         t.in_flight += 1;
         t.phase = Phase::Busy;
         self.set_deadline(&mut t, None);
+        // (`since` only matters for the idle and head phases.)
         self.idle_h1.store(false, Ordering::Relaxed);
         drop(t);
         self.requests.fetch_add(1, Ordering::Relaxed) + 1
@@ -375,8 +402,10 @@ impl ConnState {
         let mut t = self.lock();
         t.in_flight = t.in_flight.saturating_sub(1);
         if t.in_flight == 0 && t.phase == Phase::Busy {
+            let now = Instant::now();
             t.phase = Phase::Idle;
-            self.set_deadline(&mut t, Some(Instant::now() + self.keep_alive_timeout));
+            t.since = now;
+            self.set_deadline(&mut t, Some(now + self.limit(self.keep_alive_timeout)));
             let h2 = self.h2.load(Ordering::Relaxed);
             self.idle_h1.store(!h2, Ordering::Relaxed);
             drop(t);
@@ -393,10 +422,35 @@ impl ConnState {
     fn on_bytes_while_idle(&self) {
         let mut t = self.lock();
         if t.phase == Phase::Idle {
+            let now = Instant::now();
             t.phase = Phase::Head;
-            self.set_deadline(&mut t, Some(Instant::now() + self.header_timeout));
+            t.since = now;
+            self.set_deadline(&mut t, Some(now + self.limit(self.header_timeout)));
         }
         self.idle_h1.store(false, Ordering::Relaxed);
+    }
+
+    /// `timeout`, shortened to `drain_idle_timeout` once an immediate drain began.
+    fn limit(&self, timeout: Duration) -> Duration {
+        if self.draining.load(Ordering::Relaxed) {
+            timeout.min(self.drain_idle_timeout)
+        } else {
+            timeout
+        }
+    }
+
+    /// An immediate drain began: an idle connection, or one still waiting for a request
+    /// head, gets `drain_idle_timeout` from the start of that phase (at once if it has been
+    /// in it longer); later phases get it too (see [`limit`](Self::limit)).
+    fn on_drain(&self) {
+        let mut t = self.lock();
+        self.draining.store(true, Ordering::Relaxed);
+        if matches!(t.phase, Phase::Idle | Phase::Head) {
+            let cap = t.since + self.drain_idle_timeout;
+            if t.deadline.map_or(true, |d| cap < d) {
+                self.set_deadline(&mut t, Some(cap));
+            }
+        }
     }
 
     fn expire(&self, now: Instant) -> Expiry {
@@ -406,6 +460,7 @@ impl ConnState {
                 Phase::Head => Expiry::Head,
                 Phase::Idle => {
                     t.phase = Phase::Closing;
+                    t.since = now;
                     self.set_deadline(&mut t, Some(now + CLOSING_GRACE));
                     self.idle_h1.store(false, Ordering::Relaxed);
                     Expiry::Idle
@@ -755,6 +810,7 @@ where
     let state = Arc::new(ConnState::new(
         settings.config.header_timeout,
         settings.config.keep_alive_timeout,
+        settings.config.shutdown_idle_timeout,
         Instant::now(),
     ));
     let key = settings.signal.register(state.waker.clone());
@@ -822,11 +878,18 @@ where
                 seen = level;
                 match level {
                     DrainLevel::Force => return Poll::Ready(Outcome::Forced),
-                    DrainLevel::Immediate => graceful(conn.as_mut()),
-                    // HTTP/1 connections answer with `Connection: close` (see `ConnFuture`).
-                    DrainLevel::Gentle if state.h2.load(Ordering::Relaxed) => {
+                    // HTTP/2: GOAWAY. hyper first announces the highest stream id and sends
+                    // the final GOAWAY a round trip later, so streams crossing it are served.
+                    DrainLevel::Immediate | DrainLevel::Gentle
+                        if state.h2.load(Ordering::Relaxed) =>
+                    {
                         graceful(conn.as_mut())
                     }
+                    // HTTP/1 (or not known yet): every answer from now on carries
+                    // `Connection: close` (see `ConnFuture`); an idle connection closes at
+                    // its deadline, shortened by an immediate drain. Not hyper's graceful
+                    // shutdown: see the module docs.
+                    DrainLevel::Immediate => state.on_drain(),
                     DrainLevel::Gentle | DrainLevel::Serving => {}
                 }
             }
@@ -921,6 +984,9 @@ mod tests {
         })
     }
 
+    /// `--shutdown-idle-timeout` in these tests.
+    const DRAIN_IDLE: Duration = Duration::from_secs(1);
+
     fn setup(
         header: u64,
         keep_alive: u64,
@@ -929,6 +995,7 @@ mod tests {
         let state = Arc::new(ConnState::new(
             Duration::from_secs(header),
             Duration::from_secs(keep_alive),
+            DRAIN_IDLE,
             Instant::now(),
         ));
         let shutdowns = Arc::new(AtomicUsize::new(0));
@@ -1048,7 +1115,11 @@ mod tests {
         );
         signal.raise(DrainLevel::Immediate);
         tokio::task::yield_now().await;
-        assert_eq!(shutdowns.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            shutdowns.load(Ordering::SeqCst),
+            0,
+            "HTTP/1 immediate, busy: its answer says close, no shutdown"
+        );
         signal.raise(DrainLevel::Gentle); // never lowers
         assert_eq!(signal.level(), DrainLevel::Immediate);
         signal.raise(DrainLevel::Force);
@@ -1058,12 +1129,166 @@ mod tests {
         assert_eq!(signal.conns.lock().unwrap().len(), 0);
     }
 
+    /// Drives a connection of `state` that registered with `signal` (as `serve_connection`
+    /// does), so raising the signal wakes it.
+    fn spawn_registered(
+        state: &Arc<ConnState>,
+        signal: &Arc<Signal>,
+        conn: FakeConn,
+    ) -> tokio::task::JoinHandle<(Outcome, Duration)> {
+        signal.register(state.waker.clone());
+        spawn_drive(state, signal.clone(), conn)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn immediate_drain_lets_a_busy_http1_connection_idle_for_the_shutdown_idle_timeout() {
+        // A response whose head went out before the drain: the connection must stay open
+        // for the client's next request (answered with `Connection: close`), not close the
+        // moment the body is handed over.
+        let (state, signal, conn, shutdowns) = setup(100, 100, true);
+        state.on_request(Version::HTTP_11);
+        let task = spawn_registered(&state, &signal, conn);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        signal.raise(DrainLevel::Immediate);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(shutdowns.load(Ordering::SeqCst), 0, "busy: no shutdown");
+        state.on_response_done(); // idle from t = 6 s
+                                  // In a server the HTTP/1 body ends inside the connection's poll, on the driver's
+                                  // task; here it ends on another task, so wake the driver like that poll would.
+        state.waker.wake();
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_secs(6) + DRAIN_IDLE);
+        assert_eq!(shutdowns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn immediate_drain_closes_a_recently_idle_connection_when_its_shortened_deadline_passes()
+    {
+        let (state, signal, conn, shutdowns) = setup(100, 100, true);
+        state.on_request(Version::HTTP_11);
+        state.on_response_done(); // idle from t = 0, keep-alive deadline 100 s
+        let task = spawn_registered(&state, &signal, conn);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        signal.raise(DrainLevel::Immediate);
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(
+            elapsed, DRAIN_IDLE,
+            "idle since 0: closed at 0 + DRAIN_IDLE"
+        );
+        assert_eq!(shutdowns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn immediate_drain_closes_a_long_idle_connection_at_once() {
+        let (state, signal, conn, shutdowns) = setup(100, 100, true);
+        state.on_request(Version::HTTP_11);
+        state.on_response_done();
+        let task = spawn_registered(&state, &signal, conn);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        signal.raise(DrainLevel::Immediate);
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_secs(5));
+        assert_eq!(shutdowns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn immediate_drain_gives_a_silent_new_connection_the_shutdown_idle_timeout() {
+        let (state, signal, conn, _) = setup(100, 100, true);
+        let task = spawn_registered(&state, &signal, conn);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        signal.raise(DrainLevel::Immediate);
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::HeaderTimeout), "{outcome:?}");
+        assert_eq!(
+            elapsed, DRAIN_IDLE,
+            "accepted at 0: dropped at 0 + DRAIN_IDLE"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn immediate_drain_gives_a_new_connection_time_for_its_request_without_keep_alive_too() {
+        // `--keep-alive-timeout 0s` caps idle time, not the wait for a first request.
+        let (state, signal, conn, _) = setup(100, 0, true);
+        let task = spawn_registered(&state, &signal, conn);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        signal.raise(DrainLevel::Immediate);
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::HeaderTimeout), "{outcome:?}");
+        assert_eq!(elapsed, DRAIN_IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn immediate_drain_keeps_a_shorter_keep_alive_deadline() {
+        // keep-alive 0.5 s < shutdown idle timeout 1 s: the idle connection closes at 0.5 s.
+        let state = Arc::new(ConnState::new(
+            Duration::from_secs(100),
+            Duration::from_millis(500),
+            DRAIN_IDLE,
+            Instant::now(),
+        ));
+        let signal = Arc::new(Signal::default());
+        let conn = FakeConn {
+            shutdowns: Arc::new(AtomicUsize::new(0)),
+            finish_on_shutdown: true,
+        };
+        state.on_request(Version::HTTP_11);
+        state.on_response_done();
+        let task = spawn_registered(&state, &signal, conn);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        signal.raise(DrainLevel::Immediate);
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_millis(500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn immediate_drain_sends_goaway_on_http2_at_once() {
+        let (state, signal, conn, shutdowns) = setup(100, 100, true);
+        state.on_request(Version::HTTP_2);
+        let task = spawn_registered(&state, &signal, conn);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        signal.raise(DrainLevel::Immediate);
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_millis(200));
+        assert_eq!(shutdowns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_shutdown_idle_timeout_closes_idle_connections_at_once() {
+        let state = Arc::new(ConnState::new(
+            Duration::from_secs(100),
+            Duration::from_secs(100),
+            Duration::ZERO,
+            Instant::now(),
+        ));
+        let signal = Arc::new(Signal::default());
+        let shutdowns = Arc::new(AtomicUsize::new(0));
+        let conn = FakeConn {
+            shutdowns: shutdowns.clone(),
+            finish_on_shutdown: true,
+        };
+        state.on_request(Version::HTTP_11);
+        state.on_response_done();
+        let task = spawn_registered(&state, &signal, conn);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        signal.raise(DrainLevel::Immediate);
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(elapsed, Duration::from_millis(10));
+        assert_eq!(shutdowns.load(Ordering::SeqCst), 1);
+    }
+
     // ----- the real hyper stack over an in-memory pipe, in paused time -----
 
     fn settings(header: u64, keep_alive: u64, max_requests: Option<u64>) -> &'static Settings {
         let config = ConnConfig {
             keep_alive_timeout: Duration::from_secs(keep_alive),
             header_timeout: Duration::from_secs(header),
+            shutdown_idle_timeout: DRAIN_IDLE,
             max_requests_per_connection: max_requests.and_then(NonZeroU64::new),
             max_head_size: 16 * 1024,
             max_headers: 100,
@@ -1160,6 +1385,74 @@ mod tests {
         );
     }
 
+    /// Reads one `GET /` answer (it ends with the body `Hello, World!`).
+    async fn read_hello(client: &mut tokio::io::DuplexStream) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut out = Vec::new();
+        while !out.ends_with(b"Hello, World!") {
+            let mut buf = [0u8; 1024];
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hyper_stack_immediate_drain_answers_the_next_request_with_close() {
+        use tokio::io::AsyncWriteExt;
+        let settings = settings(10, 30, None);
+        let (mut client, task) = serve(settings);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let first = read_hello(&mut client).await;
+        assert!(first.contains("keep-alive: timeout=30\r\n"), "{first}");
+        // SIGTERM while the client has just read its answer: its next request, written
+        // 0.5 s later, is answered (with `Connection: close`), not lost to a close.
+        settings.signal.raise(DrainLevel::Immediate);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let second = read_until_eof(&mut client).await;
+        assert!(second.starts_with("HTTP/1.1 200 OK\r\n"), "{second}");
+        assert!(second.contains("connection: close\r\n"), "{second}");
+        assert!(!second.contains("keep-alive"), "{second}");
+        assert!(second.ends_with("Hello, World!"), "{second}");
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(
+            elapsed,
+            Duration::from_millis(500),
+            "closed after that answer"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hyper_stack_immediate_drain_closes_an_idle_connection_after_the_shutdown_idle_timeout()
+    {
+        use tokio::io::AsyncWriteExt;
+        let settings = settings(10, 30, None);
+        let (mut client, task) = serve(settings);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        read_hello(&mut client).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        settings.signal.raise(DrainLevel::Immediate);
+        assert_eq!(read_until_eof(&mut client).await, "");
+        let (outcome, elapsed) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
+        assert_eq!(
+            elapsed, DRAIN_IDLE,
+            "idle since 0: closed at 0 + DRAIN_IDLE"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_service_error_is_a_500_and_the_connection_lives_on() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1252,6 +1545,7 @@ mod tests {
         let state = Arc::new(ConnState::new(
             Duration::from_secs(1),
             Duration::from_secs(1),
+            DRAIN_IDLE,
             Instant::now(),
         ));
         state.on_request(Version::HTTP_2);

@@ -73,8 +73,20 @@ pub(crate) fn into_tokio(listener: std::net::TcpListener) -> io::Result<TcpListe
 const OVER_CAPACITY: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\nRetry-After: 1\r\n\r\n";
 
+/// Most connections taken from the accept queue when an immediate drain stops accepting
+/// (see [`accept_loop`]): the queue holds at most `--backlog` (capped by
+/// `net.core.somaxconn`, at most 65,535) plus what arrives meanwhile; this bounds the loop.
+const MAX_ACCEPTED_AT_STOP: usize = 65_536;
+
 /// Accepts connections until `stop` is cancelled, serving each on its own task; beyond
 /// `max_connections` open ones, a new connection is answered [`OVER_CAPACITY`] and closed.
+///
+/// When it stops for an immediate drain (SIGTERM/SIGINT) it first takes what is already in
+/// the accept queue, without waiting for more: closing the listening socket (when no other
+/// process holds it) would reset those connections, whose clients connected before the
+/// drain and may have sent a request. They are served like the others (every answer while
+/// draining carries `Connection: close`). A rolling restart's gentle drain does not: the
+/// socket stays open and the successor accepts them.
 pub(crate) async fn accept_loop<S, B>(
     listener: TcpListener,
     app: S,
@@ -89,6 +101,26 @@ pub(crate) async fn accept_loop<S, B>(
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let serve = |stream: tokio::net::TcpStream, peer: SocketAddr| {
+        // Every task of `tracker` is a connection.
+        if tracker.len() >= max_connections {
+            refuse(stream);
+            settings.metrics().connections_refused.inc();
+            tracing::debug!(%peer, max_connections, "connection refused: at capacity");
+            return;
+        }
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "TCP_NODELAY failed");
+        }
+        // tower-zerocopy: file slices leave this socket through sendfile(2), and
+        // requests of this connection carry the capability that lets `/static` use it.
+        let stream = SendfileStream::with_stats(stream, settings.metrics().sendfile.clone());
+        let app = MarkSendfile::new(app.clone(), stream.capability());
+        tracker.spawn(async move {
+            let outcome = conn::serve_connection(stream, app, settings).await;
+            tracing::trace!(%peer, ?outcome, "connection ended");
+        });
+    };
     loop {
         let accepted = tokio::select! {
             biased;
@@ -96,27 +128,7 @@ pub(crate) async fn accept_loop<S, B>(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                // Every task of `tracker` is a connection.
-                if tracker.len() >= max_connections {
-                    refuse(stream);
-                    settings.metrics().connections_refused.inc();
-                    tracing::debug!(%peer, max_connections, "connection refused: at capacity");
-                    continue;
-                }
-                if let Err(e) = stream.set_nodelay(true) {
-                    tracing::debug!(%peer, error = %e, "TCP_NODELAY failed");
-                }
-                // tower-zerocopy: file slices leave this socket through sendfile(2), and
-                // requests of this connection carry the capability that lets `/static` use it.
-                let stream =
-                    SendfileStream::with_stats(stream, settings.metrics().sendfile.clone());
-                let app = MarkSendfile::new(app.clone(), stream.capability());
-                tracker.spawn(async move {
-                    let outcome = conn::serve_connection(stream, app, settings).await;
-                    tracing::trace!(%peer, ?outcome, "connection ended");
-                });
-            }
+            Ok((stream, peer)) => serve(stream, peer),
             Err(e) if is_connection_error(&e) => {
                 tracing::debug!(error = %e, "accept: connection error");
             }
@@ -131,10 +143,52 @@ pub(crate) async fn accept_loop<S, B>(
             }
         }
     }
-    // Dropping the listener: this process stops accepting. In a cluster the socket itself
-    // stays open (the supervisor and the successor worker hold it), so no queued
+    if settings.signal_level() >= DrainLevel::Immediate {
+        let queued = accept_queued(listener, serve);
+        tracing::debug!(queued, "accepted the queued connections before closing");
+    }
+    // Dropping the listener: this process stops accepting. In a rolling restart the socket
+    // itself stays open (the supervisor and the successor worker hold it), so no queued
     // connection is lost.
-    drop(listener);
+}
+
+/// Takes every connection already in `listener`'s accept queue (non-blocking accepts until
+/// the queue is empty, at most [`MAX_ACCEPTED_AT_STOP`]) and hands it to `serve`; returns
+/// how many. The listener is closed when this returns.
+fn accept_queued(
+    listener: TcpListener,
+    serve: impl Fn(tokio::net::TcpStream, SocketAddr),
+) -> usize {
+    // tokio only tries `accept` when its reactor has seen the socket readable; the std
+    // listener (non-blocking) asks the kernel directly.
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot take the queued connections");
+            return 0;
+        }
+    };
+    let mut taken = 0;
+    for _ in 0..MAX_ACCEPTED_AT_STOP {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let stream = stream
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpStream::from_std(stream));
+                match stream {
+                    Ok(stream) => {
+                        taken += 1;
+                        serve(stream, peer);
+                    }
+                    Err(e) => tracing::debug!(%peer, error = %e, "queued connection dropped"),
+                }
+            }
+            Err(e) if is_connection_error(&e) => {}
+            // `WouldBlock`: the queue is empty; anything else: give up on the rest.
+            Err(_) => break,
+        }
+    }
+    taken
 }
 
 /// Answers an over-capacity connection without waiting on it: one non-blocking write
@@ -162,18 +216,26 @@ const ABORT_GRACE: Duration = Duration::from_millis(500);
 /// Drains a serving process: the first level received starts the drain, later ones may
 /// escalate it. When `grace` ends, every in-flight request's signal fires (`abort_root`)
 /// so handlers can stop cleanly; whatever is still open [`ABORT_GRACE`] later is dropped.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn drain(
     first: DrainLevel,
     mut more: mpsc::UnboundedReceiver<DrainLevel>,
     signal: &Signal,
     stop: &CancellationToken,
+    accept_loop: tokio::task::JoinHandle<()>,
     tracker: &TaskTracker,
     grace: Duration,
     abort_root: &tower_abort::AbortRoot,
 ) {
     let deadline = Instant::now() + grace;
-    stop.cancel();
+    // The level first: the accept loop reads it when it stops.
     signal.raise(first);
+    stop.cancel();
+    // The accept loop may still take queued connections (see `accept_loop`); the tracker
+    // is closed once it has ended, so the wait below covers those connections too.
+    if !accept_loop.is_finished() {
+        let _ = tokio::time::timeout_at(deadline, accept_loop).await;
+    }
     tracker.close();
     tracing::info!(
         level = ?first,
@@ -319,4 +381,91 @@ where
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::cli::ConnConfig;
+    use crate::metrics::WorkerMetrics;
+
+    const QUEUED: usize = 5;
+
+    /// A listener with `QUEUED` connections waiting in its accept queue, each with a request
+    /// written; the drain `level` already raised and `stop` cancelled before the accept loop
+    /// runs (so its biased `select!` sees `stop` first). Returns the clients and how many
+    /// connections the loop took.
+    async fn stop_with_a_full_queue(level: DrainLevel) -> (Vec<tokio::net::TcpStream>, usize) {
+        let signal = Arc::new(Signal::default());
+        let config = ConnConfig {
+            keep_alive_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(5),
+            shutdown_idle_timeout: Duration::from_secs(1),
+            max_requests_per_connection: None,
+            max_head_size: 16 * 1024,
+            max_headers: 100,
+            h2_max_concurrent_streams: 200,
+        };
+        let settings: &'static Settings = Box::leak(Box::new(Settings::new(
+            config,
+            signal.clone(),
+            Arc::new(WorkerMetrics::new()),
+        )));
+        let app = crate::routes::app(
+            crate::routes::RouteConfig {
+                max_sleep: Duration::from_secs(1),
+                static_files: None,
+                max_body_size: 1024,
+            },
+            tower_abort::AbortLayer::new(),
+            prometheus_client::metrics::counter::Counter::default(),
+            crate::routes::backpressure(64, 64, Duration::from_secs(1)),
+            crate::routes::singleflight(),
+            prometheus_client::metrics::counter::Counter::default(),
+        );
+        let listener =
+            into_tokio(bind_listener("127.0.0.1:0".parse().unwrap(), 64).unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..QUEUED {
+            // The kernel completes the handshake; nobody has accepted yet.
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                .await
+                .unwrap();
+            clients.push(c);
+        }
+        signal.raise(level);
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let tracker = TaskTracker::new();
+        accept_loop(listener, app, settings, 100, tracker.clone(), stop).await;
+        let taken = tracker.len();
+        tracker.close();
+        (clients, taken)
+    }
+
+    #[tokio::test]
+    async fn an_immediate_drain_serves_the_connections_waiting_in_the_accept_queue() {
+        let (clients, taken) = stop_with_a_full_queue(DrainLevel::Immediate).await;
+        assert_eq!(taken, QUEUED);
+        for mut c in clients {
+            let mut out = String::new();
+            c.read_to_string(&mut out).await.unwrap();
+            assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+            assert!(out.contains("connection: close\r\n"), "{out}");
+            assert!(out.ends_with("Hello, World!"), "{out}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gentle_drain_leaves_the_accept_queue_to_the_successor() {
+        // In a rolling restart the socket stays open (the supervisor and the new worker
+        // hold it), so the old worker must not take connections it would only close.
+        let (_clients, taken) = stop_with_a_full_queue(DrainLevel::Gentle).await;
+        assert_eq!(taken, 0);
+    }
 }

@@ -643,14 +643,16 @@ impl Supervisor {
             grace = %humantime::format_duration(self.cli.shutdown_grace),
             "stopping: draining all workers"
         );
+        // Our copies of the sockets go first: once the workers have taken what is queued and
+        // dropped theirs, the sockets close and new connections are refused instead of
+        // waiting in a backlog nobody accepts from (closing ours last would reset whatever
+        // queued after the workers' final accepts).
+        for slot in &mut self.slots {
+            slot.listener = None;
+        }
         let ids: Vec<u64> = self.workers.keys().copied().collect();
         for id in ids {
             self.retire(id, false);
-        }
-        // Once the workers have dropped their copies the sockets close and new connections
-        // are refused instead of waiting in a backlog nobody accepts from.
-        for slot in &mut self.slots {
-            slot.listener = None;
         }
         let events = self.events.clone();
         let after = self.cli.shutdown_grace + KILL_MARGIN;

@@ -118,12 +118,19 @@ impl Serving {
         }
     }
 
-    async fn drain(&self, first: DrainLevel, more: mpsc::UnboundedReceiver<DrainLevel>, cli: &Cli) {
+    async fn drain(
+        &self,
+        first: DrainLevel,
+        more: mpsc::UnboundedReceiver<DrainLevel>,
+        accepting: tokio::task::JoinHandle<()>,
+        cli: &Cli,
+    ) {
         server::drain(
             first,
             more,
             &self.signal,
             &self.stop,
+            accepting,
             &self.tracker,
             cli.shutdown_grace,
             &self.metrics.abort_root,
@@ -175,6 +182,7 @@ pub(crate) fn run_standalone(cli: Cli) -> anyhow::Result<()> {
             .drain(
                 first.as_ref().copied().unwrap_or(DrainLevel::Immediate),
                 rx,
+                accepting,
                 &cli,
             )
             .await;
@@ -272,7 +280,7 @@ pub(crate) fn run_child(cli: Cli, args: WorkerArgs) -> anyhow::Result<()> {
 
         let first = serving.wait_for_drain(&mut drain_rx, &mut accepting).await;
         let level = first.as_ref().copied().unwrap_or(DrainLevel::Immediate);
-        serving.drain(level, drain_rx, &cli).await;
+        serving.drain(level, drain_rx, accepting, &cli).await;
         reporter.abort();
         // Final counters, so the supervisor's totals include everything this worker served.
         let _ = out_tx.send(Some(ToSupervisor::Metrics(serving.metrics.encode())));

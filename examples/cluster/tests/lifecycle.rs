@@ -234,8 +234,11 @@ fn sigterm_lets_the_in_flight_request_finish_and_exits_0() {
     assert!(get(addr, "/").is_err());
 }
 
+/// On SIGTERM a kept-alive connection whose client comes back within
+/// `--shutdown-idle-timeout` gets its answer, with `Connection: close`; one that stays idle is
+/// closed once idle that long.
 #[test]
-fn sigterm_closes_idle_keep_alive_connections_at_once() {
+fn sigterm_answers_a_returning_keep_alive_client_with_close_and_closes_idle_connections() {
     let mut server = Server::start(&[
         "--workers",
         "2",
@@ -243,14 +246,30 @@ fn sigterm_closes_idle_keep_alive_connections_at_once() {
         "30s",
         "--shutdown-grace",
         "20s",
+        "--shutdown-idle-timeout",
+        "2s",
     ]);
+    let mut returning = support::connect(server.addr);
     let mut idle = support::connect(server.addr);
-    std::io::Write::write_all(&mut idle, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
-    assert_eq!(support::read_response(&mut idle).unwrap().status, 200);
+    for s in [&mut returning, &mut idle] {
+        std::io::Write::write_all(s, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let res = support::read_response(s).unwrap();
+        assert_eq!(res.status, 200);
+        assert_eq!(res.header("keep-alive"), Some("timeout=30"));
+    }
+    let signalled = Instant::now();
     server.signal("TERM");
-    let t = support::time_until_closed(&mut idle);
+    std::thread::sleep(Duration::from_millis(300));
+    std::io::Write::write_all(&mut returning, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let res = support::read_response(&mut returning).expect("answered while draining");
+    assert_eq!(res.status, 200);
+    assert_eq!(res.header("connection"), Some("close"));
+    assert_eq!(res.header("keep-alive"), None);
+    support::time_until_closed(&mut returning);
+    support::time_until_closed(&mut idle);
+    let t = signalled.elapsed();
     assert!(
-        t < Duration::from_secs(5),
+        t < Duration::from_secs(10),
         "idle connection closed after {t:?}"
     );
     let status = server.wait_exit(PATIENCE).expect("exited");

@@ -214,6 +214,11 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
 
 /// Reads one response with a `Content-Length` body (all our routes have one).
 pub fn read_response(stream: &mut TcpStream) -> std::io::Result<RawResponse> {
+    read_response_from(stream)
+}
+
+/// [`read_response`] from any reader (e.g. one that counts the bytes it saw).
+pub fn read_response_from(stream: &mut impl Read) -> std::io::Result<RawResponse> {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
