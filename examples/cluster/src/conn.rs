@@ -64,7 +64,7 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tower::util::Oneshot;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use crate::cli::ConnConfig;
 use crate::metrics::WorkerMetrics;
@@ -625,19 +625,32 @@ where
     where
         S: Clone,
     {
-        // A no-op waker is enough: if the service is not ready, a clone of it waits in
-        // `Oneshot`, which asks again with the connection task's waker.
+        // A no-op waker is enough: a service that is not ready goes on waiting in
+        // `Oneshot`, which asks again with the waker of the task polling the response.
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
         match service.poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => Call::Called {
                 fut: service.call(req),
             },
-            Poll::Ready(Err(e)) => Call::Failed {
-                error: Some(e.into()),
-            },
-            Poll::Pending => Call::Waiting {
-                fut: service.clone().oneshot(req),
-            },
+            Poll::Ready(Err(e)) => {
+                // tower: a service whose readiness failed is to be discarded; the next
+                // request gets a fresh copy (clones reset per-instance readiness).
+                *service = service.clone();
+                Call::Failed {
+                    error: Some(e.into()),
+                }
+            }
+            Poll::Pending => {
+                // The copy just polled may hold what its `poll_ready` reserved or queued
+                // for (tower's `ConcurrencyLimit`: a permit, or a place in the semaphore's
+                // queue that is later handed a permit). It waits in `Oneshot`, so the
+                // reservation is used or released with this request; left here, it would
+                // sit unused until this connection's next request, or forever.
+                let fresh = service.clone();
+                Call::Waiting {
+                    fut: Oneshot::new(std::mem::replace(service, fresh), req),
+                }
+            }
         }
     }
 }
@@ -1538,6 +1551,132 @@ mod tests {
             assert!(polls.load(Ordering::Relaxed) >= 4, "readiness asked again");
             assert!(matches!(task.await.unwrap(), Outcome::Closed(Ok(()))));
         }
+    }
+
+    /// One request on its own connection to `app` (with `Connection: close`); the answer.
+    async fn one_request<S, B>(app: S, target: &str) -> String
+    where
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(serve_connection(server, app, settings(30, 30, None)));
+        let head = format!("GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        client.write_all(head.as_bytes()).await.unwrap();
+        let out = read_until_eof(&mut client).await;
+        assert!(matches!(task.await.unwrap(), Outcome::Closed(Ok(()))));
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_service_that_reserves_in_poll_ready_and_is_not_ready_leaks_no_reservation() {
+        // tower's ConcurrencyLimit queues for a semaphore permit in `poll_ready`. A
+        // connection that finds it not ready must not leave that place in the queue (and
+        // the permit it is later given) with a copy of the service nobody polls: with a
+        // limit of 1, the second connection would then wait forever, and so would every
+        // later request of the worker.
+        let slow = tower::service_fn(|req: Request<Incoming>| async move {
+            let ms = req.uri().query().and_then(|q| q.strip_prefix("ms="));
+            let ms: u64 = ms.unwrap_or("0").parse().unwrap();
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, Infallible>(Response::new(http_body_util::Full::new(
+                Bytes::from_static(b"done"),
+            )))
+        });
+        let app = tower::limit::ConcurrencyLimit::new(slow, 1);
+        let start = Instant::now();
+        let first = tokio::spawn(one_request(app.clone(), "/?ms=100"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // Not ready now: the first request holds the only permit until t = 100 ms.
+        let second = tokio::spawn(one_request(app.clone(), "/?ms=0"));
+        let second = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("the second connection waited forever for a permit")
+            .unwrap();
+        assert!(second.ends_with("done"), "{second}");
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        assert!(first.await.unwrap().ends_with("done"));
+        // Nothing was left behind: a third request gets the permit at once.
+        let third = tokio::time::timeout(Duration::from_secs(5), one_request(app, "/?ms=0"))
+            .await
+            .expect("a permit was leaked");
+        assert!(third.ends_with("done"), "{third}");
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+    }
+
+    /// A service whose readiness fails once; a failed instance that is polled again (tower:
+    /// "the caller should discard the service instance") records it. Clones start afresh.
+    struct FailsOnce {
+        failed: bool,
+        first: Arc<AtomicBool>,
+        reused_after_error: Arc<AtomicBool>,
+    }
+
+    impl Clone for FailsOnce {
+        fn clone(&self) -> Self {
+            FailsOnce {
+                failed: false,
+                first: self.first.clone(),
+                reused_after_error: self.reused_after_error.clone(),
+            }
+        }
+    }
+
+    impl Service<Request<Incoming>> for FailsOnce {
+        type Response = Response<http_body_util::Full<Bytes>>;
+        type Error = std::io::Error;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            if self.failed {
+                self.reused_after_error.store(true, Ordering::SeqCst);
+                return Poll::Ready(Err(std::io::Error::other("polled after failing")));
+            }
+            if self.first.swap(false, Ordering::SeqCst) {
+                self.failed = true;
+                return Poll::Ready(Err(std::io::Error::other("not ready")));
+            }
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _req: Request<Incoming>) -> Self::Future {
+            std::future::ready(Ok(Response::new(http_body_util::Full::new(
+                Bytes::from_static(b"fine"),
+            ))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_service_whose_readiness_failed_is_discarded() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let reused = Arc::new(AtomicBool::new(false));
+        let svc = FailsOnce {
+            failed: false,
+            first: Arc::new(AtomicBool::new(true)),
+            reused_after_error: reused.clone(),
+        };
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(serve_connection(server, svc, settings(2, 5, None)));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        client.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 500 "), "{out}");
+        assert!(
+            out.ends_with("fine"),
+            "the next request got a fresh copy: {out}"
+        );
+        assert!(
+            !reused.load(Ordering::SeqCst),
+            "a failed instance was polled again"
+        );
+        assert!(matches!(task.await.unwrap(), Outcome::Closed(Ok(()))));
     }
 
     #[test]
