@@ -883,6 +883,7 @@ where
     let mut sleep = pin!(tokio::time::sleep_until(armed));
     let mut seen = DrainLevel::Serving;
     let mut close_sent = false;
+    let mut goaway_sent = false;
     poll_fn(|cx| {
         state.waker.register(cx.waker());
         loop {
@@ -896,6 +897,7 @@ where
                     DrainLevel::Immediate | DrainLevel::Gentle
                         if state.h2.load(Ordering::Relaxed) =>
                     {
+                        goaway_sent = true;
                         graceful(conn.as_mut())
                     }
                     // HTTP/1 (or not known yet): every answer from now on carries
@@ -911,6 +913,15 @@ where
             }
             if !close_sent && state.close_requested.load(Ordering::Acquire) {
                 close_sent = true;
+                graceful(conn.as_mut());
+                continue;
+            }
+            // A drain seen while the protocol was unknown (a connection accepted from the
+            // queue at SIGTERM, or an HTTP/2 client that had not opened a stream yet): its
+            // first stream, parsed in the poll above, shows it is HTTP/2; GOAWAY now, or a
+            // client that keeps streams open would be served until the grace period ends.
+            if !goaway_sent && seen >= DrainLevel::Gentle && state.h2.load(Ordering::Relaxed) {
+                goaway_sent = true;
                 graceful(conn.as_mut());
                 continue;
             }
@@ -1295,6 +1306,38 @@ mod tests {
         assert_eq!(shutdowns.load(Ordering::SeqCst), 1);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_seen_before_the_protocol_is_known_still_sends_goaway_once_it_is_http2() {
+        // A connection taken from the accept queue at SIGTERM, or an HTTP/2 client that had
+        // not opened a stream when the drain began: the driver sees the drain level while
+        // the protocol is still unknown. Its first stream shows it is HTTP/2; it must get
+        // GOAWAY then, not keep serving new streams until the grace period ends.
+        for level in [DrainLevel::Gentle, DrainLevel::Immediate] {
+            let (state, signal, conn, shutdowns) = setup(100, 100, false);
+            let task = spawn_registered(&state, &signal, conn);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            signal.raise(level);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert_eq!(
+                shutdowns.load(Ordering::SeqCst),
+                0,
+                "{level:?}: protocol unknown"
+            );
+            // In a server the stream arrives inside the connection's poll, on the driver's
+            // task; here it arrives on another task, so wake the driver like that poll would.
+            state.on_request(Version::HTTP_2);
+            state.waker.wake();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert_eq!(
+                shutdowns.load(Ordering::SeqCst),
+                1,
+                "{level:?}: GOAWAY once the first stream showed HTTP/2"
+            );
+            signal.raise(DrainLevel::Force);
+            assert!(matches!(task.await.unwrap().0, Outcome::Forced));
+        }
+    }
+
     // ----- the real hyper stack over an in-memory pipe, in paused time -----
 
     fn settings(header: u64, keep_alive: u64, max_requests: Option<u64>) -> &'static Settings {
@@ -1464,6 +1507,40 @@ mod tests {
             elapsed, DRAIN_IDLE,
             "idle since 0: closed at 0 + DRAIN_IDLE"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hyper_stack_http2_connection_accepted_while_draining_gets_goaway_with_its_first_stream(
+    ) {
+        // As for a connection taken from the accept queue at SIGTERM: the drain began before
+        // the connection was first polled. Its first stream is answered and the connection
+        // is told to go (GOAWAY) then, not only once it has been idle for
+        // --shutdown-idle-timeout: a client that keeps streams open would never be idle.
+        let settings = settings(10, 30, None);
+        settings.signal.raise(DrainLevel::Immediate);
+        let (client, task) = serve(settings);
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(client),
+        )
+        .await
+        .unwrap();
+        let start = Instant::now();
+        let client_conn = tokio::spawn(conn);
+        let req = Request::get("http://t/")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let res = send.send_request(req).await.unwrap();
+        assert_eq!(res.status(), http::StatusCode::OK);
+        // The client's connection ends when the server has sent GOAWAY and closed.
+        client_conn.await.unwrap().unwrap();
+        assert!(
+            start.elapsed() < DRAIN_IDLE,
+            "GOAWAY came only with the idle timeout ({:?})",
+            start.elapsed()
+        );
+        let (outcome, _) = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(Ok(()))), "{outcome:?}");
     }
 
     #[tokio::test(start_paused = true)]
