@@ -1685,6 +1685,51 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_millis(100));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_stream_reset_while_its_service_is_not_ready_gives_its_place_back() {
+        // One HTTP/2 connection: stream 1 holds the only permit for 100 ms; stream 2 waits
+        // for one and is reset by the client. The connection stays open, so whatever stream
+        // 2's wait queued for must go with its dropped future: once stream 1 is done the
+        // permit is free again.
+        let sem = Arc::new(tokio::sync::Semaphore::new(1));
+        let slow = tower::service_fn(|_req: Request<Incoming>| async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok::<_, Infallible>(Response::new(http_body_util::Full::new(
+                Bytes::from_static(b"done"),
+            )))
+        });
+        let app = tower::limit::ConcurrencyLimit::with_semaphore(slow, sem.clone());
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(serve_connection(server, app, settings(30, 30, None)));
+        let (mut h2, conn) = h2::client::handshake(client).await.unwrap();
+        let client_conn = tokio::spawn(conn);
+        let get = || Request::get("http://t/").body(()).unwrap();
+        let (first, _) = h2.send_request(get(), true).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (second, mut second_stream) = h2.send_request(get(), true).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(sem.available_permits(), 0);
+        second_stream.send_reset(h2::Reason::CANCEL);
+        drop(second);
+        let res = first.await.unwrap();
+        assert_eq!(res.status(), http::StatusCode::OK);
+        let mut body = res.into_body();
+        while let Some(chunk) = body.data().await {
+            chunk.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!task.is_finished(), "the connection is still open");
+        assert_eq!(
+            sem.available_permits(),
+            1,
+            "the permit was left with a reset stream"
+        );
+        drop(h2);
+        client_conn.await.unwrap().unwrap();
+        let outcome = task.await.unwrap();
+        assert!(matches!(outcome, Outcome::Closed(_)), "{outcome:?}");
+    }
+
     /// A service whose readiness fails once; a failed instance that is polled again (tower:
     /// "the caller should discard the service instance") records it. Clones start afresh.
     struct FailsOnce {
