@@ -59,7 +59,9 @@ pub(crate) struct Cli {
     /// answer given while draining carries `Connection: close`, so a client still using its
     /// connection sends its next request within this time and is told to go, instead of
     /// racing the close of a connection it believes open (which loses the request). A
-    /// connection idle for longer is closed at once. `0s`: close idle connections at once.
+    /// connection idle for longer is closed at once. It also bounds the wait for a request
+    /// head (at most `--header-timeout`, counted from accept or from the head's first byte).
+    /// `0s`: close idle connections at once.
     #[arg(long, env = "CLUSTER_SHUTDOWN_IDLE_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub(crate) shutdown_idle_timeout: Duration,
 

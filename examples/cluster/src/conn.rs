@@ -7,7 +7,7 @@
 //!
 //! | phase | entered when | deadline | on expiry |
 //! | --- | --- | --- | --- |
-//! | `Head` | accepted; or (HTTP/1) the first byte of the next request arrives on an idle connection | `--header-timeout` | connection dropped (like hyper and Go: no `408`) |
+//! | `Head` | accepted; or (HTTP/1) the first byte of the next request arrives on an idle connection | `--header-timeout` (immediate drain: `--shutdown-idle-timeout`, if shorter) | connection dropped (like hyper and Go: no `408`) |
 //! | `Busy` | a request head was parsed (the service was called) | none: handlers are bounded by the abort layer, not here | – |
 //! | `Idle` | the last in-flight response body finished or was dropped | `--keep-alive-timeout` (immediate drain: `--shutdown-idle-timeout`, if shorter) | graceful close (HTTP/2: GOAWAY) |
 //! | `Closing` | an idle connection was told to close | 1 s | connection dropped |
