@@ -232,8 +232,14 @@ impl Work {
                 };
             }
         }
-        if path == "/upload" && req.method() == Method::POST {
-            return Route::Upload;
+        if path == "/upload" {
+            if req.method() == Method::POST {
+                return Route::Upload;
+            }
+            let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            res.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("POST"));
+            return Route::Respond(res);
         }
         let expensive = path.strip_prefix("/expensive/");
         let known = expensive.is_some() || matches!(path, "/" | "/healthz" | "/sleep");
@@ -663,6 +669,11 @@ mod tests {
         let (s, _, res) = get(Method::POST, "/").await;
         assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(res.headers()[ALLOW], "GET, HEAD");
+        let (s, _, res) = get(Method::GET, "/upload").await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(res.headers()[ALLOW], "POST");
+        let (s, b, _) = get(Method::POST, "/upload").await;
+        assert_eq!((s, &b[..]), (StatusCode::OK, &b"received 0 bytes\n"[..]));
     }
 
     #[tokio::test(start_paused = true)]
