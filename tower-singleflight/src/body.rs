@@ -11,11 +11,12 @@ use std::{
     panic::{catch_unwind, AssertUnwindSafe},
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll, Wake, Waker},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
 use bytes::{Buf, Bytes};
+use futures_task::{waker_ref, ArcWake};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -97,6 +98,7 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -113,6 +115,7 @@ where
         }
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
@@ -121,6 +124,7 @@ where
         }
     }
 
+    #[inline]
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Inner { body } => body.size_hint(),
@@ -373,13 +377,9 @@ fn parked(st: &mut FanoutState, except: Option<usize>) -> Vec<Waker> {
         .collect()
 }
 
-impl Wake for Fanout {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        let mut state = lock(&self.state);
+impl ArcWake for Fanout {
+    fn wake_by_ref(this: &Arc<Self>) {
+        let mut state = lock(&this.state);
         if state.needs_poll {
             return;
         }
@@ -478,7 +478,7 @@ impl Reader {
             st.needs_poll = false;
             drop(state);
 
-            let waker = Waker::from(Arc::clone(fanout));
+            let waker = waker_ref(fanout);
             let polled = catch_unwind(AssertUnwindSafe(|| {
                 body.as_mut().poll_frame(&mut Context::from_waker(&waker))
             }));
