@@ -49,22 +49,57 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<B> {
-        Inner { #[pin] body: B },
+        // `poll` is `poll_inner::<B>`, taken where `B::Error: Into<BoxError>` is known, so
+        // that the `Body` impl itself needs no such bound: with a `BoxError` body error,
+        // rustc fails to prove it for the erased lifetimes of a `Send` async block holding
+        // this body, such as hyper's connection (rust-lang/rust#64552).
+        Inner { #[pin] body: B, poll: PollInner<B> },
         Shared { reader: Reader },
         Empty,
     }
 }
 
+/// Polls an inner body, converting its frames to `Bytes` and its error to `BoxError`.
+type PollInner<B> =
+    fn(Pin<&mut B>, &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+
+fn poll_inner<B>(
+    body: Pin<&mut B>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    body.poll_frame(cx).map(|frame| {
+        frame.map(|r| {
+            r.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))
+                .map_err(Into::into)
+        })
+    })
+}
+
 impl<B> SingleflightBody<B> {
     /// Wraps a body of the inner service's type, for responses built outside the layer
     /// (an error handler's, say) that must have the layer's body type.
-    pub fn new(body: B) -> Self {
+    pub fn new(body: B) -> Self
+    where
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
         Self::inner(body)
     }
 
-    pub(crate) fn inner(body: B) -> Self {
+    pub(crate) fn inner(body: B) -> Self
+    where
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
         Self {
-            kind: Kind::Inner { body },
+            kind: Kind::Inner {
+                body,
+                poll: poll_inner::<B>,
+            },
         }
     }
     pub(crate) fn shared(reader: Reader) -> Self {
@@ -90,11 +125,7 @@ impl<B> fmt::Debug for SingleflightBody<B> {
     }
 }
 
-impl<B> Body for SingleflightBody<B>
-where
-    B: Body,
-    B::Error: Into<BoxError>,
-{
+impl<B: Body> Body for SingleflightBody<B> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -104,12 +135,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().kind.project() {
-            KindProj::Inner { body } => body.poll_frame(cx).map(|frame| {
-                frame.map(|r| {
-                    r.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))
-                        .map_err(Into::into)
-                })
-            }),
+            KindProj::Inner { body, poll } => poll(body, cx),
             KindProj::Shared { reader } => reader.poll_frame(cx),
             KindProj::Empty => Poll::Ready(None),
         }
@@ -118,7 +144,7 @@ where
     #[inline]
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Inner { body, .. } => body.is_end_stream(),
             Kind::Shared { reader } => reader.is_end_stream(),
             Kind::Empty => true,
         }
@@ -127,7 +153,7 @@ where
     #[inline]
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Inner { body } => body.size_hint(),
+            Kind::Inner { body, .. } => body.size_hint(),
             Kind::Shared { reader } => reader.size_hint(),
             Kind::Empty => SizeHint::with_exact(0),
         }
