@@ -21,12 +21,11 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use slab::Slab;
-use tokio::time::Sleep;
 
 use crate::{
     error::{BoxError, Lagged, SharedError},
     stats::Counters,
-    sync::{lock, Mutex},
+    sync::{lock, sleep, Mutex, Sleep},
 };
 
 pub(crate) type BoxBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
@@ -485,7 +484,7 @@ impl Reader {
                 let timeout = fanout.lag_timeout;
                 let deadline = st
                     .lag_deadline
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    .get_or_insert_with(|| Box::pin(sleep(timeout)));
                 if deadline.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
