@@ -96,10 +96,16 @@ impl KeyFn for DefaultKey {
                 )
             })
             .collect();
+        // An empty path is `/` (RFC 9110 section 4.2.3); `PathAndQuery` reports it so,
+        // but compares its raw bytes.
+        let path_and_query = uri.path_and_query().map(|pq| match pq.as_str() {
+            "/" => PathAndQuery::from_static("/"),
+            _ => pq.clone(),
+        });
         Some(RequestKey {
             scheme: uri.scheme().cloned(),
             authority,
-            path_and_query: uri.path_and_query().cloned(),
+            path_and_query,
             headers: chosen,
         })
     }
@@ -252,6 +258,24 @@ mod tests {
         let d = key_of(&format!("HTTP://{}/p?q=1", host.to_ascii_uppercase()), None);
         assert_eq!(c, d);
         assert_eq!(hash_of(&c), hash_of(&d));
+    }
+
+    #[test]
+    fn an_empty_path_is_the_same_resource_as_slash() {
+        // Found by the `default_key` fuzz target: `https://a#f` has an empty path, which
+        // `path()` reports as `/`, but keys compared the raw bytes, so it was not the
+        // same key as `https://a/`.
+        let bare = key_of("http://example.com", None);
+        let slash = key_of("http://example.com/", None);
+        assert_eq!(bare.path(), slash.path());
+        assert_eq!(bare, slash);
+        assert_eq!(hash_of(&bare), hash_of(&slash));
+        assert_ne!(bare, key_of("http://example.com/?", None));
+        // A fragment right after the authority leaves the path empty.
+        let fragment = key_of("https://a#A/", None);
+        let plain = key_of("https://A/", None);
+        assert_eq!(fragment, plain);
+        assert_eq!(hash_of(&fragment), hash_of(&plain));
     }
 
     #[test]
