@@ -11,21 +11,21 @@ use std::{
     panic::{catch_unwind, AssertUnwindSafe},
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll, Wake, Waker},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
 use bytes::{Buf, Bytes};
+use futures_task::{waker_ref, ArcWake};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use slab::Slab;
-use tokio::time::Sleep;
 
 use crate::{
     error::{BoxError, Lagged, SharedError},
     stats::Counters,
-    sync::{lock, Mutex},
+    sync::{lock, sleep, Mutex, Sleep},
 };
 
 pub(crate) type BoxBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
@@ -48,22 +48,57 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<B> {
-        Inner { #[pin] body: B },
+        // `poll` is `poll_inner::<B>`, taken where `B::Error: Into<BoxError>` is known, so
+        // that the `Body` impl itself needs no such bound: with a `BoxError` body error,
+        // rustc fails to prove it for the erased lifetimes of a `Send` async block holding
+        // this body, such as hyper's connection (rust-lang/rust#64552).
+        Inner { #[pin] body: B, poll: PollInner<B> },
         Shared { reader: Reader },
         Empty,
     }
 }
 
+/// Polls an inner body, converting its frames to `Bytes` and its error to `BoxError`.
+type PollInner<B> =
+    fn(Pin<&mut B>, &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+
+fn poll_inner<B>(
+    body: Pin<&mut B>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    body.poll_frame(cx).map(|frame| {
+        frame.map(|r| {
+            r.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))
+                .map_err(Into::into)
+        })
+    })
+}
+
 impl<B> SingleflightBody<B> {
     /// Wraps a body of the inner service's type, for responses built outside the layer
     /// (an error handler's, say) that must have the layer's body type.
-    pub fn new(body: B) -> Self {
+    pub fn new(body: B) -> Self
+    where
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
         Self::inner(body)
     }
 
-    pub(crate) fn inner(body: B) -> Self {
+    pub(crate) fn inner(body: B) -> Self
+    where
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
         Self {
-            kind: Kind::Inner { body },
+            kind: Kind::Inner {
+                body,
+                poll: poll_inner::<B>,
+            },
         }
     }
     pub(crate) fn shared(reader: Reader) -> Self {
@@ -89,41 +124,35 @@ impl<B> fmt::Debug for SingleflightBody<B> {
     }
 }
 
-impl<B> Body for SingleflightBody<B>
-where
-    B: Body,
-    B::Error: Into<BoxError>,
-{
+impl<B: Body> Body for SingleflightBody<B> {
     type Data = Bytes;
     type Error = BoxError;
 
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().kind.project() {
-            KindProj::Inner { body } => body.poll_frame(cx).map(|frame| {
-                frame.map(|r| {
-                    r.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))
-                        .map_err(Into::into)
-                })
-            }),
+            KindProj::Inner { body, poll } => poll(body, cx),
             KindProj::Shared { reader } => reader.poll_frame(cx),
             KindProj::Empty => Poll::Ready(None),
         }
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Inner { body, .. } => body.is_end_stream(),
             Kind::Shared { reader } => reader.is_end_stream(),
             Kind::Empty => true,
         }
     }
 
+    #[inline]
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Inner { body } => body.size_hint(),
+            Kind::Inner { body, .. } => body.size_hint(),
             Kind::Shared { reader } => reader.size_hint(),
             Kind::Empty => SizeHint::with_exact(0),
         }
@@ -373,13 +402,9 @@ fn parked(st: &mut FanoutState, except: Option<usize>) -> Vec<Waker> {
         .collect()
 }
 
-impl Wake for Fanout {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        let mut state = lock(&self.state);
+impl ArcWake for Fanout {
+    fn wake_by_ref(this: &Arc<Self>) {
+        let mut state = lock(&this.state);
         if state.needs_poll {
             return;
         }
@@ -459,7 +484,7 @@ impl Reader {
                 let timeout = fanout.lag_timeout;
                 let deadline = st
                     .lag_deadline
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    .get_or_insert_with(|| Box::pin(sleep(timeout)));
                 if deadline.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
@@ -478,7 +503,7 @@ impl Reader {
             st.needs_poll = false;
             drop(state);
 
-            let waker = Waker::from(Arc::clone(fanout));
+            let waker = waker_ref(fanout);
             let polled = catch_unwind(AssertUnwindSafe(|| {
                 body.as_mut().poll_frame(&mut Context::from_waker(&waker))
             }));

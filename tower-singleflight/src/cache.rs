@@ -45,6 +45,12 @@ impl MicroCache {
         self
     }
 
+    /// Whether a body of `bytes` may be kept: one larger than the whole byte bound never
+    /// is (the cache would take it, then evict it, serving it meanwhile).
+    pub(crate) fn admits(&self, bytes: usize) -> bool {
+        u64::try_from(bytes).is_ok_and(|bytes| bytes <= self.max_bytes)
+    }
+
     pub(crate) fn build<K>(&self) -> moka::sync::Cache<K, Arc<Cached>>
     where
         K: Hash + Eq + Send + Sync + 'static,

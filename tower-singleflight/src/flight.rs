@@ -13,10 +13,11 @@ use std::{
     panic::{catch_unwind, AssertUnwindSafe},
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll, Wake, Waker},
+    task::{Context, Poll, Waker},
     time::Instant,
 };
 
+use futures_task::{waker_ref, ArcWake};
 use slab::Slab;
 
 use crate::{
@@ -36,7 +37,7 @@ pub(crate) struct Flight<V> {
 pub(crate) struct State<V> {
     pub(crate) stage: Stage<V>,
     /// One slot per waiter: its latest waker, `None` until it is first polled.
-    pub(crate) waiters: Slab<Option<Waker>>,
+    pub(crate) waiters: Waiters,
     /// The waiter woken when the shared future asks to be polled again.
     driver: Option<usize>,
     /// The shared future asked to be polled (or was never polled) and no waiter has yet.
@@ -52,6 +53,8 @@ pub(crate) enum Stage<V> {
     Polling,
     /// Finished; every waiter clones the outcome.
     Done(Result<V, Failure>),
+    /// Finished with no other waiter registered: the one that finished it took the value.
+    Taken,
     /// Every waiter left before it finished; the future was dropped.
     Cancelled,
 }
@@ -59,8 +62,8 @@ pub(crate) enum Stage<V> {
 impl<V> Flight<V> {
     /// A flight in the `Starting` stage whose first waiter (the leader) is slot 0.
     pub(crate) fn starting(started: Option<Instant>) -> (Self, usize) {
-        let mut waiters = Slab::with_capacity(1);
-        let leader = waiters.insert(None);
+        let mut waiters = Waiters::new();
+        let leader = waiters.insert();
         let flight = Flight {
             state: Mutex::new(State {
                 stage: Stage::Starting,
@@ -75,23 +78,22 @@ impl<V> Flight<V> {
 
     /// Whether a new caller may join: not finished, and younger than `max_age`.
     pub(crate) fn joinable(state: &State<V>) -> bool {
-        !matches!(state.stage, Stage::Done(_) | Stage::Cancelled)
+        !matches!(
+            state.stage,
+            Stage::Done(_) | Stage::Taken | Stage::Cancelled
+        )
     }
 }
 
 impl<V> State<V> {
     pub(crate) fn add_waiter(&mut self) -> usize {
-        self.waiters.insert(None)
+        self.waiters.insert()
     }
 }
 
-impl<V: Send + 'static> Wake for Flight<V> {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        let mut state = lock(&self.state);
+impl<V: Send> ArcWake for Flight<V> {
+    fn wake_by_ref(this: &Arc<Self>) {
+        let mut state = lock(&this.state);
         if state.needs_poll {
             // Already pending: the driver was woken, or the poller will see the flag.
             return;
@@ -103,8 +105,8 @@ impl<V: Send + 'static> Wake for Flight<V> {
         }
         let waker = state
             .driver
-            .and_then(|driver| state.waiters.get(driver))
-            .and_then(Option::clone);
+            .and_then(|driver| state.waiters.waker(driver))
+            .cloned();
         drop(state);
         if let Some(waker) = waker {
             waker.wake();
@@ -115,9 +117,9 @@ impl<V: Send + 'static> Wake for Flight<V> {
 /// Registration of one waiter in one flight. Dropping it leaves the flight.
 pub(crate) struct Waiter<K: Hash + Eq, V> {
     pub(crate) flight: Arc<Flight<V>>,
-    /// The group, key and shard to leave when the flight ends; `None` for a flight
-    /// running alone after an overflow.
-    pub(crate) group: Option<(Arc<GroupInner<K, V>>, K, usize)>,
+    /// The group to leave when the flight ends, and the hash of the key the flight is
+    /// filed under; `None` for a flight running alone after an overflow.
+    pub(crate) group: Option<(Arc<GroupInner<K, V>>, u64)>,
     pub(crate) slot: usize,
     pub(crate) finished: bool,
     /// Set when this waiter finished the work with no other waiter registered.
@@ -141,7 +143,7 @@ where
                 // The leader stays registered and reads the failure when polled.
                 let mut state = lock(&self.flight.state);
                 state.stage = Stage::Done(Err(Failure::from_panic(payload)));
-                let wakers = take_wakers(&mut state.waiters);
+                let wakers = state.waiters.take_wakers();
                 drop(state);
                 self.forget();
                 wakers.into_iter().for_each(Waker::wake);
@@ -155,11 +157,11 @@ where
         match &state.stage {
             Stage::Done(outcome) => {
                 let outcome = outcome.clone();
-                state.waiters.try_remove(self.slot);
+                state.waiters.remove(self.slot);
                 self.finished = true;
                 return Poll::Ready(outcome.map_err(FlightError::new));
             }
-            Stage::Cancelled => {
+            Stage::Taken | Stage::Cancelled => {
                 // Unreachable while this waiter is registered; fail rather than hang.
                 self.finished = true;
                 return Poll::Ready(Err(FlightError::new(Failure::Panicked(Arc::from(
@@ -167,17 +169,18 @@ where
                 )))));
             }
             Stage::Starting | Stage::Polling => {
-                store_waker(&mut state.waiters[self.slot], cx.waker());
+                state.waiters.store_waker(self.slot, cx.waker());
                 return Poll::Pending;
             }
             Stage::Idle(_) if !state.needs_poll => {
-                store_waker(&mut state.waiters[self.slot], cx.waker());
+                state.waiters.store_waker(self.slot, cx.waker());
                 return Poll::Pending;
             }
             Stage::Idle(_) => {}
         }
         // Drive it: become the driver, take the future out, poll it with the lock released.
-        store_waker(&mut state.waiters[self.slot], cx.waker());
+        // The driver's waker is needed only while the future is idle: it is stored after
+        // the poll, if the future is still pending.
         state.driver = Some(self.slot);
         state.needs_poll = false;
         let Stage::Idle(mut work) = mem::replace(&mut state.stage, Stage::Polling) else {
@@ -185,11 +188,12 @@ where
         };
         drop(state);
 
-        let flight_waker = Waker::from(Arc::clone(&self.flight));
+        let flight_waker = waker_ref(&self.flight);
         let mut flight_cx = Context::from_waker(&flight_waker);
         match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(&mut flight_cx))) {
             Ok(Poll::Pending) => {
                 let mut state = lock(&self.flight.state);
+                state.waiters.store_waker(self.slot, cx.waker());
                 state.stage = Stage::Idle(work);
                 let woken_meanwhile = state.needs_poll;
                 drop(state);
@@ -215,12 +219,20 @@ where
     /// Stores the outcome, wakes every other waiter once, and frees the key.
     fn complete(&mut self, outcome: Result<V, Failure>) -> Poll<Result<V, Failure>> {
         let mut state = lock(&self.flight.state);
-        let mine = outcome.clone();
-        state.stage = Stage::Done(outcome);
-        state.waiters.try_remove(self.slot);
+        state.waiters.remove(self.slot);
         self.finished = true;
         self.alone = state.waiters.is_empty();
-        let wakers = take_wakers(&mut state.waiters);
+        if self.alone {
+            // Nobody else can ever read it (the flight takes no new waiters from now on):
+            // hand the value over without a copy.
+            state.stage = Stage::Taken;
+            drop(state);
+            self.forget();
+            return Poll::Ready(outcome);
+        }
+        let mine = outcome.clone();
+        state.stage = Stage::Done(outcome);
+        let wakers = state.waiters.take_wakers();
         drop(state);
         self.forget();
         for waker in wakers {
@@ -228,10 +240,12 @@ where
         }
         Poll::Ready(mine)
     }
+}
 
+impl<K: Hash + Eq, V> Waiter<K, V> {
     fn forget(&self) {
-        if let Some((group, key, shard)) = &self.group {
-            group.forget(key, *shard, &self.flight);
+        if let Some((group, hash)) = &self.group {
+            group.forget(*hash, &self.flight);
         }
     }
 }
@@ -242,7 +256,7 @@ impl<K: Hash + Eq, V> Drop for Waiter<K, V> {
             return;
         }
         let mut state = lock(&self.flight.state);
-        state.waiters.try_remove(self.slot);
+        state.waiters.remove(self.slot);
         if !matches!(state.stage, Stage::Idle(_)) {
             // Done/Cancelled: nothing to do. Starting/Polling: another waiter is active.
             return;
@@ -253,18 +267,14 @@ impl<K: Hash + Eq, V> Drop for Waiter<K, V> {
             };
             drop(state);
             drop_quietly(work);
-            if let Some((group, key, shard)) = &self.group {
-                group.forget(key, *shard, &self.flight);
-            }
+            self.forget();
             return;
         }
         if state.driver == Some(self.slot) {
-            let next = state.waiters.iter().next().map(|(slot, _)| slot);
+            let next = state.waiters.first();
             state.driver = next;
             if state.needs_poll {
-                let waker = next
-                    .and_then(|slot| state.waiters.get(slot))
-                    .and_then(Option::clone);
+                let waker = next.and_then(|slot| state.waiters.waker(slot)).cloned();
                 drop(state);
                 if let Some(waker) = waker {
                     waker.wake();
@@ -274,17 +284,98 @@ impl<K: Hash + Eq, V> Drop for Waiter<K, V> {
     }
 }
 
-fn take_wakers(waiters: &mut Slab<Option<Waker>>) -> Vec<Waker> {
-    waiters
-        .iter_mut()
-        .filter_map(|(_, waker)| waker.take())
-        .collect()
+// ===== impl Waiters =====
+
+/// The waiters of one flight, each a slot holding its latest waker (`None` until it is
+/// first polled). Slot 0, the leader's, is stored inline, so a flight nobody joins
+/// allocates nothing for its waiters; the others go in a slab, allocated on the first join.
+pub(crate) struct Waiters {
+    /// Slot 0: `None` when vacant.
+    first: Option<Option<Waker>>,
+    /// Slot `i + 1` is `rest[i]`.
+    rest: Slab<Option<Waker>>,
 }
 
-fn store_waker(slot: &mut Option<Waker>, waker: &Waker) {
-    match slot {
-        Some(current) if current.will_wake(waker) => {}
-        _ => *slot = Some(waker.clone()),
+impl Waiters {
+    pub(crate) fn new() -> Self {
+        Self {
+            first: None,
+            rest: Slab::new(),
+        }
+    }
+
+    /// Registers a waiter; returns its slot.
+    pub(crate) fn insert(&mut self) -> usize {
+        if self.first.is_none() {
+            self.first = Some(None);
+            0
+        } else {
+            self.rest.insert(None) + 1
+        }
+    }
+
+    /// Unregisters the waiter in `slot`, if it is registered.
+    pub(crate) fn remove(&mut self, slot: usize) {
+        match slot {
+            0 => self.first = None,
+            _ => {
+                self.rest.try_remove(slot - 1);
+            }
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.first.is_none() && self.rest.is_empty()
+    }
+
+    /// The lowest registered slot.
+    fn first(&self) -> Option<usize> {
+        if self.first.is_some() {
+            return Some(0);
+        }
+        self.rest.iter().next().map(|(slot, _)| slot + 1)
+    }
+
+    fn slot_mut(&mut self, slot: usize) -> Option<&mut Option<Waker>> {
+        match slot {
+            0 => self.first.as_mut(),
+            _ => self.rest.get_mut(slot - 1),
+        }
+    }
+
+    /// The waker of the waiter in `slot`, if it is registered and was polled.
+    fn waker(&self, slot: usize) -> Option<&Waker> {
+        match slot {
+            0 => self.first.as_ref()?.as_ref(),
+            _ => self.rest.get(slot - 1)?.as_ref(),
+        }
+    }
+
+    /// Keeps `waker` as the latest of the registered waiter in `slot`.
+    fn store_waker(&mut self, slot: usize, waker: &Waker) {
+        let slot = self
+            .slot_mut(slot)
+            .expect("a waiter polls only while registered");
+        match slot {
+            Some(current) if current.will_wake(waker) => {}
+            _ => *slot = Some(waker.clone()),
+        }
+    }
+
+    /// Takes every stored waker, to wake each once (the waiters stay registered).
+    fn take_wakers(&mut self) -> Vec<Waker> {
+        let first = self.first.as_mut().and_then(Option::take);
+        if self.rest.is_empty() {
+            return first.into_iter().collect();
+        }
+        first
+            .into_iter()
+            .chain(self.rest.iter_mut().filter_map(|(_, waker)| waker.take()))
+            .collect()
     }
 }
 

@@ -41,12 +41,15 @@ pin_project! {
     {
         #[pin]
         state: State<S, ReqB, K>,
-        config: Arc<Config>,
-        counters: Arc<Counters>,
     }
 }
 
+/// The `x-singleflight` value to add, when the debug header is on.
+type Label = Option<&'static str>;
+
 pin_project! {
+    // The states a bypass or a leader goes through are kept small and free of reference
+    // counts, so that those paths cost next to nothing; a follower's state is boxed.
     #[project = StateProj]
     enum State<S, ReqB, K>
     where
@@ -55,24 +58,35 @@ pin_project! {
         K: Eq,
     {
         // The inner service's own call: a bypass, or a follower's fallback.
-        Direct { #[pin] fut: S::Future, label: &'static str },
+        Direct { #[pin] fut: S::Future, label: Label },
         // The leader (or a caller running alone after an overflow).
-        Lead { run: Run<FlightKey<K>, Outcome>, label: &'static str },
+        Lead { run: Run<FlightKey<K>, Outcome>, label: Label },
         // A follower: waits for the flight, keeping its request for a call of its own.
-        Follow {
-            run: Run<FlightKey<K>, Outcome>,
-            #[pin]
-            deadline: Option<Sleep>,
-            svc: Option<S>,
-            req: Option<Request<ReqB>>,
-            head_only: bool,
-        },
+        Follow { follow: Pin<Box<Following<S, ReqB, K>>> },
         // A follower making its own call: waiting for the service to be ready.
-        Fallback { svc: Option<S>, req: Option<Request<ReqB>> },
+        Fallback { fallback: Box<(S, Option<Request<ReqB>>)>, label: Label },
         // A response of the layer's own (`503` overflow, `504` wait timeout).
-        Immediate { status: StatusCode },
+        Immediate { status: StatusCode, label: Label },
         // A micro-cache hit.
-        Cached { hit: Option<CacheHit>, head_only: bool },
+        Cached { hit: Option<CacheHit>, head_only: bool, counters: Arc<Counters>, label: Label },
+    }
+}
+
+pin_project! {
+    /// What a follower keeps while it waits.
+    struct Following<S, ReqB, K>
+    where
+        K: Hash,
+        K: Eq,
+    {
+        run: Run<FlightKey<K>, Outcome>,
+        #[pin]
+        deadline: Option<Sleep>,
+        svc: Option<S>,
+        req: Option<Request<ReqB>>,
+        head_only: bool,
+        config: Arc<Config>,
+        counters: Arc<Counters>,
     }
 }
 
@@ -81,24 +95,26 @@ where
     S: Service<Request<ReqB>>,
     K: Hash + Eq,
 {
-    fn new(state: State<S, ReqB, K>, shared: &Shared<K>) -> Self {
-        Self {
-            state,
-            config: Arc::clone(&shared.config),
-            counters: Arc::clone(&shared.counters),
-        }
+    fn new(state: State<S, ReqB, K>) -> Self {
+        Self { state }
     }
 
-    pub(crate) fn direct(fut: S::Future, shared: &Shared<K>, label: &'static str) -> Self {
-        Self::new(State::Direct { fut, label }, shared)
+    pub(crate) fn direct(fut: S::Future, config: &Config, label: &'static str) -> Self {
+        Self::new(State::Direct {
+            fut,
+            label: config.label(label),
+        })
     }
 
     pub(crate) fn lead(
         run: Run<FlightKey<K>, Outcome>,
-        shared: &Shared<K>,
+        config: &Config,
         label: &'static str,
     ) -> Self {
-        Self::new(State::Lead { run, label }, shared)
+        Self::new(State::Lead {
+            run,
+            label: config.label(label),
+        })
     }
 
     pub(crate) fn follow(
@@ -109,36 +125,34 @@ where
         shared: &Shared<K>,
     ) -> Self {
         let deadline = shared.config.max_wait.map(tokio::time::sleep);
-        Self::new(
-            State::Follow {
+        Self::new(State::Follow {
+            follow: Box::pin(Following {
                 run,
                 deadline,
                 svc: Some(svc),
                 req: Some(req),
                 head_only,
-            },
-            shared,
-        )
+                config: Arc::clone(&shared.config),
+                counters: Arc::clone(&shared.counters),
+            }),
+        })
     }
 
     #[cfg(feature = "micro-cache")]
     pub(crate) fn cached(hit: CacheHit, head_only: bool, shared: &Shared<K>) -> Self {
-        Self::new(
-            State::Cached {
-                hit: Some(hit),
-                head_only,
-            },
-            shared,
-        )
+        Self::new(State::Cached {
+            hit: Some(hit),
+            head_only,
+            counters: Arc::clone(&shared.counters),
+            label: shared.config.label("cache"),
+        })
     }
 
-    pub(crate) fn rejected(shared: &Shared<K>) -> Self {
-        Self::new(
-            State::Immediate {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-            },
-            shared,
-        )
+    pub(crate) fn rejected(config: &Config) -> Self {
+        Self::new(State::Immediate {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            label: config.label("layer"),
+        })
     }
 }
 
@@ -173,46 +187,50 @@ where
 {
     type Output = Result<Response<SingleflightBody<ResB>>, BoxError>;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let mut this = self.as_mut().project();
-            let config = &**this.config;
-            let counters = &**this.counters;
             let next = match this.state.as_mut().project() {
                 StateProj::Direct { fut, label } => {
                     let response = ready!(fut.poll(cx)).map_err(Into::into)?;
                     let response = response.map(SingleflightBody::inner);
-                    return Poll::Ready(Ok(labelled(response, label, config)));
+                    return Poll::Ready(Ok(labelled(response, *label)));
                 }
                 StateProj::Lead { run, label } => {
                     let outcome = ready!(Pin::new(&mut *run).poll(cx)).map_err(BoxError::from)?;
-                    return Poll::Ready(lead_response(&outcome, run.was_alone(), label, config));
+                    return Poll::Ready(lead_response(&outcome, run.was_alone(), *label));
                 }
-                StateProj::Follow {
-                    run,
-                    deadline,
-                    svc,
-                    req,
-                    head_only,
-                } => {
-                    let timed_out = deadline.as_pin_mut().is_some_and(|d| d.poll(cx).is_ready());
+                StateProj::Follow { follow } => {
+                    let f = follow.as_mut().project();
+                    let (config, counters) = (&**f.config, &**f.counters);
+                    let timed_out = f
+                        .deadline
+                        .as_pin_mut()
+                        .is_some_and(|d| d.poll(cx).is_ready());
+                    let fallback = |svc: &mut Option<S>, req: &mut Option<Request<ReqB>>| {
+                        counters.fallback();
+                        State::Fallback {
+                            fallback: Box::new((
+                                svc.take().expect("a follower keeps its service"),
+                                req.take(),
+                            )),
+                            label: config.label("fallback"),
+                        }
+                    };
                     if timed_out {
                         counters.wait_timeout();
                         match config.on_wait_timeout {
                             WaitTimeoutPolicy::GatewayTimeout => State::Immediate {
                                 status: StatusCode::GATEWAY_TIMEOUT,
+                                label: config.label("layer"),
                             },
-                            WaitTimeoutPolicy::OwnCall => {
-                                counters.fallback();
-                                State::Fallback {
-                                    svc: svc.take(),
-                                    req: req.take(),
-                                }
-                            }
+                            WaitTimeoutPolicy::OwnCall => fallback(f.svc, f.req),
                         }
                     } else {
-                        let outcome = ready!(Pin::new(run).poll(cx)).map_err(BoxError::from)?;
-                        let request = req.as_ref().expect("a follower keeps its request");
+                        let outcome =
+                            ready!(Pin::new(&mut *f.run).poll(cx)).map_err(BoxError::from)?;
+                        let request = f.req.as_ref().expect("a follower keeps its request");
                         match &*outcome.0 {
                             OutcomeKind::Shared(shared) => {
                                 #[cfg(feature = "tracing")]
@@ -225,35 +243,24 @@ where
                                         request.headers(),
                                     )
                                 }) {
-                                    let body = if *head_only {
+                                    let body = if *f.head_only {
                                         SingleflightBody::empty()
                                     } else {
                                         SingleflightBody::shared(fanout.reader())
                                     };
                                     let response = Response::from_parts(head, body);
-                                    return Poll::Ready(Ok(labelled(response, "follower", config)));
+                                    return Poll::Ready(Ok(labelled(
+                                        response,
+                                        config.label("follower"),
+                                    )));
                                 }
                                 counters.bypass(BypassReason::VaryMismatch);
-                                counters.fallback();
-                                State::Fallback {
-                                    svc: svc.take(),
-                                    req: req.take(),
-                                }
+                                fallback(f.svc, f.req)
                             }
-                            OutcomeKind::NotShared { .. } => {
-                                counters.fallback();
-                                State::Fallback {
-                                    svc: svc.take(),
-                                    req: req.take(),
-                                }
-                            }
+                            OutcomeKind::NotShared { .. } => fallback(f.svc, f.req),
                             OutcomeKind::Failed { shared, .. } => {
                                 if outcome.try_retry() {
-                                    counters.fallback();
-                                    State::Fallback {
-                                        svc: svc.take(),
-                                        req: req.take(),
-                                    }
+                                    fallback(f.svc, f.req)
                                 } else {
                                     counters.shared_error();
                                     return Poll::Ready(Err(SharedError::from_arc(Arc::clone(
@@ -265,27 +272,31 @@ where
                         }
                     }
                 }
-                StateProj::Fallback { svc, req } => {
-                    let ready_svc = svc.as_mut().expect("polled after completion");
-                    ready!(ready_svc.poll_ready(cx)).map_err(Into::into)?;
+                StateProj::Fallback { fallback, label } => {
+                    let (svc, req) = &mut **fallback;
+                    ready!(svc.poll_ready(cx)).map_err(Into::into)?;
                     let req = req.take().expect("polled after completion");
                     State::Direct {
-                        fut: ready_svc.call(req),
-                        label: "fallback",
+                        fut: svc.call(req),
+                        label: *label,
                     }
                 }
-                StateProj::Cached { hit, head_only } => {
+                StateProj::Cached {
+                    hit,
+                    head_only,
+                    counters,
+                    label,
+                } => {
                     let hit = hit.take().expect("polled after completion");
                     return Poll::Ready(Ok(labelled(
-                        cached_response(&hit, *head_only, this.counters),
-                        "cache",
-                        config,
+                        cached_response(&hit, *head_only, counters),
+                        *label,
                     )));
                 }
-                StateProj::Immediate { status } => {
+                StateProj::Immediate { status, label } => {
                     let mut response = Response::new(SingleflightBody::empty());
                     *response.status_mut() = *status;
-                    return Poll::Ready(Ok(labelled(response, "layer", config)));
+                    return Poll::Ready(Ok(labelled(response, *label)));
                 }
             };
             this.state.set(next);
@@ -328,8 +339,7 @@ fn cached_response<B>(
 fn lead_response<B>(
     outcome: &Outcome,
     alone: bool,
-    label: &'static str,
-    config: &Config,
+    label: Label,
 ) -> Result<Response<SingleflightBody<B>>, BoxError>
 where
     B: Body + Send + 'static,
@@ -340,16 +350,12 @@ where
         OutcomeKind::Shared(shared) => {
             // Nobody else waited: the response is the leader's, untouched.
             if let Some(response) = alone.then(|| shared.take_whole::<B>()).flatten() {
-                return Ok(labelled(
-                    response.map(SingleflightBody::inner),
-                    label,
-                    config,
-                ));
+                return Ok(labelled(response.map(SingleflightBody::inner), label));
             }
             match shared.fanned_out::<B>() {
                 Some((head, fanout)) => {
                     let body = SingleflightBody::shared(fanout.reader());
-                    Ok(labelled(Response::from_parts(head, body), label, config))
+                    Ok(labelled(Response::from_parts(head, body), label))
                 }
                 None => Err("singleflight: the leader's response was already taken".into()),
             }
@@ -360,11 +366,7 @@ where
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .take();
             match taken.map(|r| r.downcast::<Response<B>>()) {
-                Some(Ok(response)) => Ok(labelled(
-                    response.map(SingleflightBody::inner),
-                    label,
-                    config,
-                )),
+                Some(Ok(response)) => Ok(labelled(response.map(SingleflightBody::inner), label)),
                 // Only the leader takes it, once; anything else is a bug, not a hang.
                 _ => Err("singleflight: the leader's response was already taken".into()),
             }
@@ -373,8 +375,9 @@ where
     }
 }
 
-fn labelled<B>(mut response: Response<B>, label: &'static str, config: &Config) -> Response<B> {
-    if config.debug_header {
+#[inline]
+fn labelled<B>(mut response: Response<B>, label: Label) -> Response<B> {
+    if let Some(label) = label {
         response
             .headers_mut()
             .insert(DEBUG_HEADER, HeaderValue::from_static(label));

@@ -4,7 +4,7 @@ use std::{
     collections::{hash_map::Entry, HashMap},
     fmt,
     future::Future,
-    hash::{BuildHasher, Hash, RandomState},
+    hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState},
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -54,10 +54,21 @@ pub struct Group<K, V> {
 }
 
 pub(crate) struct GroupInner<K, V> {
-    shards: Box<[Mutex<HashMap<K, Arc<Flight<V>>>>]>,
+    /// Each shard files flights by the hash of their key, computed once per call.
+    shards: Box<[Mutex<Shard<K, V>>]>,
+    /// Keyed SipHash (std's `RandomState`): keys are often attacker-chosen (URLs), and
+    /// nobody can craft collisions without the random keys.
     hasher: RandomState,
-    flights: AtomicUsize,
+    /// Keys in flight over all shards, kept only when `max_keys` bounds them: a counter
+    /// every call updates would be the one thing unrelated keys contend on.
+    bounded_keys: AtomicUsize,
     config: Config,
+}
+
+struct Shard<K, V> {
+    map: HashMap<u64, Bucket<K, V>, BuildHasherDefault<HashIsKey>>,
+    /// Keys in flight in this shard (a bucket may hold several).
+    keys: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -178,13 +189,18 @@ impl GroupBuilder {
     /// Builds the group.
     pub fn build<K, V>(self) -> Group<K, V> {
         let shards = (0..self.shards)
-            .map(|_| Mutex::new(HashMap::new()))
+            .map(|_| {
+                Mutex::new(Shard {
+                    map: HashMap::default(),
+                    keys: 0,
+                })
+            })
             .collect();
         Group {
             inner: Arc::new(GroupInner {
                 shards,
                 hasher: RandomState::new(),
-                flights: AtomicUsize::new(0),
+                bounded_keys: AtomicUsize::new(0),
                 config: self.config,
             }),
         }
@@ -202,7 +218,7 @@ impl<K, V> Clone for Group<K, V> {
 impl<K, V> fmt::Debug for Group<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Group")
-            .field("in_flight", &self.inner.flights.load(Ordering::Relaxed))
+            .field("in_flight", &self.len())
             .field("shards", &self.inner.shards.len())
             .finish()
     }
@@ -245,9 +261,9 @@ where
     /// Joins the flight for `key` if there is one; never starts one.
     pub fn join(&self, key: &K) -> Option<Run<K, V>> {
         let inner = &self.inner;
-        let shard = inner.shard_index(key);
-        let map = lock(&inner.shards[shard]);
-        let flight = map.get(key)?;
+        let hash = inner.hash(key);
+        let shard = lock(inner.shard(hash));
+        let flight = shard.map.get(&hash)?.get(key)?;
         let mut state = lock(&flight.state);
         if !Flight::joinable(&state) || inner.too_old(flight) {
             return None;
@@ -258,11 +274,11 @@ where
         let slot = state.add_waiter();
         let flight = Arc::clone(flight);
         drop(state);
-        drop(map);
+        drop(shard);
         Some(Run {
             waiter: Waiter {
                 flight,
-                group: Some((Arc::clone(inner), key.clone(), shard)),
+                group: Some((Arc::clone(inner), hash)),
                 slot,
                 finished: false,
                 alone: false,
@@ -273,59 +289,74 @@ where
 
     fn run_boxed(&self, key: K, make: impl FnOnce() -> BoxWork<V>) -> Run<K, V> {
         let inner = &self.inner;
-        let shard = inner.shard_index(&key);
-        let mut map = lock(&inner.shards[shard]);
-        let own_key = key.clone();
-        let entry = match map.entry(key) {
+        let hash = inner.hash(&key);
+        let mut shard = lock(inner.shard(hash));
+        let Shard { map, keys } = &mut *shard;
+        let (flight, slot) = match map.entry(hash) {
             Entry::Occupied(mut entry) => {
-                let flight = entry.get();
-                let mut state = lock(&flight.state);
-                if Flight::joinable(&state) && !inner.too_old(flight) {
-                    if state.waiters.len() >= inner.config.max_waiters {
+                let bucket = entry.get_mut();
+                match bucket.get_mut(&key) {
+                    Some(flight) => {
+                        let mut state = lock(&flight.state);
+                        if Flight::joinable(&state) && !inner.too_old(flight) {
+                            if state.waiters.len() >= inner.config.max_waiters {
+                                drop(state);
+                                drop(shard);
+                                return self.overflow(make);
+                            }
+                            let slot = state.add_waiter();
+                            let flight = Arc::clone(flight);
+                            drop(state);
+                            drop(shard);
+                            return Run {
+                                waiter: Waiter {
+                                    flight,
+                                    group: Some((Arc::clone(inner), hash)),
+                                    slot,
+                                    finished: false,
+                                    alone: false,
+                                },
+                                role: Role::Follower,
+                            };
+                        }
                         drop(state);
-                        drop(map);
-                        return self.overflow(make);
+                        // Finished, cancelled or too old: a new flight replaces it (the old
+                        // one goes on for its own waiters). The number of keys does not change.
+                        let (new, slot) = Flight::starting(inner.now());
+                        let new = Arc::new(new);
+                        *flight = Arc::clone(&new);
+                        (new, slot)
                     }
-                    let slot = state.add_waiter();
-                    let flight = Arc::clone(flight);
-                    drop(state);
-                    drop(map);
-                    return Run {
-                        waiter: Waiter {
-                            flight,
-                            group: Some((Arc::clone(inner), own_key, shard)),
-                            slot,
-                            finished: false,
-                            alone: false,
-                        },
-                        role: Role::Follower,
-                    };
+                    None => {
+                        // Another key with the same 64-bit hash is in flight.
+                        if !inner.add_key() {
+                            drop(shard);
+                            return self.overflow(make);
+                        }
+                        let (new, slot) = Flight::starting(inner.now());
+                        let new = Arc::new(new);
+                        bucket.push(key, Arc::clone(&new));
+                        *keys += 1;
+                        (new, slot)
+                    }
                 }
-                drop(state);
-                // Finished, cancelled or too old: a new flight replaces it (the old one
-                // goes on for its own waiters). The number of keys does not change.
-                let (flight, slot) = Flight::starting(inner.now());
-                let flight = Arc::new(flight);
-                entry.insert(Arc::clone(&flight));
-                (flight, slot)
             }
             Entry::Vacant(entry) => {
-                if inner.flights.load(Ordering::Relaxed) >= inner.config.max_keys {
-                    drop(map);
+                if !inner.add_key() {
+                    drop(shard);
                     return self.overflow(make);
                 }
-                let (flight, slot) = Flight::starting(inner.now());
-                let flight = Arc::new(flight);
-                entry.insert(Arc::clone(&flight));
-                inner.flights.fetch_add(1, Ordering::Relaxed);
-                (flight, slot)
+                let (new, slot) = Flight::starting(inner.now());
+                let new = Arc::new(new);
+                entry.insert(Bucket::One(key, Arc::clone(&new)));
+                *keys += 1;
+                (new, slot)
             }
         };
-        drop(map);
-        let (flight, slot) = entry;
+        drop(shard);
         let mut waiter = Waiter {
             flight,
-            group: Some((Arc::clone(inner), own_key, shard)),
+            group: Some((Arc::clone(inner), hash)),
             slot,
             finished: false,
             alone: false,
@@ -376,9 +407,9 @@ impl Group<(), ()> {
 }
 
 impl<K, V> Group<K, V> {
-    /// The number of keys in flight now.
+    /// The number of keys in flight now (a sum over the shards, each read under its lock).
     pub fn len(&self) -> usize {
-        self.inner.flights.load(Ordering::Relaxed)
+        self.inner.shards.iter().map(|shard| lock(shard).keys).sum()
     }
 
     /// Whether no key is in flight.
@@ -388,11 +419,33 @@ impl<K, V> Group<K, V> {
 }
 
 impl<K: Hash + Eq, V> GroupInner<K, V> {
-    fn shard_index(&self, key: &K) -> usize {
-        let hash = self.hasher.hash_one(key);
-        // Each shard's map hashes with its own random keys, so picking the shard with this
-        // independent hash does not skew the maps.
-        (hash >> 32) as usize & (self.shards.len() - 1)
+    /// The hash a key is filed under: keyed SipHash, fed through a buffer (see
+    /// [`Buffered`]).
+    fn hash(&self, key: &K) -> u64 {
+        let mut hasher = Buffered::new(self.hasher.build_hasher());
+        key.hash(&mut hasher);
+        hasher.finish_buffered()
+    }
+
+    /// Counts one more key in flight if `max_keys` allows it.
+    fn add_key(&self) -> bool {
+        let max = self.config.max_keys;
+        if max == usize::MAX {
+            return true;
+        }
+        // Checked then added: concurrent callers in different shards may overshoot by a
+        // few; the bound is on memory, not an exact quota.
+        if self.bounded_keys.load(Ordering::Relaxed) >= max {
+            return false;
+        }
+        self.bounded_keys.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// The shard of a key hash. The shard maps use the hash's low bits (bucket) and top
+    /// seven bits (tag); the shard takes bits from 32 up, so it does not skew them.
+    fn shard(&self, hash: u64) -> &Mutex<Shard<K, V>> {
+        &self.shards[(hash >> 32) as usize & (self.shards.len() - 1)]
     }
 
     fn too_old(&self, flight: &Flight<V>) -> bool {
@@ -408,17 +461,153 @@ impl<K: Hash + Eq, V> GroupInner<K, V> {
         self.config.max_age.map(|_| (self.config.clock)())
     }
 
-    /// Removes `flight` from the map if it is still the entry for `key`.
-    pub(crate) fn forget(&self, key: &K, shard: usize, flight: &Arc<Flight<V>>) {
-        let mut map = lock(&self.shards[shard]);
-        if let Some((key, current)) = map.remove_entry(key) {
-            if Arc::ptr_eq(&current, flight) {
-                self.flights.fetch_sub(1, Ordering::Relaxed);
-            } else {
-                // A newer flight replaced this one (max age): it stays.
-                map.insert(key, current);
+    /// Removes `flight`, filed under the key hash `hash`, from the map if it is still
+    /// there (a newer flight may have replaced it after `max_age`: that one stays).
+    pub(crate) fn forget(&self, hash: u64, flight: &Arc<Flight<V>>) {
+        let mut shard = lock(self.shard(hash));
+        let Shard { map, keys } = &mut *shard;
+        let Entry::Occupied(mut entry) = map.entry(hash) else {
+            return;
+        };
+        let (removed, empty) = entry.get_mut().remove(flight);
+        if empty {
+            entry.remove();
+        }
+        if removed {
+            *keys -= 1;
+        }
+        drop(shard);
+        if removed && self.config.max_keys != usize::MAX {
+            self.bounded_keys.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+// ===== impl Bucket =====
+
+/// The flights whose keys have one 64-bit hash: one, but for a (random) collision.
+enum Bucket<K, V> {
+    One(K, Arc<Flight<V>>),
+    Many(Vec<(K, Arc<Flight<V>>)>),
+}
+
+impl<K: Eq, V> Bucket<K, V> {
+    fn get(&self, key: &K) -> Option<&Arc<Flight<V>>> {
+        match self {
+            Bucket::One(k, flight) => (k == key).then_some(flight),
+            Bucket::Many(all) => all.iter().find(|(k, _)| k == key).map(|(_, f)| f),
+        }
+    }
+
+    fn get_mut(&mut self, key: &K) -> Option<&mut Arc<Flight<V>>> {
+        match self {
+            Bucket::One(k, flight) => (k == key).then_some(flight),
+            Bucket::Many(all) => all.iter_mut().find(|(k, _)| k == key).map(|(_, f)| f),
+        }
+    }
+
+    /// Adds a flight for a key not in the bucket.
+    fn push(&mut self, key: K, flight: Arc<Flight<V>>) {
+        match self {
+            Bucket::Many(all) => all.push((key, flight)),
+            Bucket::One(..) => {
+                let placeholder = Bucket::Many(Vec::with_capacity(2));
+                let Bucket::One(k, f) = std::mem::replace(self, placeholder) else {
+                    unreachable!("matched above")
+                };
+                let Bucket::Many(all) = self else {
+                    unreachable!("just set")
+                };
+                all.push((k, f));
+                all.push((key, flight));
             }
         }
+    }
+
+    /// Removes `flight`; returns whether it was there and whether the bucket is now empty.
+    fn remove(&mut self, flight: &Arc<Flight<V>>) -> (bool, bool) {
+        match self {
+            Bucket::One(_, f) => {
+                let removed = Arc::ptr_eq(f, flight);
+                (removed, removed)
+            }
+            Bucket::Many(all) => {
+                let before = all.len();
+                all.retain(|(_, f)| !Arc::ptr_eq(f, flight));
+                (all.len() < before, all.is_empty())
+            }
+        }
+    }
+}
+
+/// The buffer of [`Buffered`].
+const HASH_BUF: usize = 128;
+
+/// Feeds a hasher in writes of up to `HASH_BUF` bytes. Keyed SipHash costs far more per `write`
+/// call than per byte, and a derived `Hash` of a structured key (a request's) makes a dozen
+/// small writes. The byte stream is the same, so equal keys still hash equal.
+struct Buffered<H> {
+    inner: H,
+    buf: [u8; HASH_BUF],
+    len: usize,
+}
+
+impl<H: Hasher> Buffered<H> {
+    fn new(inner: H) -> Self {
+        Self {
+            inner,
+            buf: [0; HASH_BUF],
+            len: 0,
+        }
+    }
+
+    fn flush(&mut self) {
+        self.inner.write(&self.buf[..self.len]);
+        self.len = 0;
+    }
+
+    fn finish_buffered(mut self) -> u64 {
+        self.flush();
+        self.inner.finish()
+    }
+}
+
+impl<H: Hasher> Hasher for Buffered<H> {
+    fn finish(&self) -> u64 {
+        unreachable!("call `finish_buffered`")
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        if self.len + bytes.len() > HASH_BUF {
+            self.flush();
+            if bytes.len() > HASH_BUF / 2 {
+                self.inner.write(bytes);
+                return;
+            }
+        }
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+}
+
+/// The hasher of the shard maps, whose keys are already SipHash values: it passes them on.
+#[derive(Default)]
+pub(crate) struct HashIsKey(u64);
+
+impl Hasher for HashIsKey {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used (the keys are `u64`); fold anything else in anyway.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 

@@ -116,6 +116,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The `x-singleflight` value to add to a response, if the debug header is on.
+    pub(crate) fn label(&self, label: &'static str) -> Option<&'static str> {
+        self.debug_header.then_some(label)
+    }
+
     pub(crate) fn status_allowed(&self, status: StatusCode) -> bool {
         if let Some(allowed) = &self.allowed_status {
             return allowed(status);

@@ -28,7 +28,10 @@
 //! - **A panic** in the work (or in the closure creating it) becomes a [`FlightError`] for
 //!   every waiter, the key is freed, and the process goes on. It never hangs or aborts.
 //! - **Sharded state**: the key map is split into independently locked shards (by default
-//!   four per CPU), so unrelated keys rarely contend. No lock is held while user code runs.
+//!   four per CPU), so unrelated keys rarely contend; nothing else is shared between them
+//!   (no global counter, unless `max_keys` is set). A key is hashed once per call, with a
+//!   keyed SipHash, since keys are often chosen by clients. No lock is held while user code
+//!   runs. A flight allocates itself and its boxed work, nothing more, until someone joins.
 //! - **Bounds** ([`GroupBuilder`]): a maximum flight age after which the next caller
 //!   starts a new flight, a maximum number of waiters per key and of keys in flight, and
 //!   an [`OverflowPolicy`] (run unshared, or reject).
@@ -111,7 +114,10 @@
 //! is by default a [`RequestKey`] (scheme, authority from the URI or `Host`, path, query,
 //! and chosen headers); a [`KeyFn`] (any `Fn(&Uri, &HeaderMap) -> Option<K>`) replaces it,
 //! and returning `None` bypasses. A custom key can never merge two users or a `GET` with a
-//! `HEAD`: the layer adds those parts itself.
+//! `HEAD`: the layer adds those parts itself. The key function runs right after the method
+//! check, so a request on a route it leaves out skips the header rules (and is counted as
+//! [`BypassReason::NoKey`]): putting the layer in front of a whole app costs such routes
+//! next to nothing.
 //!
 //! ## Timeouts, bounds, errors
 //!

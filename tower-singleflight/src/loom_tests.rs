@@ -1,5 +1,7 @@
-//! Loom models of the flight state machine: joins, drives, hand-offs, cancellation and
-//! completion racing on different threads. Run with
+//! Loom models of the flight state machine (joins, drives, hand-offs, cancellation,
+//! completion, and a flight replaced after `max_age` racing its own end) and of the body
+//! fan-out (readers on several threads, a reader leaving, and the lag timer racing a slow
+//! reader). Run with
 //! `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test -p tower-singleflight --lib --release -- loom`.
 
 use std::{
@@ -18,7 +20,7 @@ use loom::{
     thread,
 };
 
-use crate::Group;
+use crate::{Group, Role};
 
 /// A one-shot event another thread fires; the work waits on it.
 struct Signal {
@@ -207,12 +209,139 @@ fn loom_panic_reaches_follower_on_other_thread() {
     });
 }
 
+/// A clock the max-age model sets by hand (`GroupBuilder::clock` takes a `fn`).
+mod clock {
+    use std::{
+        sync::{
+            atomic::{AtomicU64, Ordering::SeqCst},
+            OnceLock,
+        },
+        time::{Duration, Instant},
+    };
+
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    static OFFSET_MS: AtomicU64 = AtomicU64::new(0);
+
+    /// Sets the time; called before the model's threads start, so they all see it.
+    pub(super) fn set(ms: u64) {
+        OFFSET_MS.store(ms, SeqCst);
+    }
+
+    pub(super) fn now() -> Instant {
+        *BASE.get_or_init(Instant::now) + Duration::from_millis(OFFSET_MS.load(SeqCst))
+    }
+}
+
+#[test]
+fn loom_a_flight_replaced_after_max_age_races_its_own_end() {
+    loom::model(|| {
+        clock::set(0);
+        let group: Group<u8, u32> = Group::builder()
+            .shards(1)
+            .max_age(std::time::Duration::from_secs(1))
+            .clock(clock::now)
+            .build();
+        let probe = probe();
+        let signal = Signal::new();
+        let old_leader = group.run(1, || work(&probe, &signal));
+        let old_follower = group.run(1, || work(&probe, &signal));
+        assert_eq!(old_follower.role(), Role::Follower);
+        // The old flight is now too old: the next caller leads a new flight, while the old
+        // one finishes for its own waiters on another thread.
+        clock::set(2_000);
+        let old = thread::spawn(move || block_on(old_leader).unwrap());
+        let newer = {
+            let group = group.clone();
+            thread::spawn(move || {
+                let run = group.run(1, || async { 8 });
+                let role = run.role();
+                (role, block_on(run).unwrap())
+            })
+        };
+        signal.fire();
+        assert_eq!(block_on(old_follower).unwrap(), 7);
+        assert_eq!(old.join().unwrap(), 7);
+        // Whether it replaced the old flight or came after it ended, it led its own.
+        assert_eq!(newer.join().unwrap(), (Role::Leader, 8));
+        assert_eq!(probe.runs.load(SeqCst), 1);
+        assert_eq!(probe.drops.load(SeqCst), 1);
+        // Neither flight's end removed the other's entry or left its own behind.
+        assert!(group.is_empty());
+    });
+}
+
 fn futures_task_noop() -> Waker {
     struct Noop;
     impl std::task::Wake for Noop {
         fn wake(self: Arc<Self>) {}
     }
     Waker::from(Arc::new(Noop))
+}
+
+// ===== the lag timer =====
+
+/// The timer the fan-out uses under loom (see `crate::sync`): it fires only when a model
+/// calls [`fire_all`](timer::fire_all).
+pub(crate) mod timer {
+    use std::{
+        future::Future,
+        pin::Pin,
+        sync::Arc,
+        task::{Context, Poll, Waker},
+        time::Duration,
+    };
+
+    use loom::sync::{
+        atomic::{AtomicBool, Ordering::SeqCst},
+        Mutex,
+    };
+
+    struct Timer {
+        fired: AtomicBool,
+        waker: Mutex<Option<Waker>>,
+    }
+
+    loom::lazy_static! {
+        static ref TIMERS: Mutex<Vec<Arc<Timer>>> = Mutex::new(Vec::new());
+    }
+
+    /// A started timer; ready once fired.
+    pub(crate) struct Sleep(Arc<Timer>);
+
+    pub(crate) fn sleep(_: Duration) -> Sleep {
+        let timer = Arc::new(Timer {
+            fired: AtomicBool::new(false),
+            waker: Mutex::new(None),
+        });
+        TIMERS.lock().unwrap().push(Arc::clone(&timer));
+        Sleep(timer)
+    }
+
+    impl Future for Sleep {
+        type Output = ();
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            let mut waker = self.0.waker.lock().unwrap();
+            if self.0.fired.load(SeqCst) {
+                return Poll::Ready(());
+            }
+            *waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    /// Fires every timer started so far (dropped ones included); returns how many.
+    pub(crate) fn fire_all() -> usize {
+        let timers = std::mem::take(&mut *TIMERS.lock().unwrap());
+        for timer in &timers {
+            timer.fired.store(true, SeqCst);
+            let waker = timer.waker.lock().unwrap().take();
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+        timers.len()
+    }
 }
 
 // ===== the body fan-out =====
@@ -277,13 +406,101 @@ mod fanout {
     }
 
     fn read_all(reader: &mut Reader) -> Vec<u8> {
+        read_until_error(reader).unwrap()
+    }
+
+    /// Reads to the end; an error comes back with what was read before it.
+    fn read_until_error(reader: &mut Reader) -> Result<Vec<u8>, (Vec<u8>, BoxError)> {
         block_on(async {
             let mut out = Vec::new();
             while let Some(frame) = poll_fn(|cx| reader.poll_frame(cx)).await {
-                out.extend_from_slice(&frame.unwrap().into_data().unwrap());
+                match frame {
+                    Ok(frame) => out.extend_from_slice(&frame.into_data().unwrap()),
+                    Err(err) => return Err((out, err)),
+                }
             }
-            out
+            Ok(out)
         })
+    }
+
+    /// Yields `a` then `b` at once, then ends.
+    struct TwoFrames(u8);
+
+    impl Body for TwoFrames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.0 += 1;
+            Poll::Ready(match self.0 {
+                1 => Some(Ok(Frame::data(Bytes::from_static(b"a")))),
+                2 => Some(Ok(Frame::data(Bytes::from_static(b"b")))),
+                _ => None,
+            })
+        }
+    }
+
+    /// A fan-out whose buffer is full with one frame: a reader one frame ahead of another
+    /// waits for it (until the lag timer fires).
+    fn one_frame_buffer() -> Arc<Fanout> {
+        Fanout::new(
+            Box::pin(TwoFrames(0)),
+            1,
+            Duration::from_secs(1),
+            Arc::default(),
+        )
+    }
+
+    #[test]
+    fn loom_two_readers_race_the_lag_timer() {
+        loom::model(|| {
+            let fanout = one_frame_buffer();
+            let mut first = fanout.reader();
+            let mut second = fanout.reader();
+            let second = thread::spawn(move || read_until_error(&mut second));
+            let firer = thread::spawn(timer::fire_all);
+            let outcomes = [read_until_error(&mut first), second.join().unwrap()];
+            firer.join().unwrap();
+            for outcome in &outcomes {
+                match outcome {
+                    Ok(all) => assert_eq!(all, b"ab"),
+                    // Cut off while behind: an error after a prefix, never a clean
+                    // truncated end.
+                    Err((prefix, err)) => {
+                        assert!(err.is::<crate::error::Lagged>(), "{err}");
+                        assert!(b"ab".starts_with(prefix));
+                    }
+                }
+            }
+            // The timer only ever cuts off the reader that holds the other up.
+            assert!(
+                outcomes.iter().any(Result::is_ok),
+                "both readers were cut off"
+            );
+        });
+    }
+
+    #[test]
+    fn loom_a_stalled_reader_is_cut_off_when_the_lag_timer_fires() {
+        loom::model(|| {
+            let fanout = one_frame_buffer();
+            let mut fast = fanout.reader();
+            let mut stalled = fanout.reader();
+            // Fires once the fast reader has started waiting (the timer exists only then).
+            let firer = thread::spawn(|| {
+                while timer::fire_all() == 0 {
+                    thread::yield_now();
+                }
+            });
+            assert_eq!(read_all(&mut fast), b"ab");
+            firer.join().unwrap();
+            let (prefix, err) = read_until_error(&mut stalled).unwrap_err();
+            assert!(prefix.is_empty());
+            assert!(err.is::<crate::error::Lagged>(), "{err}");
+        });
     }
 
     #[test]

@@ -7,11 +7,8 @@ use std::{
 };
 
 use http::{
-    header::{
-        AUTHORIZATION, COOKIE, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
-        IF_UNMODIFIED_SINCE, RANGE,
-    },
-    HeaderName, Method, Request, Response,
+    header::{IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, RANGE},
+    HeaderMap, HeaderName, Method, Request, Response,
 };
 use http_body::Body;
 use tower_service::Service;
@@ -125,18 +122,39 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        // The bypass is kept small enough to inline: a request the layer lets through
+        // (another method, a route the key function leaves out) costs next to nothing.
+        match self.request_key(&req) {
+            Ok(key) => self.call_keyed(req, key),
+            Err(reason) => {
+                self.shared.counters.bypass(reason);
+                ResponseFuture::direct(self.inner.call(req), &self.shared.config, "bypass")
+            }
+        }
+    }
+}
+
+impl<S, K: KeyFn> Singleflight<S, K> {
+    /// A request that may coalesce: the micro-cache, then a flight.
+    #[inline(never)]
+    fn call_keyed<ReqB, ResB>(
+        &mut self,
+        req: Request<ReqB>,
+        key: FlightKey<K::Key>,
+    ) -> ResponseFuture<S, ReqB, K::Key>
+    where
+        S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError> + 'static,
+        ResB: Body + Send + 'static,
+        ResB::Data: Send,
+        ResB::Error: Into<BoxError>,
+    {
         let shared = &self.shared;
         let config = &shared.config;
         let counters = &shared.counters;
-
-        let key = match self.request_key(&req) {
-            Ok(key) => key,
-            Err(reason) => {
-                counters.bypass(reason);
-                return ResponseFuture::direct(self.inner.call(req), shared, "bypass");
-            }
-        };
 
         #[cfg(feature = "micro-cache")]
         if let Some(cache) = &shared.cache {
@@ -189,11 +207,11 @@ where
         match run.role() {
             Role::Leader => {
                 counters.leader();
-                ResponseFuture::lead(run, shared, "leader")
+                ResponseFuture::lead(run, config, "leader")
             }
             Role::Alone => {
                 counters.bypass(BypassReason::Overflow);
-                ResponseFuture::lead(run, shared, "bypass")
+                ResponseFuture::lead(run, config, "bypass")
             }
             Role::Follower => {
                 counters.follower();
@@ -204,14 +222,16 @@ where
             }
             Role::Rejected => {
                 counters.bypass(BypassReason::Overflow);
-                ResponseFuture::rejected(shared)
+                ResponseFuture::rejected(config)
             }
         }
     }
 }
 
 impl<S, K: KeyFn> Singleflight<S, K> {
-    /// The request-time safety checks, then the key.
+    /// The request-time checks and the key: the method, then the key function (so a
+    /// route it leaves out costs no more), then the safety rules on the headers.
+    #[inline]
     fn request_key<B>(&self, req: &Request<B>) -> Result<FlightKey<K::Key>, BypassReason> {
         let config = &self.shared.config;
         let head = match *req.method() {
@@ -220,7 +240,12 @@ impl<S, K: KeyFn> Singleflight<S, K> {
             _ => return Err(BypassReason::Method),
         };
         let headers = req.headers();
-        let credentials = if headers.contains_key(AUTHORIZATION) || headers.contains_key(COOKIE) {
+        let resource = self
+            .key_fn
+            .key(req.uri(), headers)
+            .ok_or(BypassReason::NoKey)?;
+        let found = Found::scan(headers);
+        let credentials = if found.credentials {
             match config.credentials {
                 CredentialPolicy::Bypass => return Err(BypassReason::Credentials),
                 CredentialPolicy::Partition => Some(self.shared.credentials.hash(headers)),
@@ -229,36 +254,135 @@ impl<S, K: KeyFn> Singleflight<S, K> {
             None
         };
         let mut conditional = Vec::new();
-        for (names, policy, reason) in [
-            (&[RANGE, IF_RANGE][..], config.range, BypassReason::Range),
+        for (present, names, policy, reason) in [
             (
+                found.range,
+                &[RANGE, IF_RANGE][..],
+                config.range,
+                BypassReason::Range,
+            ),
+            (
+                found.conditional,
                 &CONDITIONAL[..],
                 config.conditional,
                 BypassReason::Conditional,
             ),
         ] {
+            if !present {
+                continue;
+            }
+            if policy == HeaderPolicy::Bypass {
+                return Err(reason);
+            }
             for name in names {
                 let values = headers.get_all(name);
-                if values.iter().next().is_none() {
-                    continue;
-                }
-                match policy {
-                    HeaderPolicy::Bypass => return Err(reason),
-                    HeaderPolicy::Key => {
-                        conditional.extend(values.iter().map(|v| (name.clone(), v.clone())))
-                    }
-                }
+                conditional.extend(values.iter().map(|v| (name.clone(), v.clone())));
             }
         }
-        let resource = self
-            .key_fn
-            .key(req.uri(), headers)
-            .ok_or(BypassReason::NoKey)?;
         Ok(FlightKey {
             head,
             credentials,
             conditional,
             resource,
         })
+    }
+}
+
+/// Which kinds of header the request-time rules look at a request has.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Found {
+    /// `Authorization` or `Cookie`.
+    credentials: bool,
+    /// `Range` or `If-Range`.
+    range: bool,
+    /// `If-None-Match`, `If-Modified-Since`, `If-Match` or `If-Unmodified-Since`.
+    conditional: bool,
+}
+
+impl Found {
+    /// One pass over the header names: usually none of these is present, and a pass over a
+    /// request's few names costs much less than a map lookup for each of eight.
+    fn scan(headers: &HeaderMap) -> Self {
+        let mut found = Found::default();
+        for name in headers.keys() {
+            // Names are lowercase; the length rules out nearly every other name at once.
+            let name = name.as_str();
+            match name.len() {
+                5 if name == "range" => found.range = true,
+                6 if name == "cookie" => found.credentials = true,
+                8 if name == "if-range" => found.range = true,
+                8 if name == "if-match" => found.conditional = true,
+                13 if name == "authorization" => found.credentials = true,
+                13 if name == "if-none-match" => found.conditional = true,
+                17 if name == "if-modified-since" => found.conditional = true,
+                19 if name == "if-unmodified-since" => found.conditional = true,
+                _ => {}
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{header, HeaderValue};
+
+    use super::*;
+
+    #[test]
+    fn the_scan_finds_exactly_the_headers_the_rules_name() {
+        let scan = |names: &[HeaderName]| {
+            let mut headers = HeaderMap::new();
+            for name in names {
+                headers.append(name.clone(), HeaderValue::from_static("x"));
+            }
+            Found::scan(&headers)
+        };
+        let none = Found::default();
+        assert_eq!(scan(&[]), none);
+        assert_eq!(
+            scan(&[
+                header::HOST,
+                header::ACCEPT,
+                header::CACHE_CONTROL,
+                header::CONTENT_RANGE,
+                header::IF_MATCH,
+            ]),
+            Found {
+                conditional: true,
+                ..Found::default()
+            }
+        );
+        for name in [header::AUTHORIZATION, header::COOKIE] {
+            assert!(scan(&[header::HOST, name]).credentials);
+        }
+        for name in [RANGE, IF_RANGE] {
+            assert_eq!(
+                scan(&[name]),
+                Found {
+                    range: true,
+                    ..Found::default()
+                }
+            );
+        }
+        for name in CONDITIONAL {
+            assert_eq!(
+                scan(&[name]),
+                Found {
+                    conditional: true,
+                    ..Found::default()
+                }
+            );
+        }
+        // Names that only share a length, or a custom header with a similar name.
+        let similar = [
+            HeaderName::from_static("x-rng"),
+            HeaderName::from_static("cookie2"),
+            HeaderName::from_static("if-rangex"),
+            HeaderName::from_static("authorisation"),
+            header::PROXY_AUTHORIZATION,
+            header::SET_COOKIE,
+        ];
+        assert_eq!(scan(&similar), none);
     }
 }

@@ -122,8 +122,12 @@ impl SharedResponse {
                 let fresh_for = crate::cache::freshness(&head.headers, cache.linger);
                 if !fresh_for.is_zero() {
                     let (head, leader_headers) = (head.clone(), self.leader_headers.clone());
+                    let cache = *cache;
                     fanout.on_complete(Box::new(move |chunks, trailers| {
                         let bytes = chunks.iter().map(bytes::Bytes::len).sum();
+                        if !cache.admits(bytes) {
+                            return;
+                        }
                         store(Arc::new(crate::cache::Cached {
                             head,
                             leader_headers,

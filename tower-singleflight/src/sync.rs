@@ -12,6 +12,14 @@ pub(crate) use std::sync::{
     Mutex, MutexGuard,
 };
 
+/// The lag timer of a shared body: tokio's normally; under loom, a timer the model fires
+/// (`loom_tests::timer`), so the models can race the timeout against the readers.
+#[cfg(not(all(test, loom)))]
+pub(crate) use tokio::time::{sleep, Sleep};
+
+#[cfg(all(test, loom))]
+pub(crate) use crate::loom_tests::timer::{sleep, Sleep};
+
 /// Locks `mutex`, ignoring poisoning: the state behind every lock in this crate is updated
 /// before any user code runs (user futures are polled with the lock released and under
 /// `catch_unwind`), so a poisoned lock still guards consistent state.

@@ -246,6 +246,41 @@ fn unrelated_keys_do_not_share() {
     assert!(group.is_empty());
 }
 
+/// A key whose hash ignores its value: every key collides with every other.
+#[derive(Clone, PartialEq, Eq)]
+struct Colliding(u8);
+impl std::hash::Hash for Colliding {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
+}
+
+#[test]
+fn keys_with_equal_hashes_are_still_separate_flights() {
+    let group: Group<Colliding, u8> = Group::builder().shards(1).build();
+    let w = futures::task::noop_waker();
+    let mut a = group.run(Colliding(1), || async { 1 });
+    let mut b = group.run(Colliding(2), || async { 2 });
+    let mut c = group.run(Colliding(3), || async { 3 });
+    assert!(a.is_leader() && b.is_leader() && c.is_leader());
+    let mut b2 = group.run(Colliding(2), || async { unreachable!("joins b") });
+    assert_eq!(b2.role(), Role::Follower);
+    assert_eq!(group.len(), 3);
+    // Finishing the middle one leaves the others in place and joinable.
+    assert_eq!(poll(&mut b, &w).map(Result::unwrap), Poll::Ready(2));
+    assert_eq!(poll(&mut b2, &w).map(Result::unwrap), Poll::Ready(2));
+    assert_eq!(group.len(), 2);
+    let mut a2 = group.join(&Colliding(1)).expect("a is still in flight");
+    assert!(group.join(&Colliding(2)).is_none());
+    assert_eq!(poll(&mut c, &w).map(Result::unwrap), Poll::Ready(3));
+    assert_eq!(poll(&mut a, &w).map(Result::unwrap), Poll::Ready(1));
+    assert_eq!(poll(&mut a2, &w).map(Result::unwrap), Poll::Ready(1));
+    assert!(group.is_empty());
+    // Leaving unpolled frees the keys too.
+    let d = group.run(Colliding(4), || async { 4 });
+    let e = group.run(Colliding(5), || async { 5 });
+    drop((d, e));
+    assert!(group.is_empty());
+}
+
 #[test]
 fn max_waiters_per_key_runs_the_overflow_alone() {
     let group: Group<u8, u8> = Group::builder().max_waiters_per_key(2).build();

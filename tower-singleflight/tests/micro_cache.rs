@@ -126,3 +126,123 @@ async fn unshareable_or_vary_mismatched_responses_are_not_served_from_the_cache(
         .unwrap();
     assert_eq!(backend.calls(), 2, "a different one is a miss");
 }
+
+/// A backend answering every path with `len` bytes of `payload` and the given headers.
+fn sized_backend(
+    backend: &Arc<Backend>,
+    len: usize,
+    headers: &'static [(&'static str, &'static str)],
+) -> impl tower::Service<
+    Request<()>,
+    Response = Response<support::Body>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    let backend = Arc::clone(backend);
+    service_fn(move |_req: Request<()>| {
+        let backend = Arc::clone(&backend);
+        async move {
+            let _active = backend.enter();
+            let mut response = Response::builder();
+            for (name, value) in headers {
+                response = response.header(*name, *value);
+            }
+            Ok::<_, Infallible>(response.body(full(support::payload(len))).unwrap())
+        }
+    })
+}
+
+/// Requests `/k/{i}` for each `i` in `keys`, reading each body; returns how many were served
+/// from the cache.
+async fn fetch_all<S>(svc: &S, keys: std::ops::Range<usize>) -> usize
+where
+    S: tower::Service<
+            Request<()>,
+            Response = Response<tower_singleflight::SingleflightBody<support::Body>>,
+            Error = tower_singleflight::error::BoxError,
+        > + Clone,
+{
+    let mut hits = 0;
+    for i in keys {
+        let response = svc.clone().oneshot(get(&format!("/k/{i}"))).await.unwrap();
+        hits += usize::from(response.headers()["x-singleflight"] == "cache");
+        collect(response).await.unwrap();
+    }
+    hits
+}
+
+#[tokio::test(start_paused = true)]
+async fn many_keys_never_hold_more_than_max_entries() {
+    let backend = Backend::new();
+    let layer = SingleflightLayer::new()
+        .micro_cache(MicroCache::new(Duration::from_secs(60)).max_entries(10))
+        .debug_header(true);
+    let stats = layer.stats();
+    let svc = layer.layer(sized_backend(&backend, 100, &[]));
+    assert_eq!(fetch_all(&svc, 0..500).await, 0);
+    assert_eq!(backend.calls(), 500);
+    // Whatever the eviction order, at most ten of the 500 can still be there.
+    let hits = fetch_all(&svc, 0..500).await;
+    assert!(hits <= 10, "{hits} hits with at most 10 entries");
+    assert_eq!(backend.calls(), 1000 - hits);
+    assert_eq!(stats.cache_hits(), hits as u64);
+    assert_eq!(stats.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn large_bodies_never_hold_more_than_max_bytes() {
+    let backend = Backend::new();
+    // Room for three 30 KiB bodies in 100 KiB (the entry count does not bind).
+    let layer = SingleflightLayer::new()
+        .micro_cache(
+            MicroCache::new(Duration::from_secs(60))
+                .max_entries(1_000)
+                .max_bytes(100 * 1024),
+        )
+        .debug_header(true);
+    let svc = layer.layer(sized_backend(&backend, 30 * 1024, &[]));
+    fetch_all(&svc, 0..200).await;
+    let hits = fetch_all(&svc, 0..200).await;
+    assert!(hits <= 3, "{hits} hits of 30 KiB with 100 KiB");
+    // The most recent ones are still useful: the bound is not met by caching nothing.
+    let again = fetch_all(&svc, 199..200).await + fetch_all(&svc, 199..200).await;
+    assert!(again >= 1, "a just-fetched body that fits is cached");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_larger_than_max_bytes_is_not_cached() {
+    let backend = Backend::new();
+    let layer = SingleflightLayer::new()
+        .micro_cache(MicroCache::new(Duration::from_secs(60)).max_bytes(10 * 1024))
+        .debug_header(true);
+    let svc = layer.layer(sized_backend(&backend, 64 * 1024, &[]));
+    let hits = fetch_all(&svc, 0..1).await + fetch_all(&svc, 0..1).await;
+    assert_eq!(hits, 0);
+    assert_eq!(backend.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_store_and_s_maxage_are_honoured() {
+    for (headers, cached) in [
+        (&[("cache-control", "no-store")][..], false),
+        (
+            &[("cache-control", "public, no-store, max-age=60")][..],
+            false,
+        ),
+        (&[("cache-control", "max-age=60, s-maxage=0")][..], false),
+        (&[("cache-control", "max-age=0, s-maxage=60")][..], true),
+        (&[("cache-control", "max-age=\"60\"")][..], true),
+        (&[("cache-control", "max-age=soon")][..], false),
+        (&[("cache-control", "public")][..], true),
+    ] {
+        let backend = Backend::new();
+        let layer = SingleflightLayer::new()
+            .micro_cache(MicroCache::new(Duration::from_secs(1)))
+            .debug_header(true);
+        let headers: &'static [(&'static str, &'static str)] = headers;
+        let svc = layer.layer(sized_backend(&backend, 10, headers));
+        let hits = fetch_all(&svc, 0..1).await + fetch_all(&svc, 0..1).await;
+        assert_eq!(hits == 1, cached, "{headers:?}");
+        assert_eq!(backend.calls(), if cached { 1 } else { 2 }, "{headers:?}");
+    }
+}
