@@ -1,4 +1,5 @@
-//! Read-only memory maps of files, the carriers of the sendfile path. The only module with
+//! Read-only memory maps of files, the carriers of the sendfile path, and the one socket query
+//! that tells when a socket no longer holds references to their pages. The only module with
 //! `unsafe` code.
 //!
 //! A [`Mapping`] maps a whole file read-only and shared, and registers its address range in
@@ -23,12 +24,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use memmap2::{Mmap, MmapOptions};
 
-use crate::registry;
+use crate::registry::{self, Target};
 
 /// A read-only shared mapping of a whole file, registered for sendfile while it lives.
 #[derive(Debug)]
 pub(crate) struct Mapping {
     map: Mmap,
+    target: Arc<Target>,
 }
 
 impl Mapping {
@@ -42,8 +44,9 @@ impl Mapping {
         // only ever passed by address to `sendfile` via the registry (see the module docs for
         // the layers that might read them, and the consequences).
         let map = unsafe { MmapOptions::new().len(len).map(&*file)? };
-        registry::insert(map.as_ptr() as usize, map.len(), file, 0);
-        Ok(Arc::new(Mapping { map }))
+        let target = Target::new(file);
+        registry::insert(map.as_ptr() as usize, map.len(), target.clone(), 0);
+        Ok(Arc::new(Mapping { map, target }))
     }
 
     /// Length of the mapping in bytes.
@@ -53,16 +56,31 @@ impl Mapping {
 
     /// A `Bytes` over `range` of the file that keeps this mapping alive.
     pub(crate) fn slice(self: &Arc<Self>, range: Range<u64>) -> Bytes {
+        self.make_slice(range, false)
+    }
+
+    /// As [`Self::slice`], for the last file bytes of a response: while the `Bytes` lives,
+    /// `range.end` is a fence of the file (see [`Target::is_fence`]), so the stream checks the
+    /// file before it sends the response's last byte.
+    pub(crate) fn fenced_slice(self: &Arc<Self>, range: Range<u64>) -> Bytes {
+        self.make_slice(range, true)
+    }
+
+    fn make_slice(self: &Arc<Self>, range: Range<u64>, fence: bool) -> Bytes {
         let start = usize::try_from(range.start).expect("range lies within the mapping");
         let end = usize::try_from(range.end).expect("range lies within the mapping");
         assert!(
             start <= end && end <= self.map.len(),
             "range lies within the mapping"
         );
+        if fence {
+            self.target.add_fence(range.end);
+        }
         Bytes::from_owner(MappedSlice {
             mapping: self.clone(),
             start,
             end,
+            fence,
         })
     }
 
@@ -116,6 +134,16 @@ struct MappedSlice {
     mapping: Arc<Mapping>,
     start: usize,
     end: usize,
+    /// `end` is a fence of the file while this slice lives.
+    fence: bool,
+}
+
+impl Drop for MappedSlice {
+    fn drop(&mut self) {
+        if self.fence {
+            self.mapping.target.remove_fence(self.end as u64);
+        }
+    }
 }
 
 impl AsRef<[u8]> for MappedSlice {
@@ -123,4 +151,22 @@ impl AsRef<[u8]> for MappedSlice {
         // `Bytes::from_owner` calls this once to learn the pointer and length; it does not read.
         &self.mapping.map[self.start..self.end]
     }
+}
+
+// ===== socket queue =====
+
+/// Bytes the socket `fd` still holds for its peer (`SIOCOUTQ`): for TCP, bytes not yet
+/// acknowledged by the peer (sent or not); for a Unix stream socket, bytes the peer has not read
+/// yet. While it is non-zero, the socket may still hold references to page-cache pages handed to
+/// it by `sendfile(2)`.
+pub(crate) fn socket_outq(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut out: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) on a socket writes one `int` through the pointer, which
+    // points at `out`, a live `c_int`. `fd` is a valid descriptor for the duration of the borrow.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut out as *mut libc::c_int) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(out).unwrap_or(0))
 }

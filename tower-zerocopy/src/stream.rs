@@ -8,11 +8,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Default fairness cap: at most this many bytes leave in one write call (nginx's
 /// `sendfile_max_chunk` default), so one fast client cannot monopolise a worker thread.
 pub const DEFAULT_MAX_CHUNK: usize = 2 * 1024 * 1024;
+
+/// Default longest interval between two checks of whether the peer has received everything
+/// before a response's last byte (see [`SendfileStream::drain_poll_max`]): 10 ms.
+pub const DEFAULT_DRAIN_POLL_MAX: Duration = Duration::from_millis(10);
+
+/// The first re-check waits for the runtime's next timer tick (tokio's timer has 1 ms ticks).
+const FIRST_DRAIN_POLL: Duration = Duration::from_micros(1);
+
+/// File bytes at the end of each response held back until the check (and then copied).
+#[cfg(target_os = "linux")]
+const HELD_BACK: usize = 1;
 
 /// Byte counters of one or more [`SendfileStream`]s (cheap to clone; clones share counts).
 ///
@@ -31,6 +44,7 @@ struct StatsInner {
     copied_bytes: AtomicU64,
     sendfile_calls: AtomicU64,
     truncations: AtomicU64,
+    checked_ends: AtomicU64,
 }
 
 impl SendfileStats {
@@ -58,6 +72,15 @@ impl SendfileStats {
     pub fn truncations(&self) -> u64 {
         self.inner.truncations.load(Ordering::Relaxed)
     }
+
+    /// Responses whose last file byte was sent only after the peer had received everything
+    /// before it and the file was checked (see [`SendfileStream`], "Truncation and the last byte
+    /// of a response"). That byte is copied, so it is counted in
+    /// [`copied_bytes`](Self::copied_bytes): the file bytes of sendfile-path responses are
+    /// `sendfile_bytes() + checked_ends()`.
+    pub fn checked_ends(&self) -> u64 {
+        self.inner.checked_ends.load(Ordering::Relaxed)
+    }
 }
 
 impl fmt::Debug for SendfileStats {
@@ -67,6 +90,7 @@ impl fmt::Debug for SendfileStats {
             .field("copied_bytes", &self.copied_bytes())
             .field("sendfile_calls", &self.sendfile_calls())
             .field("truncations", &self.truncations())
+            .field("checked_ends", &self.checked_ends())
             .finish()
     }
 }
@@ -134,7 +158,34 @@ impl_socket!(tokio::net::UnixStream);
 ///   `EAGAIN` are reported exactly (`Ok(n)` once anything was written, `Pending` otherwise);
 /// * a `sendfile` that returns 0 before the slice is done (the file was truncated) is an
 ///   [`io::ErrorKind::UnexpectedEof`] error, so hyper closes the connection short of its
-///   `Content-Length`.
+///   `Content-Length`; the socket is then reset (`SO_LINGER` 0), which discards what it still
+///   holds instead of delivering it.
+///
+/// # Truncation and the last byte of a response
+///
+/// `sendfile(2)` hands the socket *references* to page-cache pages, not copies. Truncating a
+/// file zeroes, in place, the part of the page-cache folio (up to 2 MiB with large folios) that
+/// lies past the new end of file — including pages the socket still holds. Bytes that were
+/// queued before the truncation can therefore reach the peer as zeros, after `sendfile`
+/// reported them sent. So the last byte of each response's file data is held back: once
+/// everything before it has been handed to the kernel, the stream waits until the socket holds
+/// nothing more for the peer (`SIOCOUTQ` is 0: a TCP peer acknowledged every byte, a Unix-socket
+/// peer read every byte), then checks that every file sent since the previous check still holds
+/// the bytes sent of it, and only then copies the last byte with `sendmsg`. If a file shrank,
+/// the write fails with [`io::ErrorKind::UnexpectedEof`] and the socket is reset: the peer gets
+/// fewer bytes than `Content-Length`, never a complete response with wrong bytes.
+///
+/// The wait is polled on tokio's timer (first at the next tick, then at doubling intervals up
+/// to [`drain_poll_max`](Self::drain_poll_max)), so the runtime must have timers enabled. It
+/// costs each response about one timer tick (≤ 1 ms) on top of the time the peer takes to
+/// receive the data.
+///
+/// What remains: a peer on the **same host** (loopback, a veth pair between containers)
+/// acknowledges bytes when they reach its receive queue, where they still reference the same
+/// pages until the peer application reads them. A truncation after the check and before that
+/// read can still zero them; no sender-side call can observe the peer's reads. Over a real
+/// network an acknowledged byte is a copy in the peer's memory, and over a Unix socket the check
+/// waits for the reads themselves, so there the guarantee is complete.
 ///
 /// Reads, flushes and shutdown pass through. On targets other than Linux it is a plain
 /// pass-through and [`ServeDir`](crate::ServeDir) never maps files.
@@ -145,6 +196,9 @@ pub struct SendfileStream<S> {
     io: S,
     stats: SendfileStats,
     max_chunk: usize,
+    drain: DrainWait,
+    #[cfg(target_os = "linux")]
+    unchecked: Unchecked,
 }
 
 impl<S: fmt::Debug> fmt::Debug for SendfileStream<S> {
@@ -153,7 +207,55 @@ impl<S: fmt::Debug> fmt::Debug for SendfileStream<S> {
             .field("io", &self.io)
             .field("stats", &self.stats)
             .field("max_chunk", &self.max_chunk)
+            .field("drain_poll_max", &self.drain.max)
             .finish()
+    }
+}
+
+/// The timer between checks of the socket's queue before a response's last byte.
+struct DrainWait {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+    next: Duration,
+    max: Duration,
+}
+
+impl DrainWait {
+    fn new(max: Duration) -> Self {
+        DrainWait {
+            sleep: None,
+            armed: false,
+            next: FIRST_DRAIN_POLL,
+            max,
+        }
+    }
+
+    /// Ready when it is time to check again.
+    fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        use std::future::Future;
+        let sleep = match &mut self.sleep {
+            Some(sleep) if self.armed => sleep,
+            slot => {
+                let deadline = tokio::time::Instant::now() + self.next;
+                self.armed = true;
+                match slot {
+                    Some(sleep) => {
+                        sleep.as_mut().reset(deadline);
+                        sleep
+                    }
+                    None => slot.insert(Box::pin(tokio::time::sleep_until(deadline))),
+                }
+            }
+        };
+        std::task::ready!(sleep.as_mut().poll(cx));
+        self.armed = false;
+        self.next = (self.next * 2).min(self.max);
+        Poll::Ready(())
+    }
+
+    fn reset(&mut self) {
+        self.armed = false;
+        self.next = FIRST_DRAIN_POLL;
     }
 }
 
@@ -169,12 +271,25 @@ impl<S: SendfileSocket> SendfileStream<S> {
             io,
             stats,
             max_chunk: DEFAULT_MAX_CHUNK,
+            drain: DrainWait::new(DEFAULT_DRAIN_POLL_MAX),
+            #[cfg(target_os = "linux")]
+            unchecked: Unchecked::default(),
         }
     }
 
     /// Sets the most bytes one write call sends (default [`DEFAULT_MAX_CHUNK`], minimum 4 KiB).
     pub fn max_chunk(mut self, bytes: usize) -> Self {
         self.max_chunk = bytes.max(4096);
+        self
+    }
+
+    /// Sets the longest interval between two checks of whether the peer has received everything
+    /// before a response's last byte (default [`DEFAULT_DRAIN_POLL_MAX`], at least 1 ms; see
+    /// "Truncation and the last byte of a response" above). Checks start at the next timer tick
+    /// and back off by doubling up to this; a larger value costs slow peers more latency at the
+    /// end of each response, a smaller one costs more wake-ups while they read.
+    pub fn drain_poll_max(mut self, interval: Duration) -> Self {
+        self.drain = DrainWait::new(interval.max(Duration::from_millis(1)));
         self
     }
 
@@ -210,13 +325,87 @@ impl<S: SendfileSocket> SendfileStream<S> {
     ) -> Poll<io::Result<usize>> {
         loop {
             std::task::ready!(self.io.poll_ready(cx))?;
-            let (io, stats, cap) = (&self.io, &self.stats, self.max_chunk);
-            match io.try_write(|| write_slices(io, stats, cap, bufs)) {
+            let res: io::Result<Written> = {
+                #[cfg(target_os = "linux")]
+                {
+                    let (io, stats, cap) = (&self.io, &self.stats, self.max_chunk);
+                    let unchecked = &mut self.unchecked;
+                    io.try_write(|| write_slices(io, stats, cap, bufs, unchecked))
+                }
+                #[cfg(not(target_os = "linux"))]
+                {
+                    let _ = bufs;
+                    unreachable!("only called on Linux")
+                }
+            };
+            match res {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return Poll::Ready(r),
+                Ok(Written::Drain) => std::task::ready!(self.drain.poll_wait(cx)),
+                Ok(Written::Bytes(n)) => {
+                    self.drain.reset();
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
+}
+
+/// What one write call achieved.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+enum Written {
+    /// Bytes written (at least one, unless `bufs` was empty).
+    Bytes(usize),
+    /// Nothing written: the next byte is a response's last one, and the socket still holds bytes
+    /// for the peer. Check again later.
+    Drain,
+}
+
+/// File data sent with `sendfile` whose check is still due (see [`SendfileStream`]).
+#[cfg(target_os = "linux")]
+#[derive(Default)]
+struct Unchecked {
+    /// Each file sent from since the last check, and the end of the furthest byte sent of it.
+    files: Vec<(Arc<crate::registry::Target>, u64)>,
+    /// End address of the fenced slice whose check passed, while its held-back bytes go out.
+    passed: Option<usize>,
+}
+
+#[cfg(target_os = "linux")]
+impl Unchecked {
+    fn sent(&mut self, target: &Arc<crate::registry::Target>, upto: u64) {
+        match self.files.iter_mut().find(|(t, _)| Arc::ptr_eq(t, target)) {
+            Some((_, end)) => *end = (*end).max(upto),
+            None => self.files.push((target.clone(), upto)),
+        }
+    }
+
+    /// Run when the peer has everything sent so far: whether every file still holds all bytes
+    /// sent of it. `fenced` is checked up to `end` by the caller (it reads the held-back bytes).
+    fn check(&mut self, fenced: &Arc<crate::registry::Target>, end: u64) -> io::Result<bool> {
+        for (target, upto) in &self.files {
+            if Arc::ptr_eq(target, fenced) && *upto <= end {
+                continue;
+            }
+            if target.file.metadata()?.len() < *upto {
+                return Ok(false);
+            }
+        }
+        self.files.clear();
+        Ok(true)
+    }
+}
+
+/// The error for a file that no longer holds bytes promised to the peer. Resets the socket on
+/// close (`SO_LINGER` 0), so whatever it still holds is discarded rather than delivered.
+#[cfg(target_os = "linux")]
+fn truncated(fd: std::os::fd::BorrowedFd<'_>, stats: &SendfileStats) -> io::Error {
+    stats.inner.truncations.fetch_add(1, Ordering::Relaxed);
+    let _ = rustix::net::sockopt::set_socket_linger(fd, Some(Duration::ZERO));
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "file shrank while it was being sent",
+    )
 }
 
 #[cfg(target_os = "linux")]
@@ -225,7 +414,8 @@ fn write_slices<S: SendfileSocket>(
     stats: &SendfileStats,
     cap: usize,
     bufs: &[IoSlice<'_>],
-) -> io::Result<usize> {
+    unchecked: &mut Unchecked,
+) -> io::Result<Written> {
     use crate::{registry, sys};
     let fd = io.fd();
     let mut total = 0usize;
@@ -233,7 +423,7 @@ fn write_slices<S: SendfileSocket>(
     // Any error after progress is reported as that progress; the error recurs on the next call.
     let partial = |total: usize, e: io::Error| {
         if total > 0 && e.kind() == io::ErrorKind::WouldBlock {
-            Ok(total)
+            Ok(Written::Bytes(total))
         } else {
             Err(e)
         }
@@ -259,29 +449,32 @@ fn write_slices<S: SendfileSocket>(
                         .fetch_add(n as u64, Ordering::Relaxed);
                     total += n;
                     if n < run_len {
-                        return Ok(total);
+                        return Ok(Written::Bytes(total));
                     }
                 }
                 Err(e) => return partial(total, e),
             }
         }
-        let Some((file, mut offset)) = file_slice else {
+        let Some((target, offset)) = file_slice else {
             break;
         };
         let len = bufs[i].len();
+        let end = offset + len as u64;
+        // A slice that ends a response keeps its last byte back for the check.
+        let held = if target.is_fence(end) {
+            len.min(HELD_BACK)
+        } else {
+            0
+        };
+        let direct = len - held;
         let mut sent = 0;
-        while sent < len && total < cap {
-            let want = (len - sent).min(cap - total);
-            match sys::send_file(fd, &file, &mut offset, want) {
+        while sent < direct && total < cap {
+            let want = (direct - sent).min(cap - total);
+            let mut at = offset + sent as u64;
+            match sys::send_file(fd, &target.file, &mut at, want) {
                 // Report what was written; the next call meets the short file again.
-                Ok(0) if total > 0 => return Ok(total),
-                Ok(0) => {
-                    stats.inner.truncations.fetch_add(1, Ordering::Relaxed);
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "file shrank while it was being sent",
-                    ));
-                }
+                Ok(0) if total > 0 => return Ok(Written::Bytes(total)),
+                Ok(0) => return Err(truncated(fd, stats)),
                 Ok(n) => {
                     stats
                         .inner
@@ -290,26 +483,53 @@ fn write_slices<S: SendfileSocket>(
                     stats.inner.sendfile_calls.fetch_add(1, Ordering::Relaxed);
                     sent += n;
                     total += n;
+                    unchecked.sent(&target, offset + sent as u64);
                 }
                 Err(e) => return partial(total, e),
             }
         }
-        if sent < len {
-            return Ok(total);
+        if sent < direct {
+            return Ok(Written::Bytes(total));
+        }
+        if held > 0 {
+            let end_addr = bufs[i].as_ptr() as usize + len;
+            if unchecked.passed != Some(end_addr) {
+                if total > 0 {
+                    return Ok(Written::Bytes(total));
+                }
+                if crate::mapping::socket_outq(fd)? > 0 {
+                    return Ok(Written::Drain);
+                }
+                if !unchecked.check(&target, end)? {
+                    return Err(truncated(fd, stats));
+                }
+                unchecked.passed = Some(end_addr);
+            }
+            let mut last = [0u8; HELD_BACK];
+            let last = &mut last[..held];
+            // Reading them proves the file still reaches `end`; the copy cannot change later.
+            if sys::read_at(&target.file, last, end - held as u64)? < held {
+                return Err(truncated(fd, stats));
+            }
+            match sys::send_vectored(fd, &[IoSlice::new(last)], false) {
+                Ok(n) => {
+                    stats
+                        .inner
+                        .copied_bytes
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    total += n;
+                    if n < held {
+                        return Ok(Written::Bytes(total));
+                    }
+                }
+                Err(e) => return partial(total, e),
+            }
+            stats.inner.checked_ends.fetch_add(1, Ordering::Relaxed);
+            unchecked.passed = None;
         }
         i += 1;
     }
-    Ok(total)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn write_slices<S: SendfileSocket>(
-    _io: &S,
-    _stats: &SendfileStats,
-    _cap: usize,
-    _bufs: &[IoSlice<'_>],
-) -> io::Result<usize> {
-    unreachable!("only called on Linux")
+    Ok(Written::Bytes(total))
 }
 
 impl<S: SendfileSocket> AsyncRead for SendfileStream<S> {

@@ -177,6 +177,20 @@ pub(crate) fn read_at_into(
     }
 }
 
+/// `pread` into `buf` until it is full or the file ends; returns the bytes read.
+pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::io::pread(file, &mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(done)
+}
+
 /// `sendmsg` of ordinary slices; `more` sets `MSG_MORE` because file data follows.
 pub(crate) fn send_vectored(
     sock: BorrowedFd<'_>,
