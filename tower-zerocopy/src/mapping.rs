@@ -155,6 +155,25 @@ impl AsRef<[u8]> for MappedSlice {
 
 // ===== socket queue =====
 
+/// Bytes the TCP socket `fd` holds that it has not sent yet (`SIOCOUTQNSD`).
+pub(crate) fn socket_unsent(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut out: libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD on a TCP socket writes one `int` through the pointer, which points at
+    // `out`, a live `c_int`. `fd` is a valid descriptor for the duration of the borrow.
+    let rc = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::SIOCOUTQNSD as _,
+            &mut out as *mut libc::c_int,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(out).unwrap_or(0))
+}
+
 /// Bytes the socket `fd` still holds for its peer (`SIOCOUTQ`): for TCP, bytes not yet
 /// acknowledged by the peer (sent or not); for a Unix stream socket, bytes the peer has not read
 /// yet. While it is non-zero, the socket may still hold references to page-cache pages handed to

@@ -168,24 +168,30 @@ impl_socket!(tokio::net::UnixStream);
 /// lies past the new end of file — including pages the socket still holds. Bytes that were
 /// queued before the truncation can therefore reach the peer as zeros, after `sendfile`
 /// reported them sent. So the last byte of each response's file data is held back: once
-/// everything before it has been handed to the kernel, the stream waits until the socket holds
-/// nothing more for the peer (`SIOCOUTQ` is 0: a TCP peer acknowledged every byte, a Unix-socket
-/// peer read every byte), then checks that every file sent since the previous check still holds
+/// everything before it has been handed to the kernel, the stream waits until the peer has
+/// received all of it, then checks that every file sent since the previous check still holds
 /// the bytes sent of it, and only then copies the last byte with `sendmsg`. If a file shrank,
 /// the write fails with [`io::ErrorKind::UnexpectedEof`] and the socket is reset: the peer gets
 /// fewer bytes than `Content-Length`, never a complete response with wrong bytes.
 ///
-/// The wait is polled on tokio's timer (first at the next tick, then at doubling intervals up
-/// to [`drain_poll_max`](Self::drain_poll_max)), so the runtime must have timers enabled. It
-/// costs each response about one timer tick (≤ 1 ms) on top of the time the peer takes to
-/// receive the data.
+/// "Received" means, for a TCP peer on a loopback address, that nothing is left unsent (sent
+/// bytes are then in the same kernel, queued for the peer: waiting for their acknowledgement as
+/// well would cost a timer tick per response and not shrink the same-host window described
+/// below); for any other TCP peer, that every byte is
+/// acknowledged (`SIOCOUTQ` is 0), which costs the response one more round trip; for a Unix
+/// socket, that the peer has read every byte. Waiting for the send queue to empty needs no
+/// timer: `TCP_NOTSENT_LOWAT` is lowered to 1 for the wait, so the socket polls writable
+/// exactly when nothing is unsent, and restored afterwards. Acknowledgements and Unix-socket
+/// reads are polled on tokio's timer (first at the next tick, then at doubling intervals up to
+/// [`drain_poll_max`](Self::drain_poll_max)), so the runtime must have timers enabled.
 ///
-/// What remains: a peer on the **same host** (loopback, a veth pair between containers)
-/// acknowledges bytes when they reach its receive queue, where they still reference the same
-/// pages until the peer application reads them. A truncation after the check and before that
-/// read can still zero them; no sender-side call can observe the peer's reads. Over a real
-/// network an acknowledged byte is a copy in the peer's memory, and over a Unix socket the check
-/// waits for the reads themselves, so there the guarantee is complete.
+/// What remains: a peer on the **same host** (loopback, a veth pair between containers) holds
+/// received bytes in its receive queue, where they still reference the same pages until the
+/// peer application reads them. A truncation after the check and before that read can still
+/// zero them (at most the peer's receive buffer); no sender-side call can observe the peer's
+/// reads, and a reset does not retract them (Linux keeps queued data readable after an RST).
+/// Over a real network an acknowledged byte is a copy in the peer's memory, and over a Unix
+/// socket the check waits for the reads themselves, so there the guarantee is complete.
 ///
 /// Reads, flushes and shutdown pass through. On targets other than Linux it is a plain
 /// pass-through and [`ServeDir`](crate::ServeDir) never maps files.
@@ -369,10 +375,77 @@ struct Unchecked {
     files: Vec<(Arc<crate::registry::Target>, u64)>,
     /// End address of the fenced slice whose check passed, while its held-back bytes go out.
     passed: Option<usize>,
+    /// The socket's peer, learnt at the first response end.
+    peer: Option<crate::sys::Peer>,
+    /// The socket's own `TCP_NOTSENT_LOWAT`, read the first time it is lowered.
+    lowat: Option<u32>,
+    /// Whether `TCP_NOTSENT_LOWAT` is lowered right now (to wait for the send queue).
+    lowered: bool,
+}
+
+/// Whether a response's last byte may be checked and sent now.
+#[cfg(target_os = "linux")]
+enum Gate {
+    /// The peer has everything before it.
+    Open,
+    /// Not yet; the kernel signals writability when it is (`TCP_NOTSENT_LOWAT` armed).
+    Writable,
+    /// Not yet; look again on the timer.
+    Later,
 }
 
 #[cfg(target_os = "linux")]
 impl Unchecked {
+    /// Whether the peer has received everything sent so far.
+    ///
+    /// TCP: first everything must have left the send queue. `TCP_NOTSENT_LOWAT` is lowered to 1
+    /// while bytes are unsent, so the socket polls writable exactly when none is left, and the
+    /// task waits for that `EPOLLOUT` instead of a timer. For a loopback peer that is enough (a
+    /// sent byte is in the peer's receive queue, as close as a sender can know); any other peer
+    /// must also have acknowledged everything (`SIOCOUTQ` 0), which is polled on the timer (one
+    /// round trip). Unix sockets: `SIOCOUTQ` counts the bytes the peer has not read, polled on
+    /// the timer.
+    fn gate(&mut self, fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Gate> {
+        use crate::sys::{self, Peer};
+        let peer = *self.peer.get_or_insert_with(|| sys::peer(fd));
+        if peer != Peer::Other {
+            if crate::mapping::socket_unsent(fd)? > 0 {
+                if !self.lowered {
+                    let own = match self.lowat {
+                        Some(own) => Ok(own),
+                        None => sys::notsent_lowat(fd),
+                    };
+                    match own.and_then(|own| sys::set_notsent_lowat(fd, 1).map(|()| own)) {
+                        Ok(own) => {
+                            self.lowat = Some(own);
+                            self.lowered = true;
+                        }
+                        Err(_) => return Ok(Gate::Later),
+                    }
+                }
+                if !sys::poll_writable_now(fd)? {
+                    return Ok(Gate::Writable);
+                }
+                // Writable although bytes were unsent: they left just now, or an error is pending.
+                if crate::mapping::socket_unsent(fd)? > 0 {
+                    return Ok(Gate::Later);
+                }
+            }
+            if self.lowered {
+                sys::set_notsent_lowat(fd, self.lowat.unwrap_or(0))?;
+                self.lowered = false;
+            }
+            if peer == Peer::TcpLoopback {
+                return Ok(Gate::Open);
+            }
+        }
+        Ok(if crate::mapping::socket_outq(fd)? > 0 {
+            Gate::Later
+        } else {
+            Gate::Open
+        })
+    }
+
     fn sent(&mut self, target: &Arc<crate::registry::Target>, upto: u64) {
         match self.files.iter_mut().find(|(t, _)| Arc::ptr_eq(t, target)) {
             Some((_, end)) => *end = (*end).max(upto),
@@ -497,8 +570,11 @@ fn write_slices<S: SendfileSocket>(
                 if total > 0 {
                     return Ok(Written::Bytes(total));
                 }
-                if crate::mapping::socket_outq(fd)? > 0 {
-                    return Ok(Written::Drain);
+                match unchecked.gate(fd)? {
+                    Gate::Open => {}
+                    // Inside `try_io`, `WouldBlock` clears the readiness: wait for `EPOLLOUT`.
+                    Gate::Writable => return Err(io::ErrorKind::WouldBlock.into()),
+                    Gate::Later => return Ok(Written::Drain),
                 }
                 if !unchecked.check(&target, end)? {
                     return Err(truncated(fd, stats));

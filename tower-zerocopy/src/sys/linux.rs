@@ -209,6 +209,68 @@ pub(crate) fn send_vectored(
     }
 }
 
+/// What the peer of a socket is, for the wait before a response's last byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Peer {
+    /// TCP to a loopback address: sent bytes are in the peer's receive queue at once.
+    TcpLoopback,
+    /// TCP to any other address.
+    Tcp,
+    /// Anything else (a Unix socket).
+    Other,
+}
+
+pub(crate) fn peer(sock: BorrowedFd<'_>) -> Peer {
+    match socket2::SockRef::from(&sock)
+        .peer_addr()
+        .map(|a| a.as_socket())
+    {
+        Ok(Some(addr)) => {
+            let loopback = match addr.ip() {
+                std::net::IpAddr::V4(ip) => ip.is_loopback(),
+                std::net::IpAddr::V6(ip) => {
+                    ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+                }
+            };
+            if loopback {
+                Peer::TcpLoopback
+            } else {
+                Peer::Tcp
+            }
+        }
+        _ => Peer::Other,
+    }
+}
+
+/// `TCP_NOTSENT_LOWAT` of `sock` (0: the system default).
+pub(crate) fn notsent_lowat(sock: BorrowedFd<'_>) -> io::Result<u32> {
+    socket2::SockRef::from(&sock).tcp_notsent_lowat()
+}
+
+/// Sets `TCP_NOTSENT_LOWAT`: the socket polls writable only while fewer than about half this
+/// many bytes are unsent (0: the system default).
+pub(crate) fn set_notsent_lowat(sock: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
+    socket2::SockRef::from(&sock).set_tcp_notsent_lowat(bytes)
+}
+
+/// Whether `sock` polls writable (or failed) right now. As a side effect, a socket found not
+/// writable is marked so that the kernel signals `EPOLLOUT` when it becomes writable.
+pub(crate) fn poll_writable_now(sock: BorrowedFd<'_>) -> io::Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(&sock, PollFlags::OUT)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    loop {
+        match poll(&mut fds, Some(&zero)) {
+            Ok(n) => return Ok(n > 0),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// `sendfile(2)` of up to `count` bytes of `file` at `*offset`, advancing it.
 pub(crate) fn send_file(
     sock: BorrowedFd<'_>,
