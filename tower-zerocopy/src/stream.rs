@@ -381,6 +381,8 @@ struct Unchecked {
     lowat: Option<u32>,
     /// Whether `TCP_NOTSENT_LOWAT` is lowered right now (to wait for the send queue).
     lowered: bool,
+    /// Whether this stream has set `TCP_CORK` (from a response's first file bytes to its end).
+    corked: bool,
 }
 
 /// Whether a response's last byte may be checked and sent now.
@@ -396,6 +398,29 @@ enum Gate {
 
 #[cfg(target_os = "linux")]
 impl Unchecked {
+    /// Corks a TCP socket before a response's head and file data (as nginx's `tcp_nopush`):
+    /// only full segments leave until [`Self::uncork`]. (nginx on this project's machine spent
+    /// 1.3x more CPU per GB on 256 MiB files with `tcp_nopush off`.)
+    fn cork(&mut self, fd: std::os::fd::BorrowedFd<'_>) {
+        use crate::sys::{self, Peer};
+        if self.corked {
+            return;
+        }
+        if *self.peer.get_or_insert_with(|| sys::peer(fd)) != Peer::Other {
+            // Best effort: without the cork the bytes still go out, in more segments.
+            self.corked = rustix::net::sockopt::set_tcp_cork(fd, true).is_ok();
+        }
+    }
+
+    /// Removes the cork set by [`Self::cork`], sending what it held back.
+    fn uncork(&mut self, fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+        if self.corked {
+            self.corked = false;
+            rustix::net::sockopt::set_tcp_cork(fd, false)?;
+        }
+        Ok(())
+    }
+
     /// Whether the peer has received everything sent so far.
     ///
     /// TCP: first everything must have left the send queue. `TCP_NOTSENT_LOWAT` is lowered to 1
@@ -511,6 +536,9 @@ fn write_slices<S: SendfileSocket>(
             }
             i += 1;
         }
+        if file_slice.is_some() {
+            unchecked.cork(fd);
+        }
         let run = &bufs[run_start..i];
         let run_len: usize = run.iter().map(|b| b.len()).sum();
         if run_len > 0 {
@@ -557,6 +585,11 @@ fn write_slices<S: SendfileSocket>(
                     sent += n;
                     total += n;
                     unchecked.sent(&target, offset + sent as u64);
+                    if n < want {
+                        // The socket is full (or the file ended): trying again now would only
+                        // return `EAGAIN` (or 0). The next call finds out which, once.
+                        return Ok(Written::Bytes(total));
+                    }
                 }
                 Err(e) => return partial(total, e),
             }
@@ -570,6 +603,8 @@ fn write_slices<S: SendfileSocket>(
                 if total > 0 {
                     return Ok(Written::Bytes(total));
                 }
+                // The response's file data is in the socket: let its last segment go.
+                unchecked.uncork(fd)?;
                 match unchecked.gate(fd)? {
                     Gate::Open => {}
                     // Inside `try_io`, `WouldBlock` clears the readiness: wait for `EPOLLOUT`.

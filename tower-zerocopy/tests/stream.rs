@@ -326,3 +326,50 @@ async fn peer_gone_during_the_wait_is_an_error_not_a_hang() {
     );
     assert_eq!(stream.stats().truncations(), 0);
 }
+
+/// Over TCP a response's head and file data go out corked (`TCP_CORK`, like nginx's
+/// `tcp_nopush`), and the cork is gone once the response is written, so nothing is held back.
+#[tokio::test]
+async fn tcp_cork_spans_the_file_data_and_is_removed_at_the_end() {
+    let dir = TempDir::new("cork");
+    // More than the socket buffers hold while the client does not read.
+    let len = 24u64 << 20;
+    write_pattern(&dir.path().join("f.bin"), len);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    server.set_nodelay(true).unwrap();
+    let mut stream = SendfileStream::new(server);
+    let mut queue = vec![Bytes::from_static(b"HEAD\r\n")];
+    queue.extend(sendfile_chunks(&dir, stream.capability()).await);
+    let corked = |s: &SendfileStream<tokio::net::TcpStream>| {
+        rustix::net::sockopt::tcp_cork(s.get_ref()).unwrap()
+    };
+    assert!(!corked(&stream));
+    // The client does not read yet: the socket fills before the response is written.
+    let (written, err) = write_until_stuck(&mut stream, &mut queue).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!((written as u64) < len - 1, "{written}");
+    assert!(corked(&stream), "corked while file data is being written");
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        while got.len() < 6 + len as usize {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        got
+    });
+    let (more, err) = write_until_stuck(&mut stream, &mut queue).await;
+    assert!(err.is_none() && queue.is_empty(), "{err:?}");
+    assert_eq!((written + more) as u64, 6 + len);
+    assert!(!corked(&stream), "uncorked at the end of the response");
+    let got = reader.await.unwrap();
+    let mut want = b"HEAD\r\n".to_vec();
+    want.extend((0..len).map(pattern));
+    assert_eq!(hash(&got), hash(&want));
+}
