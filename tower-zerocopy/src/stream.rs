@@ -237,6 +237,7 @@ impl DrainWait {
     }
 
     /// Ready when it is time to check again.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         use std::future::Future;
         let sleep = match &mut self.sleep {
@@ -259,6 +260,7 @@ impl DrainWait {
         Poll::Ready(())
     }
 
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     fn reset(&mut self) {
         self.armed = false;
         self.next = FIRST_DRAIN_POLL;
@@ -324,6 +326,7 @@ impl<S: SendfileSocket> SendfileStream<S> {
         self.io
     }
 
+    #[cfg(target_os = "linux")]
     fn poll_write_slices(
         &mut self,
         cx: &mut Context<'_>,
@@ -331,18 +334,10 @@ impl<S: SendfileSocket> SendfileStream<S> {
     ) -> Poll<io::Result<usize>> {
         loop {
             std::task::ready!(self.io.poll_ready(cx))?;
-            let res: io::Result<Written> = {
-                #[cfg(target_os = "linux")]
-                {
-                    let (io, stats, cap) = (&self.io, &self.stats, self.max_chunk);
-                    let unchecked = &mut self.unchecked;
-                    io.try_write(|| write_slices(io, stats, cap, bufs, unchecked))
-                }
-                #[cfg(not(target_os = "linux"))]
-                {
-                    let _ = bufs;
-                    unreachable!("only called on Linux")
-                }
+            let res = {
+                let (io, stats, cap) = (&self.io, &self.stats, self.max_chunk);
+                let unchecked = &mut self.unchecked;
+                io.try_write(|| write_slices(io, stats, cap, bufs, unchecked))
             };
             match res {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -358,7 +353,7 @@ impl<S: SendfileSocket> SendfileStream<S> {
 }
 
 /// What one write call achieved.
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+#[cfg(target_os = "linux")]
 enum Written {
     /// Bytes written (at least one, unless `bufs` was empty).
     Bytes(usize),
@@ -668,9 +663,12 @@ impl<S: SendfileSocket> AsyncWrite for SendfileStream<S> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if cfg!(target_os = "linux") {
+        #[cfg(target_os = "linux")]
+        {
             this.poll_write_slices(cx, bufs)
-        } else {
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
             let res = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
             if let Poll::Ready(Ok(n)) = &res {
                 this.stats
