@@ -154,6 +154,9 @@ impl_socket!(tokio::net::UnixStream);
 ///   head and the first file bytes share packets);
 /// * a slice lying in a registered file mapping goes out with `sendfile(2)` from the file
 ///   descriptor; the mapped memory is never read;
+/// * over TCP the socket is corked (`TCP_CORK`, like nginx's `tcp_nopush`) from a response's
+///   first file slice — before its head leaves — until its file data is in the socket, so only
+///   full segments go out meanwhile;
 /// * at most [`max_chunk`](Self::max_chunk) bytes per call (fairness), partial writes and
 ///   `EAGAIN` are reported exactly (`Ok(n)` once anything was written, `Pending` otherwise);
 /// * a `sendfile` that returns 0 before the slice is done (the file was truncated) is an
