@@ -249,6 +249,13 @@ fn truncated() -> io::Error {
 impl FileState {
     /// Starts the blocking-pool work for the next file chunk, if the next part is file data.
     fn start_next(&mut self) -> Option<Bytes> {
+        // Whether a file part follows the current one (the last one ends the response's file data).
+        #[cfg(target_os = "linux")]
+        let more_file = self
+            .parts
+            .iter()
+            .skip(1)
+            .any(|p| matches!(p, Part::File(r) if r.start < r.end));
         let Some(Part::File(range)) = self.parts.front_mut() else {
             return None;
         };
@@ -276,7 +283,13 @@ impl FileState {
                     win.end <= mapping.len(),
                     "ranges are checked against the mapping"
                 );
-                let bytes = mapping.slice(win.clone());
+                // The response's last file bytes carry a fence: the stream checks that the file
+                // still holds them before it sends the last byte (see `SendfileStream`).
+                let bytes = if end == range.end && !more_file {
+                    mapping.fenced_slice(win.clone())
+                } else {
+                    mapping.slice(win.clone())
+                };
                 match mapping.non_resident(win) {
                     Ok(None) => Some(bytes),
                     Ok(Some(cold)) => {

@@ -29,5 +29,6 @@ pub use serve::{
     DEFAULT_SENDFILE_MIN_LEN,
 };
 pub use stream::{
-    SendfileCapability, SendfileSocket, SendfileStats, SendfileStream, DEFAULT_MAX_CHUNK,
+    SendfileCapability, SendfileSocket, SendfileStats, SendfileStream, DEFAULT_DRAIN_POLL_MAX,
+    DEFAULT_MAX_CHUNK,
 };

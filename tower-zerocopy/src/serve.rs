@@ -745,7 +745,8 @@ fn choose_strategy(ctx: &Ctx, cfg: &Config, file: &OpenFile, file_bytes: u64) ->
             };
         }
     }
-    let _ = (ctx, file, file_bytes);
+    // Elsewhere only the portable path exists.
+    let _ = (ctx.sendfile, file, file_bytes);
     Strategy::Portable {
         chunk: cfg.read_chunk,
     }

@@ -87,10 +87,12 @@ async fn partial_writes_pending_and_cap_are_exact() {
         calls >= 6,
         "the 1 MiB cap splits 6 MiB into at least 6 calls ({calls})"
     );
-    assert_eq!(stream.stats().sendfile_bytes(), len);
+    // The file's last byte waited until the reader had everything before it, then was copied.
+    assert_eq!(stream.stats().sendfile_bytes(), len - 1);
+    assert_eq!(stream.stats().checked_ends(), 1);
     assert_eq!(
         stream.stats().copied_bytes(),
-        (head.len() + tail.len()) as u64
+        (head.len() + tail.len() + 1) as u64
     );
     drop(stream);
     let received = reader.await.unwrap();
@@ -189,4 +191,185 @@ async fn for_request_picks_the_path_by_capability_and_version() {
         0,
         "bodies dropped, maps released"
     );
+}
+
+/// The mapped chunks of a sendfile-path response for `/f.bin`, for a stream's capability.
+async fn sendfile_chunks(dir: &TempDir, cap: tower_zerocopy::SendfileCapability) -> Vec<Bytes> {
+    let svc = MarkSendfile::new(ServeDir::new(dir.path()).cache_capacity(0), cap);
+    let res = svc
+        .oneshot(Request::get("/f.bin").body(()).unwrap())
+        .await
+        .unwrap();
+    let mut body = res.into_body();
+    assert!(body.is_sendfile());
+    let mut chunks = Vec::new();
+    while let Some(frame) = body.frame().await {
+        chunks.push(frame.unwrap().into_data().unwrap());
+    }
+    chunks
+}
+
+/// Writes `queue` until the stream stays `Pending` for 200 ms (the peer is not reading) or
+/// fails; returns the bytes written and the error, if any.
+async fn write_until_stuck<S: tower_zerocopy::SendfileSocket>(
+    stream: &mut SendfileStream<S>,
+    queue: &mut Vec<Bytes>,
+) -> (usize, Option<std::io::Error>) {
+    let mut written = 0;
+    while !queue.is_empty() {
+        let slices: Vec<IoSlice<'_>> = queue.iter().map(|b| IoSlice::new(b)).collect();
+        let call = poll_fn(|cx| Pin::new(&mut *stream).poll_write_vectored(cx, &slices));
+        let mut n = match tokio::time::timeout(std::time::Duration::from_millis(200), call).await {
+            Err(_stuck) => break,
+            Ok(Err(e)) => return (written, Some(e)),
+            Ok(Ok(n)) => n,
+        };
+        written += n;
+        while n > 0 {
+            if n >= queue[0].len() {
+                n -= queue[0].len();
+                queue.remove(0);
+            } else {
+                let _ = queue[0].split_to(n);
+                n = 0;
+            }
+        }
+    }
+    (written, None)
+}
+
+/// A truncation after the whole response was handed to the kernel (the socket still holds
+/// it: the peer is not reading) is caught before the last byte: the peer gets fewer bytes than
+/// the file had, and the write fails. Over a Unix socket and over TCP loopback.
+async fn truncation_after_queueing<S: tower_zerocopy::SendfileSocket + Send + 'static>(
+    server: S,
+    mut client: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    name: &str,
+) {
+    let dir = TempDir::new(name);
+    let path = dir.path().join("f.bin");
+    let len = 160 * 1024;
+    write_pattern(&path, len);
+    let mut stream = SendfileStream::new(server);
+    let mut queue = sendfile_chunks(&dir, stream.capability()).await;
+    let (written, err) = write_until_stuck(&mut stream, &mut queue).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(
+        written as u64,
+        len - 1,
+        "everything but the last byte is queued; it waits for the peer"
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let _ = client.read_to_end(&mut got).await;
+        got.len()
+    });
+    let (more, err) = write_until_stuck(&mut stream, &mut queue).await;
+    let err = err.expect("the write must fail, not wait or complete");
+    assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+    assert_eq!(more, 0);
+    assert_eq!(stream.stats().truncations(), 1);
+    assert_eq!(stream.stats().checked_ends(), 0);
+    drop(stream);
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+        .await
+        .expect("the peer sees the end")
+        .unwrap();
+    assert!((got as u64) < len, "{name}: {got} of {len} bytes");
+}
+
+#[tokio::test]
+async fn truncation_after_queueing_is_caught_before_the_last_byte_unix() {
+    let (server, client) = UnixStream::pair().unwrap();
+    truncation_after_queueing(server, client, "queued-unix").await;
+}
+
+#[tokio::test]
+async fn truncation_after_queueing_is_caught_before_the_last_byte_tcp() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    truncation_after_queueing(server, client, "queued-tcp").await;
+}
+
+/// A peer that goes away while the last byte waits for it ends the wait with an error.
+#[tokio::test]
+async fn peer_gone_during_the_wait_is_an_error_not_a_hang() {
+    let dir = TempDir::new("gone");
+    write_pattern(&dir.path().join("f.bin"), 160 * 1024);
+    let (server, client) = UnixStream::pair().unwrap();
+    let mut stream = SendfileStream::new(server);
+    let mut queue = sendfile_chunks(&dir, stream.capability()).await;
+    let (written, err) = write_until_stuck(&mut stream, &mut queue).await;
+    assert!(
+        err.is_none() && written == 160 * 1024 - 1,
+        "{written} {err:?}"
+    );
+    drop(client);
+    let (more, err) = write_until_stuck(&mut stream, &mut queue).await;
+    assert_eq!(more, 0);
+    let err = err.expect("an error, not a hang");
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        "{err:?}"
+    );
+    assert_eq!(stream.stats().truncations(), 0);
+}
+
+/// Over TCP a response's head and file data go out corked (`TCP_CORK`, like nginx's
+/// `tcp_nopush`), and the cork is gone once the response is written, so nothing is held back.
+#[tokio::test]
+async fn tcp_cork_spans_the_file_data_and_is_removed_at_the_end() {
+    let dir = TempDir::new("cork");
+    // More than the socket buffers hold while the client does not read.
+    let len = 24u64 << 20;
+    write_pattern(&dir.path().join("f.bin"), len);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    server.set_nodelay(true).unwrap();
+    let mut stream = SendfileStream::new(server);
+    let mut queue = vec![Bytes::from_static(b"HEAD\r\n")];
+    queue.extend(sendfile_chunks(&dir, stream.capability()).await);
+    let corked = |s: &SendfileStream<tokio::net::TcpStream>| {
+        rustix::net::sockopt::tcp_cork(s.get_ref()).unwrap()
+    };
+    assert!(!corked(&stream));
+    // The client does not read yet: the socket fills before the response is written.
+    let (written, err) = write_until_stuck(&mut stream, &mut queue).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!((written as u64) < len - 1, "{written}");
+    assert!(corked(&stream), "corked while file data is being written");
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        while got.len() < 6 + len as usize {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        got
+    });
+    let (more, err) = write_until_stuck(&mut stream, &mut queue).await;
+    assert!(err.is_none() && queue.is_empty(), "{err:?}");
+    assert_eq!((written + more) as u64, 6 + len);
+    assert!(!corked(&stream), "uncorked at the end of the response");
+    let got = reader.await.unwrap();
+    let mut want = b"HEAD\r\n".to_vec();
+    want.extend((0..len).map(pattern));
+    assert_eq!(hash(&got), hash(&want));
 }

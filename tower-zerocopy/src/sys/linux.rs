@@ -177,6 +177,20 @@ pub(crate) fn read_at_into(
     }
 }
 
+/// `pread` into `buf` until it is full or the file ends; returns the bytes read.
+pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::io::pread(file, &mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(done)
+}
+
 /// `sendmsg` of ordinary slices; `more` sets `MSG_MORE` because file data follows.
 pub(crate) fn send_vectored(
     sock: BorrowedFd<'_>,
@@ -191,6 +205,68 @@ pub(crate) fn send_vectored(
         match rustix::net::sendmsg(sock, bufs, &mut SendAncillaryBuffer::default(), flags) {
             Err(Errno::INTR) => continue,
             r => return r.map_err(Into::into),
+        }
+    }
+}
+
+/// What the peer of a socket is, for the wait before a response's last byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Peer {
+    /// TCP to a loopback address: sent bytes are in the peer's receive queue at once.
+    TcpLoopback,
+    /// TCP to any other address.
+    Tcp,
+    /// Anything else (a Unix socket).
+    Other,
+}
+
+pub(crate) fn peer(sock: BorrowedFd<'_>) -> Peer {
+    match socket2::SockRef::from(&sock)
+        .peer_addr()
+        .map(|a| a.as_socket())
+    {
+        Ok(Some(addr)) => {
+            let loopback = match addr.ip() {
+                std::net::IpAddr::V4(ip) => ip.is_loopback(),
+                std::net::IpAddr::V6(ip) => {
+                    ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+                }
+            };
+            if loopback {
+                Peer::TcpLoopback
+            } else {
+                Peer::Tcp
+            }
+        }
+        _ => Peer::Other,
+    }
+}
+
+/// `TCP_NOTSENT_LOWAT` of `sock` (0: the system default).
+pub(crate) fn notsent_lowat(sock: BorrowedFd<'_>) -> io::Result<u32> {
+    socket2::SockRef::from(&sock).tcp_notsent_lowat()
+}
+
+/// Sets `TCP_NOTSENT_LOWAT`: the socket polls writable only while fewer than about half this
+/// many bytes are unsent (0: the system default).
+pub(crate) fn set_notsent_lowat(sock: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
+    socket2::SockRef::from(&sock).set_tcp_notsent_lowat(bytes)
+}
+
+/// Whether `sock` polls writable (or failed) right now. As a side effect, a socket found not
+/// writable is marked so that the kernel signals `EPOLLOUT` when it becomes writable.
+pub(crate) fn poll_writable_now(sock: BorrowedFd<'_>) -> io::Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(&sock, PollFlags::OUT)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    loop {
+        match poll(&mut fds, Some(&zero)) {
+            Ok(n) => return Ok(n > 0),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
