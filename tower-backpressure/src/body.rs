@@ -29,14 +29,17 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Inner { #[pin] body: B },
-        Shed { data: Option<Bytes> },
+        // Boxed: shed responses are rare and this keeps every other body small.
+        Shed { data: Option<Box<Bytes>> },
     }
 }
 
 impl<B> ResponseBody<B> {
     pub(crate) fn shed(data: Bytes) -> Self {
         ResponseBody {
-            kind: Kind::Shed { data: Some(data) },
+            kind: Kind::Shed {
+                data: Some(Box::new(data)),
+            },
             permit: None,
         }
     }
@@ -91,7 +94,7 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         match this.kind.project() {
-            KindProj::Shed { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Shed { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(*d)))),
             KindProj::Inner { mut body } => {
                 let frame = ready!(body.as_mut().poll_frame(cx));
                 let finished = match &frame {
@@ -104,7 +107,7 @@ where
                     if let Some(mut permit) = this.permit.take() {
                         // An error mid-stream is the server failing, not the client leaving.
                         if matches!(frame, Some(Err(_))) {
-                            permit.set_outcome(crate::adaptive::Outcome::Overload);
+                            permit.set_outcome(|| crate::adaptive::Outcome::Overload);
                         }
                         permit.complete();
                     }
@@ -141,13 +144,15 @@ pub struct BodyMeter {
 }
 
 impl BodyMeter {
-    pub(crate) fn new(permit: &mut Permit) -> Self {
-        BodyMeter {
+    /// The meter of `permit`'s request body; `None` if its limiter does not count bytes.
+    pub(crate) fn new(permit: &mut Permit) -> Option<Self> {
+        let (state, reserved) = permit.meter()?;
+        Some(BodyMeter {
             limiter: permit.limiter().clone(),
-            state: permit.meter(),
-            reserved: permit.reserved_bytes(),
+            state,
+            reserved,
             max_bytes: permit.limiter().config().max_bytes.unwrap_or(u64::MAX),
-        }
+        })
     }
 }
 

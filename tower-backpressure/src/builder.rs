@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::StatusCode;
 use tokio::time::Instant;
 
-use crate::adaptive::{classify_status, LimitStrategy, Outcome};
+use crate::adaptive::{LimitStrategy, Outcome};
 use crate::body::MeteredBody;
 use crate::classify::{Classify, DefaultClassify, RequestHead};
 use crate::layer::{BackpressureLayer, TypedBackpressureLayer};
@@ -32,22 +32,25 @@ pub enum PermitRelease {
 
 /// HTTP-only settings, shared by every clone of a [`BackpressureLayer`].
 pub(crate) struct HttpPolicy {
-    pub(crate) status: StatusCode,
-    pub(crate) release: PermitRelease,
     pub(crate) bypass: Option<HeadFn<bool>>,
     pub(crate) priority: Option<HeadFn<Priority>>,
     pub(crate) deadline: Option<HeadFn<Option<Instant>>>,
-    pub(crate) classify_outcome: fn(StatusCode) -> Outcome,
     pub(crate) unknown_length_bytes: u64,
     /// A `fn(MeteredBody<B>) -> B` for the one request body type `B` being metered.
     pub(crate) meter: Option<Arc<dyn Any + Send + Sync>>,
 }
 
+impl HttpPolicy {
+    /// Whether any setting looks at the request head.
+    #[inline]
+    pub(crate) fn reads_head(&self) -> bool {
+        self.bypass.is_some() || self.priority.is_some() || self.deadline.is_some()
+    }
+}
+
 impl fmt::Debug for HttpPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpPolicy")
-            .field("status", &self.status)
-            .field("release", &self.release)
             .field("bypass", &self.bypass.is_some())
             .field("priority", &self.priority.is_some())
             .field("deadline", &self.deadline.is_some())
@@ -73,12 +76,9 @@ impl BackpressureBuilder {
         BackpressureBuilder {
             config: Config::new(max_in_flight),
             http: HttpPolicy {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                release: PermitRelease::BodyEnd,
                 bypass: None,
                 priority: None,
                 deadline: None,
-                classify_outcome: classify_status,
                 unknown_length_bytes: 0,
                 meter: None,
             },
@@ -157,6 +157,7 @@ impl BackpressureBuilder {
     /// buffering without bound). Requests with any other body type are not metered.
     pub fn meter_bodies_with<B: 'static>(mut self, rewrap: fn(MeteredBody<B>) -> B) -> Self {
         self.http.meter = Some(Arc::new(rewrap));
+        self.config.track_bytes = true;
         self
     }
 
@@ -164,13 +165,13 @@ impl BackpressureBuilder {
     /// Many Requests` is the other common choice). A request larger than the byte budget
     /// always gets `413`.
     pub fn shed_status(mut self, status: StatusCode) -> Self {
-        self.http.status = status;
+        self.config.http.shed_status = status;
         self
     }
 
     /// When an HTTP request's permit is returned (default [`PermitRelease::BodyEnd`]).
     pub fn permit_release(mut self, release: PermitRelease) -> Self {
-        self.http.release = release;
+        self.config.http.release = release;
         self
     }
 
@@ -221,10 +222,10 @@ impl BackpressureBuilder {
         self
     }
 
-    /// How responses feed an adaptive limit (default [`classify_status`]: `429` and `5xx`
+    /// How responses feed an adaptive limit (default [`classify_status`](crate::adaptive::classify_status): `429` and `5xx`
     /// are overload, other `4xx` ignored).
     pub fn classify_outcome(mut self, classify: fn(StatusCode) -> Outcome) -> Self {
-        self.http.classify_outcome = classify;
+        self.config.http.classify = classify;
         self
     }
 
