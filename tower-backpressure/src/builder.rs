@@ -86,8 +86,9 @@ impl BackpressureBuilder {
     }
 
     /// At most this many requests wait for a slot (default: the same as `max_in_flight`).
-    /// Beyond it a request is shed at once with
-    /// [`ShedReason::QueueFull`](crate::ShedReason::QueueFull). `0` means never queue:
+    /// Beyond it the request that would be served last is shed at once with
+    /// [`ShedReason::QueueFull`](crate::ShedReason::QueueFull): the newcomer in FIFO
+    /// order, the oldest waiter in LIFO order (see [`QueueOrder`]). `0` means never queue:
     /// shed as soon as the limit is reached.
     pub fn max_queued(mut self, max_queued: usize) -> Self {
         self.config.max_queued = max_queued;
@@ -222,8 +223,9 @@ impl BackpressureBuilder {
         self
     }
 
-    /// How responses feed an adaptive limit (default [`classify_status`](crate::adaptive::classify_status): `429` and `5xx`
-    /// are overload, other `4xx` ignored).
+    /// How responses feed an adaptive limit (default
+    /// [`classify_status`](crate::adaptive::classify_status): `429` and `5xx` are overload,
+    /// other `4xx` ignored).
     pub fn classify_outcome(mut self, classify: fn(StatusCode) -> Outcome) -> Self {
         self.config.http.classify = classify;
         self

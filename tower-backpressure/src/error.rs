@@ -12,8 +12,9 @@ use std::time::Duration;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ShedReason {
-    /// The limit was reached and the queue was full (or a higher-priority request took the
-    /// queue slot).
+    /// The limit was reached and the queue was full: the request would have been served
+    /// last (the newcomer in FIFO order, the oldest waiter in LIFO order, a normal waiter
+    /// displaced by a high-priority request).
     QueueFull,
     /// The request waited in the queue longer than the queue timeout (or, in
     /// [`QueueOrder::Adaptive`](crate::QueueOrder::Adaptive) with a standing queue, longer

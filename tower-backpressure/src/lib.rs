@@ -36,8 +36,10 @@
 //! 3. Otherwise it is queued if the queue has room; a request whose own deadline cannot be
 //!    met at the current drain rate is shed instead
 //!    ([`ShedReason::DeadlineUnreachable`]).
-//! 4. Otherwise it is shed ([`ShedReason::QueueFull`]). A high-priority request first takes
-//!    the place of the newest normal-priority waiter.
+//! 4. Otherwise the queue is full, and whoever would be served last is shed
+//!    ([`ShedReason::QueueFull`]): the newcomer in FIFO order; in LIFO order the oldest
+//!    waiter of its class, whose place it takes. A high-priority newcomer takes the place of
+//!    the normal-priority waiter served last.
 //! 5. A waiter is admitted when a permit is released: the permit is handed to it directly
 //!    (nobody can overtake it), in [`QueueOrder`]. It is shed when its queue timeout or its
 //!    deadline passes. If its client leaves, its queue slot is freed at once.

@@ -1447,6 +1447,50 @@ mod tests {
     }
 
     #[test]
+    fn a_full_lifo_queue_sheds_whoever_would_be_served_last() {
+        let mut config = Config::new(1);
+        config.max_queued = 2;
+        config.order = QueueOrder::Lifo;
+        let limiter = Limiter::new(config);
+        let now = Instant::now();
+        let high = Ticket {
+            priority: Priority::High,
+            ..ticket()
+        };
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let _busy = admitted(limiter.admit(ticket(), now));
+        let mut oldest = queued(limiter.admit(ticket(), now));
+        let mut newer = queued(limiter.admit(ticket(), now));
+        // A high-priority newcomer displaces the normal waiter served last: the oldest.
+        let mut h1 = queued(limiter.admit(high, now));
+        match oldest.poll_permit(&mut cx) {
+            Poll::Ready(Err(o)) => assert_eq!(o.reason(), ShedReason::QueueFull),
+            other => panic!("{other:?}"),
+        }
+        assert!(newer.poll_permit(&mut cx).is_pending());
+        let mut h2 = queued(limiter.admit(high, now));
+        match newer.poll_permit(&mut cx) {
+            Poll::Ready(Err(o)) => assert_eq!(o.reason(), ShedReason::QueueFull),
+            other => panic!("{other:?}"),
+        }
+        // Only high-priority waiters left: a normal newcomer cannot displace them...
+        assert_eq!(
+            shed(limiter.admit(ticket(), now)).reason(),
+            ShedReason::QueueFull
+        );
+        // ...but a high-priority one displaces the oldest of them.
+        let _h3 = queued(limiter.admit(high, now));
+        match h1.poll_permit(&mut cx) {
+            Poll::Ready(Err(o)) => assert_eq!(o.reason(), ShedReason::QueueFull),
+            other => panic!("{other:?}"),
+        }
+        assert!(h2.poll_permit(&mut cx).is_pending());
+        assert_eq!(limiter.snapshot().queued, 2);
+        assert_eq!(limiter.snapshot().shed[ShedReason::QueueFull.index()], 4);
+    }
+
+    #[test]
     fn a_high_priority_request_shed_for_its_deadline_evicts_nobody() {
         let mut config = Config::new(1);
         config.max_queued = 1;

@@ -783,3 +783,56 @@ async fn a_body_ending_with_trailers_counts_as_completed() {
     assert_eq!(handle.service_time().count, 1);
     assert_idle(&handle);
 }
+
+/// Limit 1, queue 2, five requests one after another (`0` runs, the rest queue or are
+/// shed): the order the served ones reach the inner service, and who was shed.
+async fn full_queue(order: QueueOrder) -> (Vec<u32>, Vec<u32>) {
+    let layer = BackpressureLayer::builder(1)
+        .max_queued(2)
+        .no_queue_timeout()
+        .queue_order(order)
+        .build();
+    let gated = Gated::new();
+    let svc = layer.layer(gated.clone());
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        tasks.push((i, spawn_call(&svc, req(i))));
+        settle().await;
+    }
+    for _ in 0..3 {
+        gated.release(1);
+        settle().await;
+    }
+    let mut shed = Vec::new();
+    for (i, task) in tasks {
+        let response = task.await.unwrap();
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::SERVICE_UNAVAILABLE => shed.push(i),
+            other => panic!("request {i}: {other}"),
+        }
+    }
+    assert_eq!(layer.handle().shed_count(ShedReason::QueueFull), 2);
+    assert_idle(&layer.handle());
+    (gated.order(), shed)
+}
+
+#[tokio::test]
+async fn a_full_fifo_queue_sheds_the_newcomer() {
+    // In FIFO order a newcomer would be served after everyone queued: it is the one shed.
+    assert_eq!(
+        full_queue(QueueOrder::Fifo).await,
+        (vec![0, 1, 2], vec![3, 4])
+    );
+}
+
+#[tokio::test]
+async fn a_full_lifo_queue_sheds_its_oldest_waiter() {
+    // In LIFO order a newcomer is served first and the oldest waiter last: the newcomer
+    // takes the oldest waiter's place (3 displaces 1, 4 displaces 2), so the queue keeps
+    // the requests most likely to still have a client.
+    assert_eq!(
+        full_queue(QueueOrder::Lifo).await,
+        (vec![0, 4, 3], vec![1, 2])
+    );
+}
