@@ -98,13 +98,21 @@ impl BackpressureBuilder {
     /// A waiter older than this is shed with
     /// [`ShedReason::QueueTimeout`](crate::ShedReason::QueueTimeout) (default: 1 s).
     /// Choose it below your clients' timeout: work for a client that has left is wasted.
+    ///
+    /// It also bounds a queued request's wait for the inner service after admission: the
+    /// permit is handed over when one is released, but the request still needs its inner
+    /// service to be ready. If it is not ready by the time the queue timeout (counted from
+    /// when the request queued) runs out, the request is shed with `QueueTimeout` and the
+    /// permit goes to the next waiter. (Requests admitted at once are called at once: the
+    /// caller readied the service before `call`.)
     pub fn queue_timeout(mut self, timeout: Duration) -> Self {
         self.config.queue_timeout = Some(timeout);
         self
     }
 
     /// Lets waiters wait for as long as their client does (still bounded in number by
-    /// [`max_queued`](Self::max_queued)).
+    /// [`max_queued`](Self::max_queued)); an admitted request then also waits for its inner
+    /// service to be ready for as long as its client does (or until its own deadline).
     pub fn no_queue_timeout(mut self) -> Self {
         self.config.queue_timeout = None;
         self

@@ -42,7 +42,10 @@
 //!    the normal-priority waiter served last.
 //! 5. A waiter is admitted when a permit is released: the permit is handed to it directly
 //!    (nobody can overtake it), in [`QueueOrder`]. It is shed when its queue timeout or its
-//!    deadline passes. If its client leaves, its queue slot is freed at once.
+//!    deadline passes. If its client leaves, its queue slot is freed at once. Once admitted
+//!    it waits for the inner service to be ready again (it was ready when the request
+//!    queued); that wait is bounded by the same queue timeout, counted from when the
+//!    request queued, and deadline, and a request shed then returns its permit at once.
 //! 6. An admitted request keeps its permit until its response body ends or is dropped
 //!    ([`PermitRelease::BodyEnd`], the default) or until the head is ready
 //!    ([`PermitRelease::Head`]).

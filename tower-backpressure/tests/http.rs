@@ -836,3 +836,99 @@ async fn a_full_lifo_queue_sheds_its_oldest_waiter() {
         (vec![0, 4, 3], vec![1, 2])
     );
 }
+
+/// An inner service whose readiness can be switched off: its `poll_ready` then stays
+/// pending (as a service behind its own limit or a saturated connection pool would).
+#[derive(Clone)]
+struct Switchable {
+    gated: Gated,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Service<Request<Body>> for Switchable {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFut<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        if self.ready.load(std::sync::atomic::Ordering::SeqCst) {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        self.gated.call(req)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_for_the_inner_service_after_admission_is_bounded_by_the_queue_timeout() {
+    let layer = BackpressureLayer::builder(1)
+        .max_queued(1)
+        .queue_timeout(Duration::from_millis(100))
+        .build();
+    let handle = layer.handle();
+    let inner = Switchable {
+        gated: Gated::new(),
+        ready: Arc::default(),
+    };
+    inner.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    let svc = layer.layer(inner.clone());
+    let first = spawn_call(&svc, req(1));
+    settle().await;
+    let queued_at = Instant::now();
+    let second = spawn_call(&svc, req(2));
+    settle().await;
+    assert_eq!(handle.queued(), 1);
+    // The inner service stops being ready; the first request ends after 50 ms and its
+    // permit goes to the second, which now waits for readiness while holding it.
+    inner
+        .ready
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    inner.gated.release(1);
+    assert_eq!(first.await.unwrap().status(), StatusCode::OK);
+    settle().await;
+    assert_eq!((handle.in_flight(), handle.queued()), (1, 0));
+    let second = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("the wait for readiness is bounded")
+        .unwrap();
+    assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(second.headers().contains_key(http::header::RETRY_AFTER));
+    // Shed when its queue timeout, counted from when it queued, ran out.
+    assert_eq!(queued_at.elapsed(), Duration::from_millis(100));
+    assert_eq!(handle.shed_count(ShedReason::QueueTimeout), 1);
+    assert_idle(&handle);
+    assert_eq!(inner.gated.order(), vec![1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_a_request_waiting_for_readiness_returns_its_permit() {
+    let layer = BackpressureLayer::builder(1).max_queued(1).build();
+    let handle = layer.handle();
+    let inner = Switchable {
+        gated: Gated::new(),
+        ready: Arc::default(),
+    };
+    inner.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut svc = layer.layer(inner.clone());
+    let first = spawn_call(&svc, req(1));
+    settle().await;
+    std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+    let mut second = task::spawn(svc.call(req(2)));
+    assert_pending!(second.poll());
+    inner
+        .ready
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    inner.gated.release(1);
+    assert_eq!(first.await.unwrap().status(), StatusCode::OK);
+    // Granted the permit, waiting for its service to be ready.
+    assert!(second.is_woken());
+    assert_pending!(second.poll());
+    assert_eq!((handle.in_flight(), handle.queued()), (1, 0));
+    drop(second);
+    assert_idle(&handle);
+}
