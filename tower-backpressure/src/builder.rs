@@ -145,6 +145,20 @@ impl BackpressureBuilder {
     /// answered `413 Payload Too Large` (without `Retry-After`: waiting cannot help). With
     /// [`meter_bodies_with`](Self::meter_bodies_with), bytes streamed beyond the
     /// reservation are counted too. Reservations return when the permit does.
+    ///
+    /// # Order
+    ///
+    /// Bytes are handed out in serving order (see [`QueueOrder`]): a request whose body
+    /// does not fit holds up the requests behind it that also reserve bytes, even smaller
+    /// ones that would fit, so a large upload is never starved by a stream of small ones
+    /// (the same rule as tokio's `Semaphore::acquire_many`). It does not hold up requests
+    /// that reserve nothing (a `GET`, or a body of unknown length with the default
+    /// `unknown_length_bytes` of 0): they need only a slot and cannot delay it, so they
+    /// are admitted past it while slots are free. If large uploads should not delay small
+    /// bodies at all, give them their own layer (a route-level budget) instead. Bytes
+    /// charged while a body streams (metering) are counted as they are read, whatever is
+    /// queued; reserve them with `unknown_length_bytes` to make such bodies queue like
+    /// declared ones.
     pub fn max_request_bytes(mut self, max_bytes: u64) -> Self {
         self.config.max_bytes = Some(max_bytes);
         self

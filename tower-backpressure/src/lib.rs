@@ -32,7 +32,9 @@
 //!
 //! 1. A request the bypass predicate matches goes straight through, uncounted.
 //! 2. If a slot is free (and its priority class may use it, and its declared body fits the
-//!    byte budget) and nobody of its class is waiting, it is admitted.
+//!    byte budget) and nobody of its class is waiting, it is admitted. A request that
+//!    reserves no bytes is also admitted past waiters held up only by the byte budget;
+//!    bytes themselves go strictly in serving order, so a large body is never starved.
 //! 3. Otherwise it is queued if the queue has room; a request whose own deadline cannot be
 //!    met at the current drain rate is shed instead
 //!    ([`ShedReason::DeadlineUnreachable`]).
@@ -107,7 +109,9 @@
 //!   LIFO with a 5 ms bound, so the queue stops adding latency at all.
 //! - **`max_request_bytes`**: the memory you are willing to spend on request bodies at
 //!   once. Reservations use `Content-Length`; meter chunked bodies with
-//!   [`BackpressureBuilder::meter_bodies_with`].
+//!   [`BackpressureBuilder::meter_bodies_with`]. Bytes go in serving order, so a large
+//!   upload waiting for bytes holds up smaller bodies (not bodiless requests); give large
+//!   uploads their own layer if that matters.
 //! - **Priorities**: reserve a share ([`BackpressureBuilder::high_priority_share`]) for
 //!   traffic that must get through under overload; bypass only what is trivially cheap.
 //!

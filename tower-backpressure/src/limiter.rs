@@ -1544,6 +1544,36 @@ mod tests {
     }
 
     #[test]
+    fn queued_requests_without_bytes_pass_a_waiter_held_up_by_bytes() {
+        let mut config = Config::new(2);
+        config.max_bytes = Some(100);
+        config.max_queued = 10;
+        let limiter = Limiter::new(config);
+        let now = Instant::now();
+        let sized = |bytes| Ticket { bytes, ..ticket() };
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let _large = admitted(limiter.admit(sized(80), now));
+        let small = admitted(limiter.admit(sized(0), now));
+        // Both slots taken: everyone queues, in order.
+        let mut held = queued(limiter.admit(sized(60), now));
+        let mut sized_behind = queued(limiter.admit(sized(10), now));
+        let mut bodiless = queued(limiter.admit(sized(0), now));
+        // A slot frees but the bytes do not: the bodiless request passes both.
+        drop(small);
+        assert!(held.poll_permit(&mut cx).is_pending());
+        assert!(sized_behind.poll_permit(&mut cx).is_pending());
+        let bodiless = match bodiless.poll_permit(&mut cx) {
+            Poll::Ready(Ok(p)) => p,
+            other => panic!("{other:?}"),
+        };
+        drop(bodiless);
+        // A slot again: the 10 bytes would fit, but the 60 are ahead of them.
+        assert!(sized_behind.poll_permit(&mut cx).is_pending());
+        assert_eq!(limiter.snapshot().queued, 2);
+    }
+
+    #[test]
     fn closing_sheds_waiters_and_newcomers() {
         let limiter = Limiter::new(Config::new(1));
         let now = Instant::now();

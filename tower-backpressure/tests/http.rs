@@ -932,3 +932,46 @@ async fn dropping_a_request_waiting_for_readiness_returns_its_permit() {
     drop(second);
     assert_idle(&handle);
 }
+
+fn sized(id: u32, bytes: u64) -> Request<Body> {
+    Request::post("/")
+        .header("id", id.to_string())
+        .header(http::header::CONTENT_LENGTH, bytes)
+        .body(Body::empty())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_request_held_up_by_the_byte_budget_holds_up_only_requests_that_need_bytes() {
+    let layer = BackpressureLayer::builder(10)
+        .max_queued(10)
+        .max_request_bytes(100)
+        .build();
+    let handle = layer.handle();
+    let gated = Gated::new();
+    let svc = layer.layer(gated.clone());
+    let a = spawn_call(&svc, sized(1, 80));
+    settle().await;
+    // 60 bytes do not fit next to 80: it waits for them.
+    let b = spawn_call(&svc, sized(2, 60));
+    settle().await;
+    // Without a body it needs only a slot, and slots are free: it is not held up.
+    let c = spawn_call(&svc, req(3));
+    settle().await;
+    assert_eq!(gated.order(), vec![1, 3]);
+    // 10 bytes would fit, but bytes go in order: it waits behind the 60, which is never
+    // starved by smaller bodies.
+    let d = spawn_call(&svc, sized(4, 10));
+    settle().await;
+    assert_eq!(gated.order(), vec![1, 3]);
+    assert_eq!((handle.in_flight(), handle.queued()), (2, 2));
+    gated.release(2);
+    settle().await;
+    // 80 bytes and a slot are back: the 60 goes first, then the 10 fits beside it.
+    assert_eq!(gated.order(), vec![1, 3, 2, 4]);
+    gated.release(2);
+    for task in [a, b, c, d] {
+        assert_eq!(task.await.unwrap().status(), StatusCode::OK);
+    }
+    assert_idle(&handle);
+}
