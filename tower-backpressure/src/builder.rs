@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use crate::adaptive::{LimitStrategy, Outcome};
 use crate::body::MeteredBody;
 use crate::classify::{Classify, DefaultClassify, RequestHead};
+use crate::error::ConfigError;
 use crate::layer::{BackpressureLayer, TypedBackpressureLayer};
 use crate::limiter::{Config, Limiter};
 use crate::order::{Priority, QueueOrder};
@@ -124,17 +125,36 @@ impl BackpressureBuilder {
         self
     }
 
-    /// The share of the limit reserved for [`Priority::High`] requests, in `[0, 1)`
-    /// (default `0`). With a limit of 10 and a share of `0.2`, normal requests stop at 8 in
-    /// flight and the last 2 slots are only for high-priority ones. Normal requests always
-    /// keep at least one slot.
-    pub fn high_priority_share(mut self, share: f64) -> Self {
-        self.config.high_priority_share = if share.is_finite() {
-            share.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        self
+    /// The share of the limit reserved for [`Priority::High`] requests, at least `0` and
+    /// below `1` (default `0`). With a limit of 10 and a share of `0.2`, normal requests stop
+    /// at 8 in flight and the last 2 slots are only for high-priority ones. Normal requests
+    /// always keep at least one slot.
+    ///
+    /// # Errors
+    ///
+    /// A share outside `[0, 1)` (including NaN) is a [`ConfigError`]: reserving the whole
+    /// limit would leave normal requests nothing.
+    ///
+    /// ```
+    /// use tower_backpressure::BackpressureLayer;
+    ///
+    /// # fn main() -> Result<(), tower_backpressure::ConfigError> {
+    /// let layer = BackpressureLayer::builder(10).high_priority_share(0.2)?.build();
+    /// assert!(BackpressureLayer::builder(10).high_priority_share(1.0).is_err());
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn high_priority_share(mut self, share: f64) -> Result<Self, ConfigError> {
+        if !(0.0..1.0).contains(&share) {
+            return Err(ConfigError::new(
+                "high_priority_share",
+                share.to_string(),
+                "at least 0 and below 1",
+            ));
+        }
+        self.config.high_priority_share = share;
+        Ok(self)
     }
 
     /// Caps the bytes of request bodies in flight (default: no cap).

@@ -125,6 +125,42 @@ impl fmt::Display for Overloaded {
 
 impl std::error::Error for Overloaded {}
 
+/// A builder setting outside its documented range, such as a
+/// [`high_priority_share`](crate::BackpressureBuilder::high_priority_share) of `1`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    setting: &'static str,
+    value: String,
+    expected: &'static str,
+}
+
+impl ConfigError {
+    pub(crate) fn new(setting: &'static str, value: String, expected: &'static str) -> Self {
+        ConfigError {
+            setting,
+            value,
+            expected,
+        }
+    }
+
+    /// The name of the builder method whose argument was invalid.
+    pub fn setting(&self) -> &'static str {
+        self.setting
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid {}: {} (must be {})",
+            self.setting, self.value, self.expected
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
 /// The error a metered request body yields when streaming it would take the bytes in
 /// flight past the byte budget (see
 /// [`BackpressureBuilder::meter_bodies_with`](crate::BackpressureBuilder::meter_bodies_with)).

@@ -170,7 +170,7 @@ pub use body::{BodyMeter, MeteredBody, ResponseBody};
 pub use builder::{BackpressureBuilder, PermitRelease};
 pub use channel::{channel_body, BodySender, ChannelBody, Closed, TrySendError};
 pub use classify::{Classify, DefaultClassify, RequestClass, RequestHead};
-pub use error::{BudgetExceeded, Overloaded, ShedReason};
+pub use error::{BudgetExceeded, ConfigError, Overloaded, ShedReason};
 pub use handle::BackpressureHandle;
 pub use layer::{BackpressureLayer, TypedBackpressureLayer};
 pub use order::{Priority, QueueOrder};
