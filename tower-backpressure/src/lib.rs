@@ -140,7 +140,8 @@
 //! Dropping a response future or body at any point returns whatever it held: a queue slot
 //! (at once), a permit handed to it but not yet observed (passed to the next waiter), a
 //! permit and its byte reservation. A panic in the inner service unwinds through the same
-//! drops. The queue is modelled with loom (`src/tests/loom_queue.rs`).
+//! drops. The queue, its lock-free fast path and the channel body are modelled with loom
+//! (`src/tests/loom_*.rs`).
 
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

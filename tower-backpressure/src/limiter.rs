@@ -4,11 +4,11 @@
 //! The number of permits out lives in one atomic word together with a `LOCKED` flag (and
 //! the number of admissions, so counting them costs nothing more). While the flag is clear,
 //! a request is admitted and released with one compare-and-swap each and never touches the
-//! mutex: that is the uncontended path. The flag is set, under the mutex,
-//! whenever that would be wrong: someone is queued (a released permit must be handed to
+//! mutex: that is the uncontended path. The flag is set, under the mutex, whenever that
+//! would be wrong: someone is queued (a released permit must be handed to
 //! them), the limiter is closed, or the configuration needs every admission under the lock
-//! (a byte budget or an adaptive limit). While it is set the count only changes under the
-//! mutex.
+//! (bytes are counted, or the limit is adaptive). While it is set the count only changes
+//! under the mutex.
 //!
 //! A request that finds no free slot sets the flag in the same compare-and-swap that observes
 //! the count, before it queues. A permit released concurrently therefore either frees the
