@@ -29,8 +29,9 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Inner { #[pin] body: B },
-        // Boxed: shed responses are rare and this keeps every other body small.
-        Shed { data: Option<Box<Bytes>> },
+        // Boxed, and empty once read (a shed message never is before): shed responses are
+        // rare, and a non-null box lets this variant share the inner body's space.
+        Shed { data: Box<Bytes> },
     }
 }
 
@@ -38,7 +39,7 @@ impl<B> ResponseBody<B> {
     pub(crate) fn shed(data: Bytes) -> Self {
         ResponseBody {
             kind: Kind::Shed {
-                data: Some(Box::new(data)),
+                data: Box::new(data),
             },
             permit: None,
         }
@@ -94,7 +95,9 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         match this.kind.project() {
-            KindProj::Shed { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(*d)))),
+            KindProj::Shed { data } => Poll::Ready(
+                (!data.is_empty()).then(|| Ok(Frame::data(std::mem::take(&mut **data)))),
+            ),
             KindProj::Inner { mut body } => {
                 let frame = ready!(body.as_mut().poll_frame(cx));
                 let finished = match &frame {
@@ -120,16 +123,14 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
-            Kind::Shed { data } => data.is_none(),
+            Kind::Shed { data } => data.is_empty(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Inner { body } => body.size_hint(),
-            Kind::Shed { data } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
+            Kind::Shed { data } => SizeHint::with_exact(data.len() as u64),
         }
     }
 }

@@ -123,11 +123,14 @@ fn sizes() {
     type Tower =
         <tower::limit::ConcurrencyLimit<HttpEcho> as Service<Request<Empty<Bytes>>>>::Future;
     println!(
-        "response future: ours {} B, tower {} B; request {} B; response {} B; ours wraps its body in {} B",
+        "response future: ours {} B, tower {} B; request {} B; response {} B; ours wraps its body in {} B \
+         (an axum body in {} B, itself {} B)",
         std::mem::size_of::<Ours>(),
         std::mem::size_of::<Tower>(),
         std::mem::size_of::<Request<Empty<Bytes>>>(),
         std::mem::size_of::<Response<Empty<Bytes>>>(),
-        std::mem::size_of::<tower_backpressure::ResponseBody<Empty<Bytes>>>()
+        std::mem::size_of::<tower_backpressure::ResponseBody<Empty<Bytes>>>(),
+        std::mem::size_of::<tower_backpressure::ResponseBody<axum::body::Body>>(),
+        std::mem::size_of::<axum::body::Body>(),
     );
 }
