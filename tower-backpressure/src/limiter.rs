@@ -35,7 +35,7 @@ use crate::order::{Priority, QueueOrder};
 use crate::stats::{Histogram, Summary};
 use crate::sync::{lock, Arc, AtomicBool, AtomicU64, Mutex};
 
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 // The layout of `Shared::word`, low to high: 31 bits of permits out, the `LOCKED` flag, and
 // 32 bits counting admissions (wrapping; `Shared::admission_epochs` counts the wraps).
@@ -288,10 +288,28 @@ impl Shared {
         }
     }
 
-    /// Under the lock, with the flag set: adds one permit and one admission.
+    /// Under the lock, with the flag set: adds one permit and one admission. Nobody else
+    /// changes the word then (the lock-free paths only compare-and-swap a word without the
+    /// flag), so a load and a store do.
     fn acquire_locked(&self) -> Admitted {
-        let word = self.word.fetch_add(ADMISSION + 1, AcqRel);
+        let word = self.word.load(Acquire);
+        debug_assert!(
+            word & LOCKED != 0,
+            "the count is ours only while the flag is set"
+        );
+        self.word.store(word.wrapping_add(ADMISSION + 1), Release);
         self.admitted_from(word)
+    }
+
+    /// Under the lock: returns one permit.
+    fn release_locked(&self) {
+        let word = self.word.load(Acquire);
+        if word & LOCKED != 0 {
+            // Ours alone, as in `acquire_locked`.
+            self.word.store(word - 1, Release);
+        } else {
+            self.word.fetch_sub(1, AcqRel);
+        }
     }
 
     /// Under the lock, after every change: the flag is set exactly while someone is queued,
@@ -614,7 +632,7 @@ impl State {
     /// someone is waiting for them.
     fn release(&mut self, shared: &Shared, bytes: u64, now: Option<Instant>, wakers: &mut Wakers) {
         self.bytes -= bytes;
-        shared.word.fetch_sub(1, AcqRel);
+        shared.release_locked();
         if self.queued == 0 {
             self.nonempty_since = None;
             self.standing = false;
