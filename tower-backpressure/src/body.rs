@@ -29,14 +29,18 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Inner { #[pin] body: B },
-        Shed { data: Option<Bytes> },
+        // Boxed, and empty once read (a shed message never is before): shed responses are
+        // rare, and a non-null box lets this variant share the inner body's space.
+        Shed { data: Box<Bytes> },
     }
 }
 
 impl<B> ResponseBody<B> {
     pub(crate) fn shed(data: Bytes) -> Self {
         ResponseBody {
-            kind: Kind::Shed { data: Some(data) },
+            kind: Kind::Shed {
+                data: Box::new(data),
+            },
             permit: None,
         }
     }
@@ -91,7 +95,9 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         match this.kind.project() {
-            KindProj::Shed { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Shed { data } => Poll::Ready(
+                (!data.is_empty()).then(|| Ok(Frame::data(std::mem::take(&mut **data)))),
+            ),
             KindProj::Inner { mut body } => {
                 let frame = ready!(body.as_mut().poll_frame(cx));
                 let finished = match &frame {
@@ -104,7 +110,7 @@ where
                     if let Some(mut permit) = this.permit.take() {
                         // An error mid-stream is the server failing, not the client leaving.
                         if matches!(frame, Some(Err(_))) {
-                            permit.set_outcome(crate::adaptive::Outcome::Overload);
+                            permit.set_outcome(|| crate::adaptive::Outcome::Overload);
                         }
                         permit.complete();
                     }
@@ -117,16 +123,14 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
-            Kind::Shed { data } => data.is_none(),
+            Kind::Shed { data } => data.is_empty(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Inner { body } => body.size_hint(),
-            Kind::Shed { data } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
+            Kind::Shed { data } => SizeHint::with_exact(data.len() as u64),
         }
     }
 }
@@ -141,13 +145,15 @@ pub struct BodyMeter {
 }
 
 impl BodyMeter {
-    pub(crate) fn new(permit: &mut Permit) -> Self {
-        BodyMeter {
+    /// The meter of `permit`'s request body; `None` if its limiter does not count bytes.
+    pub(crate) fn new(permit: &mut Permit) -> Option<Self> {
+        let (state, reserved) = permit.meter()?;
+        Some(BodyMeter {
             limiter: permit.limiter().clone(),
-            state: permit.meter(),
-            reserved: permit.reserved_bytes(),
+            state,
+            reserved,
             max_bytes: permit.limiter().config().max_bytes.unwrap_or(u64::MAX),
-        }
+        })
     }
 }
 

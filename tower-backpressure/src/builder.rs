@@ -8,9 +8,10 @@ use std::time::Duration;
 use http::StatusCode;
 use tokio::time::Instant;
 
-use crate::adaptive::{classify_status, LimitStrategy, Outcome};
+use crate::adaptive::{LimitStrategy, Outcome};
 use crate::body::MeteredBody;
 use crate::classify::{Classify, DefaultClassify, RequestHead};
+use crate::error::ConfigError;
 use crate::layer::{BackpressureLayer, TypedBackpressureLayer};
 use crate::limiter::{Config, Limiter};
 use crate::order::{Priority, QueueOrder};
@@ -32,22 +33,25 @@ pub enum PermitRelease {
 
 /// HTTP-only settings, shared by every clone of a [`BackpressureLayer`].
 pub(crate) struct HttpPolicy {
-    pub(crate) status: StatusCode,
-    pub(crate) release: PermitRelease,
     pub(crate) bypass: Option<HeadFn<bool>>,
     pub(crate) priority: Option<HeadFn<Priority>>,
     pub(crate) deadline: Option<HeadFn<Option<Instant>>>,
-    pub(crate) classify_outcome: fn(StatusCode) -> Outcome,
     pub(crate) unknown_length_bytes: u64,
     /// A `fn(MeteredBody<B>) -> B` for the one request body type `B` being metered.
     pub(crate) meter: Option<Arc<dyn Any + Send + Sync>>,
 }
 
+impl HttpPolicy {
+    /// Whether any setting looks at the request head.
+    #[inline]
+    pub(crate) fn reads_head(&self) -> bool {
+        self.bypass.is_some() || self.priority.is_some() || self.deadline.is_some()
+    }
+}
+
 impl fmt::Debug for HttpPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpPolicy")
-            .field("status", &self.status)
-            .field("release", &self.release)
             .field("bypass", &self.bypass.is_some())
             .field("priority", &self.priority.is_some())
             .field("deadline", &self.deadline.is_some())
@@ -73,12 +77,9 @@ impl BackpressureBuilder {
         BackpressureBuilder {
             config: Config::new(max_in_flight),
             http: HttpPolicy {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                release: PermitRelease::BodyEnd,
                 bypass: None,
                 priority: None,
                 deadline: None,
-                classify_outcome: classify_status,
                 unknown_length_bytes: 0,
                 meter: None,
             },
@@ -86,8 +87,9 @@ impl BackpressureBuilder {
     }
 
     /// At most this many requests wait for a slot (default: the same as `max_in_flight`).
-    /// Beyond it a request is shed at once with
-    /// [`ShedReason::QueueFull`](crate::ShedReason::QueueFull). `0` means never queue:
+    /// Beyond it the request that would be served last is shed at once with
+    /// [`ShedReason::QueueFull`](crate::ShedReason::QueueFull): the newcomer in FIFO
+    /// order, the oldest waiter in LIFO order (see [`QueueOrder`]). `0` means never queue:
     /// shed as soon as the limit is reached.
     pub fn max_queued(mut self, max_queued: usize) -> Self {
         self.config.max_queued = max_queued;
@@ -97,13 +99,21 @@ impl BackpressureBuilder {
     /// A waiter older than this is shed with
     /// [`ShedReason::QueueTimeout`](crate::ShedReason::QueueTimeout) (default: 1 s).
     /// Choose it below your clients' timeout: work for a client that has left is wasted.
+    ///
+    /// It also bounds a queued request's wait for the inner service after admission: the
+    /// permit is handed over when one is released, but the request still needs its inner
+    /// service to be ready. If it is not ready by the time the queue timeout (counted from
+    /// when the request queued) runs out, the request is shed with `QueueTimeout` and the
+    /// permit goes to the next waiter. (Requests admitted at once are called at once: the
+    /// caller readied the service before `call`.)
     pub fn queue_timeout(mut self, timeout: Duration) -> Self {
         self.config.queue_timeout = Some(timeout);
         self
     }
 
     /// Lets waiters wait for as long as their client does (still bounded in number by
-    /// [`max_queued`](Self::max_queued)).
+    /// [`max_queued`](Self::max_queued)); an admitted request then also waits for its inner
+    /// service to be ready for as long as its client does (or until its own deadline).
     pub fn no_queue_timeout(mut self) -> Self {
         self.config.queue_timeout = None;
         self
@@ -115,17 +125,36 @@ impl BackpressureBuilder {
         self
     }
 
-    /// The share of the limit reserved for [`Priority::High`] requests, in `[0, 1)`
-    /// (default `0`). With a limit of 10 and a share of `0.2`, normal requests stop at 8 in
-    /// flight and the last 2 slots are only for high-priority ones. Normal requests always
-    /// keep at least one slot.
-    pub fn high_priority_share(mut self, share: f64) -> Self {
-        self.config.high_priority_share = if share.is_finite() {
-            share.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        self
+    /// The share of the limit reserved for [`Priority::High`] requests, at least `0` and
+    /// below `1` (default `0`). With a limit of 10 and a share of `0.2`, normal requests stop
+    /// at 8 in flight and the last 2 slots are only for high-priority ones. Normal requests
+    /// always keep at least one slot.
+    ///
+    /// # Errors
+    ///
+    /// A share outside `[0, 1)` (including NaN) is a [`ConfigError`]: reserving the whole
+    /// limit would leave normal requests nothing.
+    ///
+    /// ```
+    /// use tower_backpressure::BackpressureLayer;
+    ///
+    /// # fn main() -> Result<(), tower_backpressure::ConfigError> {
+    /// let layer = BackpressureLayer::builder(10).high_priority_share(0.2)?.build();
+    /// assert!(BackpressureLayer::builder(10).high_priority_share(1.0).is_err());
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn high_priority_share(mut self, share: f64) -> Result<Self, ConfigError> {
+        if !(0.0..1.0).contains(&share) {
+            return Err(ConfigError::new(
+                "high_priority_share",
+                share.to_string(),
+                "at least 0 and below 1",
+            ));
+        }
+        self.config.high_priority_share = share;
+        Ok(self)
     }
 
     /// Caps the bytes of request bodies in flight (default: no cap).
@@ -136,6 +165,20 @@ impl BackpressureBuilder {
     /// answered `413 Payload Too Large` (without `Retry-After`: waiting cannot help). With
     /// [`meter_bodies_with`](Self::meter_bodies_with), bytes streamed beyond the
     /// reservation are counted too. Reservations return when the permit does.
+    ///
+    /// # Order
+    ///
+    /// Bytes are handed out in serving order (see [`QueueOrder`]): a request whose body
+    /// does not fit holds up the requests behind it that also reserve bytes, even smaller
+    /// ones that would fit, so a large upload is never starved by a stream of small ones
+    /// (the same rule as tokio's `Semaphore::acquire_many`). It does not hold up requests
+    /// that reserve nothing (a `GET`, or a body of unknown length with the default
+    /// `unknown_length_bytes` of 0): they need only a slot and cannot delay it, so they
+    /// are admitted past it while slots are free. If large uploads should not delay small
+    /// bodies at all, give them their own layer (a route-level budget) instead. Bytes
+    /// charged while a body streams (metering) are counted as they are read, whatever is
+    /// queued; reserve them with `unknown_length_bytes` to make such bodies queue like
+    /// declared ones.
     pub fn max_request_bytes(mut self, max_bytes: u64) -> Self {
         self.config.max_bytes = Some(max_bytes);
         self
@@ -157,6 +200,7 @@ impl BackpressureBuilder {
     /// buffering without bound). Requests with any other body type are not metered.
     pub fn meter_bodies_with<B: 'static>(mut self, rewrap: fn(MeteredBody<B>) -> B) -> Self {
         self.http.meter = Some(Arc::new(rewrap));
+        self.config.track_bytes = true;
         self
     }
 
@@ -164,13 +208,13 @@ impl BackpressureBuilder {
     /// Many Requests` is the other common choice). A request larger than the byte budget
     /// always gets `413`.
     pub fn shed_status(mut self, status: StatusCode) -> Self {
-        self.http.status = status;
+        self.config.http.shed_status = status;
         self
     }
 
     /// When an HTTP request's permit is returned (default [`PermitRelease::BodyEnd`]).
     pub fn permit_release(mut self, release: PermitRelease) -> Self {
-        self.http.release = release;
+        self.config.http.release = release;
         self
     }
 
@@ -221,10 +265,11 @@ impl BackpressureBuilder {
         self
     }
 
-    /// How responses feed an adaptive limit (default [`classify_status`]: `429` and `5xx`
-    /// are overload, other `4xx` ignored).
+    /// How responses feed an adaptive limit (default
+    /// [`classify_status`](crate::adaptive::classify_status): `429` and `5xx` are overload,
+    /// other `4xx` ignored).
     pub fn classify_outcome(mut self, classify: fn(StatusCode) -> Outcome) -> Self {
-        self.http.classify_outcome = classify;
+        self.config.http.classify = classify;
         self
     }
 

@@ -105,14 +105,27 @@ impl BodySender {
         Poll::Pending
     }
 
-    fn push(&mut self, frame: Frame<Bytes>) -> Result<(), Closed> {
+    /// Queues `item` as a frame of `len` bytes unless the body is gone, or (with
+    /// `respect_mark`) the buffer is at its high-water mark, in which cases `item` comes
+    /// back with whether the body is gone. The check and the push happen under one lock,
+    /// so an item is either queued or handed back, whatever the reader does meanwhile.
+    fn push<T>(
+        &mut self,
+        item: T,
+        len: usize,
+        into_frame: impl FnOnce(T) -> Frame<Bytes>,
+        respect_mark: bool,
+    ) -> Result<(), (T, bool)> {
         let reader = {
             let mut ch = lock(&self.shared);
             if !ch.receiver_alive {
-                return Err(Closed);
+                return Err((item, true));
             }
-            ch.buffered += frame.data_ref().map_or(0, |d| d.len());
-            ch.frames.push_back(frame);
+            if respect_mark && ch.buffered >= ch.high_water_mark {
+                return Err((item, false));
+            }
+            ch.buffered += len;
+            ch.frames.push_back(into_frame(item));
             ch.reader.take()
         };
         if let Some(w) = reader {
@@ -124,29 +137,31 @@ impl BodySender {
     /// Waits for room below the high-water mark, then queues `data`.
     pub async fn send(&mut self, data: Bytes) -> Result<(), Closed> {
         poll_fn(|cx| self.poll_ready(cx)).await?;
-        self.push(Frame::data(data))
+        // Only this sender adds to the buffer, so the room found above is still there;
+        // only the body leaving can intervene.
+        let len = data.len();
+        self.push(data, len, Frame::data, false).map_err(|_| Closed)
     }
 
     /// Queues `data` without waiting if the buffer is below the high-water mark; otherwise
     /// hands it back. Like Node's `write()` returning `false`, without the buffering.
     pub fn try_send(&mut self, data: Bytes) -> Result<(), TrySendError> {
-        {
-            let ch = lock(&self.shared);
-            if !ch.receiver_alive {
-                return Err(TrySendError::Closed(data));
-            }
-            if ch.buffered >= ch.high_water_mark {
-                return Err(TrySendError::Full(data));
-            }
-        }
-        self.push(Frame::data(data))
-            .map_err(|Closed| TrySendError::Closed(Bytes::new()))
+        let len = data.len();
+        self.push(data, len, Frame::data, true)
+            .map_err(|(data, closed)| {
+                if closed {
+                    TrySendError::Closed(data)
+                } else {
+                    TrySendError::Full(data)
+                }
+            })
     }
 
     /// Waits for room, then queues trailers; the body ends after them.
     pub async fn send_trailers(mut self, trailers: http::HeaderMap) -> Result<(), Closed> {
         poll_fn(|cx| self.poll_ready(cx)).await?;
-        self.push(Frame::trailers(trailers))
+        self.push(trailers, 0, Frame::trailers, false)
+            .map_err(|_| Closed)
     }
 
     /// Ends the body with an error after the frames already queued (the connection is

@@ -12,8 +12,9 @@ use std::time::Duration;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ShedReason {
-    /// The limit was reached and the queue was full (or a higher-priority request took the
-    /// queue slot).
+    /// The limit was reached and the queue was full: the request would have been served
+    /// last (the newcomer in FIFO order, the oldest waiter in LIFO order, a normal waiter
+    /// displaced by a high-priority request).
     QueueFull,
     /// The request waited in the queue longer than the queue timeout (or, in
     /// [`QueueOrder::Adaptive`](crate::QueueOrder::Adaptive) with a standing queue, longer
@@ -123,6 +124,42 @@ impl fmt::Display for Overloaded {
 }
 
 impl std::error::Error for Overloaded {}
+
+/// A builder setting outside its documented range, such as a
+/// [`high_priority_share`](crate::BackpressureBuilder::high_priority_share) of `1`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    setting: &'static str,
+    value: String,
+    expected: &'static str,
+}
+
+impl ConfigError {
+    pub(crate) fn new(setting: &'static str, value: String, expected: &'static str) -> Self {
+        ConfigError {
+            setting,
+            value,
+            expected,
+        }
+    }
+
+    /// The name of the builder method whose argument was invalid.
+    pub fn setting(&self) -> &'static str {
+        self.setting
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid {}: {} (must be {})",
+            self.setting, self.value, self.expected
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// The error a metered request body yields when streaming it would take the bytes in
 /// flight past the byte budget (see

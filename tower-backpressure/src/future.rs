@@ -2,8 +2,11 @@
 //! to the response body.
 //!
 //! The fast path (admitted at once, or bypassed) calls the inner service inside `call`, so
-//! the future is just the inner future and the permit. Only a queued request keeps its
-//! request and service, boxed, until it is admitted, which keeps the future small.
+//! the future is just the inner future and the two-word permit: no larger than tower's
+//! `ConcurrencyLimit` future, which matters because futures up to 128 bytes are moved with
+//! a few register stores and larger ones with `memcpy`. Everything a queued or shed request
+//! needs (its request, service, timer, the shed reason) lives in one box, and the layer's
+//! HTTP settings are read through the permit's limiter rather than copied into the future.
 
 use std::fmt;
 use std::future::Future;
@@ -21,8 +24,10 @@ use crate::body::{BodyMeter, MeteredBody, ResponseBody};
 use crate::builder::PermitRelease;
 use crate::error::{Overloaded, ShedReason};
 use crate::layer::HttpShared;
-use crate::limiter::{Admission, Permit};
+use crate::limiter::{Admission, Granted, Permit};
 use std::sync::Arc;
+
+type Meter = Arc<dyn std::any::Any + Send + Sync>;
 
 pin_project! {
     #[project = StateProj]
@@ -30,11 +35,86 @@ pin_project! {
     where
         S: Service<Req>,
     {
-        Waiting { acquire: Acquire, pending: Option<Box<(S, Req)>> },
-        Ready { pending: Option<Box<(S, Req)>>, permit: Option<Permit> },
+        // With a permit if admitted, without one if bypassed.
         Called { #[pin] fut: S::Future, permit: Option<Permit> },
-        Shed { overloaded: Option<Overloaded> },
-        Done,
+        Slow { slow: Box<Slow<S, Req>> },
+    }
+}
+
+/// A request that has not reached its inner service.
+enum Slow<S, Req> {
+    Waiting(Waiting<S, Req>),
+    /// Shed at once, with the HTTP status to answer.
+    Shed(Overloaded, StatusCode),
+    Done,
+}
+
+/// A queued request: its wait, then its wait for the inner service to be ready again.
+struct Waiting<S, Req> {
+    acquire: Acquire,
+    /// The service readied before the request queued, and the request.
+    pending: Option<(S, Req)>,
+    /// Set once admitted.
+    granted: Option<Granted>,
+    /// The request-body meter of an HTTP layer that meters bodies.
+    meter: Option<Meter>,
+    /// The HTTP status to answer if shed.
+    status: StatusCode,
+}
+
+/// Why a request never reached its inner service.
+enum Stop<E> {
+    Shed(Overloaded, StatusCode),
+    /// The inner service failed `poll_ready`.
+    NotReady(E),
+}
+
+impl<S, Req> Waiting<S, Req>
+where
+    S: Service<Req>,
+{
+    /// Waits for a permit, then for the inner service to be ready, then calls it. Waiting
+    /// for readiness is bounded like waiting in the queue: by the queue timeout (counted
+    /// from when the request queued) and the request's own deadline.
+    fn poll_call(
+        &mut self,
+        cx: &mut Context<'_>,
+        wrap: impl FnOnce(Req, &mut Permit, &Option<Meter>) -> Req,
+    ) -> Poll<Result<(S::Future, Permit), Stop<S::Error>>> {
+        if self.granted.is_none() {
+            match ready!(self.acquire.poll_acquire(cx)) {
+                Ok(granted) => self.granted = Some(granted),
+                Err(overloaded) => return Poll::Ready(Err(Stop::Shed(overloaded, self.status))),
+            }
+        }
+        let (service, _) = self.pending.as_mut().expect("present until called");
+        // Readied before queueing; polled again because time has passed.
+        match service.poll_ready(cx) {
+            Poll::Ready(Ok(())) => {
+                let (mut service, request) = self.pending.take().expect("present until called");
+                let mut permit = self.granted.take().expect("granted above").permit;
+                let request = wrap(request, &mut permit, &self.meter);
+                Poll::Ready(Ok((service.call(request), permit)))
+            }
+            Poll::Ready(Err(e)) => {
+                let mut permit = self.granted.take().expect("granted above").permit;
+                permit.finish(|| Outcome::Overload);
+                Poll::Ready(Err(Stop::NotReady(e)))
+            }
+            Poll::Pending => {
+                let granted = self.granted.as_ref().expect("granted above");
+                let Some((at, reason)) = granted.ready_by else {
+                    return Poll::Pending;
+                };
+                ready!(self.acquire.poll_timer(cx, at));
+                // An inner service not ready within the queue timeout is overloaded itself.
+                let mut permit = self.granted.take().expect("granted above").permit;
+                permit.finish(|| Outcome::Overload);
+                let overloaded = permit.limiter().shed_admitted(reason);
+                drop(permit);
+                Poll::Ready(Err(Stop::Shed(overloaded, self.status)))
+            }
+        }
     }
 }
 
@@ -42,126 +122,83 @@ impl<S, Req> State<S, Req>
 where
     S: Service<Req>,
 {
-    /// Acts on an admission decision. `svc` must have been driven to readiness by the
-    /// caller's `poll_ready`, as the `Service` contract requires before `call`.
     #[inline]
-    fn start(
+    fn called(fut: S::Future, permit: Option<Permit>) -> Self {
+        State::Called { fut, permit }
+    }
+
+    /// Acts on a decision to queue or shed. `svc` must have been driven to readiness by
+    /// the caller's `poll_ready`, as the `Service` contract requires before `call`.
+    fn not_admitted(
         admission: Admission,
         svc: &mut S,
         req: Req,
-        wrap: impl FnOnce(Req, &mut Permit) -> Req,
+        meter: &Option<Meter>,
+        status: StatusCode,
     ) -> Self
     where
         S: Clone,
     {
-        match admission {
-            Admission::Admitted(mut permit) => {
-                let req = wrap(req, &mut permit);
-                State::Called {
-                    fut: svc.call(req),
-                    permit: Some(permit),
-                }
-            }
+        let slow = match admission {
+            Admission::Admitted(_) => unreachable!("admitted requests are called at once"),
             Admission::Queued(waiter) => {
                 // Keep the readied service for when we are admitted; leave a clone behind.
                 let fresh = svc.clone();
                 let readied = std::mem::replace(svc, fresh);
-                State::Waiting {
+                Slow::Waiting(Waiting {
                     acquire: Acquire::new(waiter),
-                    pending: Some(Box::new((readied, req))),
-                }
+                    pending: Some((readied, req)),
+                    granted: None,
+                    meter: meter.clone(),
+                    status,
+                })
             }
-            Admission::Shed(overloaded) => State::Shed {
-                overloaded: Some(overloaded),
-            },
-        }
-    }
-
-    #[inline]
-    fn bypass(svc: &mut S, req: Req) -> Self {
-        State::Called {
-            fut: svc.call(req),
-            permit: None,
+            Admission::Shed(overloaded) => Slow::Shed(overloaded, status),
+        };
+        State::Slow {
+            slow: Box::new(slow),
         }
     }
 }
 
-/// One step of the shared state machine.
-enum Step<F> {
-    /// The inner future finished with its permit (if any).
-    Finished(F, Option<Permit>),
-    /// The request was shed.
-    Shed(Overloaded),
-    /// The inner service failed `poll_ready`.
-    NotReady(F),
-}
-
-/// Drives waiting, readiness and the call; `wrap` may rewrite the request once admitted.
-#[inline]
-fn poll_state<S, Req>(
+/// Drives a request that is not (yet) calling its inner service: waits for admission and
+/// readiness and calls the service (then the state is `Called` and this returns `None`),
+/// or ends it (`Some`). `wrap` may rewrite the request once admitted.
+#[inline(never)]
+fn poll_not_called<S, Req>(
     mut state: Pin<&mut State<S, Req>>,
     cx: &mut Context<'_>,
-    wrap: impl Fn(Req, &mut Permit) -> Req,
-) -> Poll<Step<Result<S::Response, S::Error>>>
+    wrap: impl FnOnce(Req, &mut Permit, &Option<Meter>) -> Req,
+) -> Poll<Option<Stop<S::Error>>>
 where
     S: Service<Req>,
 {
-    loop {
-        match state.as_mut().project() {
-            StateProj::Waiting { acquire, pending } => match ready!(acquire.poll_acquire(cx)) {
-                Ok(permit) => {
-                    let next = State::Ready {
-                        pending: pending.take(),
-                        permit: Some(permit),
-                    };
-                    state.set(next);
-                }
-                Err(overloaded) => {
-                    state.set(State::Done);
-                    return Poll::Ready(Step::Shed(overloaded));
-                }
-            },
-            StateProj::Ready { pending, permit } => {
-                let (service, _) = &mut **pending.as_mut().expect("present until called");
-                // Readied before queueing; polled again because time has passed.
-                if let Err(e) = ready!(service.poll_ready(cx)) {
-                    if let Some(p) = permit.as_mut() {
-                        p.set_outcome(Outcome::Overload);
-                        p.complete();
-                    }
-                    state.set(State::Done);
-                    return Poll::Ready(Step::NotReady(Err(e)));
-                }
-                let (mut service, mut request) = *pending.take().expect("present until called");
-                let mut permit = permit.take();
-                if let Some(p) = permit.as_mut() {
-                    request = wrap(request, p);
-                }
-                let fut = service.call(request);
-                state.set(State::Called { fut, permit });
+    let StateProj::Slow { slow } = state.as_mut().project() else {
+        return Poll::Ready(None);
+    };
+    let stop = match &mut **slow {
+        Slow::Waiting(waiting) => match ready!(waiting.poll_call(cx, wrap)) {
+            Ok((fut, permit)) => {
+                state.set(State::called(fut, Some(permit)));
+                return Poll::Ready(None);
             }
-            StateProj::Called { fut, permit } => {
-                let result = ready!(fut.poll(cx));
-                let permit = permit.take();
-                state.set(State::Done);
-                return Poll::Ready(Step::Finished(result, permit));
-            }
-            StateProj::Shed { overloaded } => {
-                let overloaded = overloaded.take().expect("polled after completion");
-                state.set(State::Done);
-                return Poll::Ready(Step::Shed(overloaded));
-            }
-            StateProj::Done => panic!("response future polled after completion"),
-        }
-    }
+            Err(stop) => stop,
+        },
+        Slow::Shed(..) => match std::mem::replace(&mut **slow, Slow::Done) {
+            Slow::Shed(overloaded, status) => Stop::Shed(overloaded, status),
+            _ => unreachable!("matched above"),
+        },
+        Slow::Done => panic!("response future polled after completion"),
+    };
+    **slow = Slow::Done;
+    Poll::Ready(Some(stop))
 }
 
 /// Wraps the request body in a [`MeteredBody`] when the layer meters bodies of this type.
-#[inline]
 pub(crate) fn meter_request<ReqB: 'static>(
-    meter: &Option<Meter>,
     req: Request<ReqB>,
     permit: &mut Permit,
+    meter: &Option<Meter>,
 ) -> Request<ReqB> {
     let Some(meter) = meter else {
         return req;
@@ -169,7 +206,9 @@ pub(crate) fn meter_request<ReqB: 'static>(
     let Some(rewrap) = meter.downcast_ref::<fn(MeteredBody<ReqB>) -> ReqB>() else {
         return req;
     };
-    let body_meter = BodyMeter::new(permit);
+    let Some(body_meter) = BodyMeter::new(permit) else {
+        return req;
+    };
     req.map(|body| rewrap(MeteredBody::new(body, body_meter)))
 }
 
@@ -182,30 +221,6 @@ pin_project! {
     {
         #[pin]
         state: State<S, Request<ReqB>>,
-        policy: ResponsePolicy,
-        // Only set when bodies are metered and the request is still queued.
-        meter: Option<Meter>,
-    }
-}
-
-type Meter = Arc<dyn std::any::Any + Send + Sync>;
-
-/// What the future needs from the layer's settings once the inner service answers; copied
-/// so the fast path does not touch the shared state's reference count.
-#[derive(Clone, Copy)]
-struct ResponsePolicy {
-    status: StatusCode,
-    release: PermitRelease,
-    classify_outcome: fn(StatusCode) -> Outcome,
-}
-
-impl ResponsePolicy {
-    fn of(shared: &HttpShared) -> Self {
-        ResponsePolicy {
-            status: shared.policy.status,
-            release: shared.policy.release,
-            classify_outcome: shared.policy.classify_outcome,
-        }
     }
 }
 
@@ -214,7 +229,7 @@ where
     S: Service<Request<ReqB>>,
     ReqB: 'static,
 {
-    #[inline]
+    /// Acts on an admission decision made by the general path.
     pub(crate) fn start(
         admission: Admission,
         svc: &mut S,
@@ -224,33 +239,35 @@ where
     where
         S: Clone,
     {
-        let queued = matches!(admission, Admission::Queued(_));
-        let state = State::start(admission, svc, req, |req, permit| {
-            meter_request(&shared.policy.meter, req, permit)
-        });
-        ResponseFuture {
-            state,
-            policy: ResponsePolicy::of(shared),
-            meter: if queued {
-                shared.policy.meter.clone()
-            } else {
-                None
-            },
-        }
+        let config = shared.limiter.config();
+        let state = match admission {
+            Admission::Admitted(mut permit) => {
+                let req = meter_request(req, &mut permit, &shared.policy.meter);
+                State::called(svc.call(req), Some(permit))
+            }
+            other => State::not_admitted(
+                other,
+                svc,
+                req,
+                &shared.policy.meter,
+                config.http.shed_status,
+            ),
+        };
+        ResponseFuture { state }
     }
 
+    /// A request whose inner service has been called, with its permit unless bypassed.
     #[inline]
-    pub(crate) fn bypass(svc: &mut S, req: Request<ReqB>, shared: &HttpShared) -> Self {
+    pub(crate) fn called(fut: S::Future, permit: Option<Permit>) -> Self {
         ResponseFuture {
-            state: State::bypass(svc, req),
-            policy: ResponsePolicy::of(shared),
-            meter: None,
+            state: State::called(fut, permit),
         }
     }
 }
 
 /// The answer to a shed HTTP request: `Retry-After` only where waiting can help, so not
 /// on a `413` for a body larger than the whole byte budget.
+#[cold]
 fn shed_response<B>(overloaded: &Overloaded, status: StatusCode) -> Response<ResponseBody<B>> {
     let too_large = overloaded.reason() == ShedReason::TooLarge;
     let status = if too_large {
@@ -285,28 +302,48 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let policy = *this.policy;
-        let meter: &Option<Meter> = this.meter;
-        let wrap = |req, permit: &mut Permit| meter_request(meter, req, permit);
-        match ready!(poll_state(this.state, cx, wrap)) {
-            Step::Shed(overloaded) => Poll::Ready(Ok(shed_response(&overloaded, policy.status))),
-            Step::NotReady(Err(e)) | Step::Finished(Err(e), _) => Poll::Ready(Err(e)),
-            Step::NotReady(Ok(_)) => unreachable!("NotReady always carries an error"),
-            Step::Finished(Ok(response), permit) => {
-                let Some(mut permit) = permit else {
-                    return Poll::Ready(Ok(response.map(ResponseBody::unlimited)));
-                };
-                permit.set_outcome((policy.classify_outcome)(response.status()));
-                if policy.release == PermitRelease::Head {
-                    permit.complete();
-                    drop(permit);
-                    return Poll::Ready(Ok(response.map(ResponseBody::unlimited)));
+        let mut state = self.project().state;
+        loop {
+            // The fast path: a completed inner future is not polled again, so the state can
+            // stay as it is (no drop, no move).
+            if let StateProj::Called { fut, permit } = state.as_mut().project() {
+                let result = ready!(fut.poll(cx));
+                return Poll::Ready(respond(result, permit.take()));
+            }
+            match ready!(poll_not_called(state.as_mut(), cx, meter_request)) {
+                None => continue,
+                Some(Stop::Shed(overloaded, status)) => {
+                    return Poll::Ready(Ok(shed_response(&overloaded, status)))
                 }
-                Poll::Ready(Ok(response.map(|body| ResponseBody::limited(body, permit))))
+                Some(Stop::NotReady(e)) => return Poll::Ready(Err(e)),
             }
         }
     }
+}
+
+/// The response of a request that reached its inner service.
+#[inline]
+fn respond<B, E>(
+    result: Result<Response<B>, E>,
+    permit: Option<Permit>,
+) -> Result<Response<ResponseBody<B>>, E>
+where
+    B: http_body::Body,
+{
+    // An error is the connection's business, not a sample: the permit is released
+    // unfinished, which adaptive limits ignore.
+    let response = result?;
+    let Some(mut permit) = permit else {
+        return Ok(response.map(ResponseBody::unlimited));
+    };
+    let policy = permit.limiter().config().http;
+    permit.set_outcome(|| (policy.classify)(response.status()));
+    if policy.release == PermitRelease::Head {
+        permit.complete();
+        drop(permit);
+        return Ok(response.map(ResponseBody::unlimited));
+    }
+    Ok(response.map(|body| ResponseBody::limited(body, permit)))
 }
 
 impl<S, ReqB> fmt::Debug for ResponseFuture<S, ReqB>
@@ -330,6 +367,10 @@ pin_project! {
     }
 }
 
+fn unchanged<Req>(req: Req, _: &mut Permit, _: &Option<Meter>) -> Req {
+    req
+}
+
 impl<S, Req> TypedResponseFuture<S, Req>
 where
     S: Service<Req>,
@@ -339,14 +380,17 @@ where
     where
         S: Clone,
     {
-        TypedResponseFuture {
-            state: State::start(admission, svc, req, |req, _| req),
-        }
+        let state = match admission {
+            Admission::Admitted(permit) => State::called(svc.call(req), Some(permit)),
+            // The status is for HTTP; a typed shed is an error.
+            other => State::not_admitted(other, svc, req, &None, StatusCode::SERVICE_UNAVAILABLE),
+        };
+        TypedResponseFuture { state }
     }
 
     pub(crate) fn bypass(svc: &mut S, req: Req) -> Self {
         TypedResponseFuture {
-            state: State::bypass(svc, req),
+            state: State::called(svc.call(req), None),
         }
     }
 }
@@ -360,19 +404,25 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match ready!(poll_state(self.project().state, cx, |req, _| req)) {
-            Step::Shed(overloaded) => Poll::Ready(Err(overloaded.into())),
-            Step::NotReady(result) => Poll::Ready(result.map_err(Into::into)),
-            Step::Finished(result, permit) => {
-                if let Some(mut permit) = permit {
-                    permit.set_outcome(if result.is_ok() {
-                        Outcome::Success
-                    } else {
-                        Outcome::Overload
+        let mut state = self.project().state;
+        loop {
+            if let StateProj::Called { fut, permit } = state.as_mut().project() {
+                let result = ready!(fut.poll(cx));
+                if let Some(mut permit) = permit.take() {
+                    permit.finish(|| {
+                        if result.is_ok() {
+                            Outcome::Success
+                        } else {
+                            Outcome::Overload
+                        }
                     });
-                    permit.complete();
                 }
-                Poll::Ready(result.map_err(Into::into))
+                return Poll::Ready(result.map_err(Into::into));
+            }
+            match ready!(poll_not_called(state.as_mut(), cx, unchanged)) {
+                None => continue,
+                Some(Stop::Shed(overloaded, _)) => return Poll::Ready(Err(overloaded.into())),
+                Some(Stop::NotReady(e)) => return Poll::Ready(Err(e.into())),
             }
         }
     }

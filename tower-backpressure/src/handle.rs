@@ -90,10 +90,10 @@ impl BackpressureHandle {
 
     /// Time from admission to permit release of requests that completed normally.
     ///
-    /// Measured for every request under load (at least half the limit in use, or anyone
-    /// queued), with an adaptive strategy, or with a deadline; at lower load one request
-    /// in 16 is measured, so the uncontended path rarely reads the clock. The drain-rate
-    /// estimate behind `Retry-After` uses the same samples.
+    /// Measured for every request that waited in the queue and, with an adaptive strategy,
+    /// for every request; of the requests admitted at once, one in 64 is measured, so the
+    /// uncontended path rarely reads the clock or takes a lock. The drain-rate estimate
+    /// behind `Retry-After` uses the same samples.
     pub fn service_time(&self) -> Summary {
         self.limiter.snapshot().service_time
     }

@@ -14,6 +14,9 @@ use crate::service::{Backpressure, TypedBackpressure};
 pub(crate) struct HttpShared {
     pub(crate) limiter: Limiter,
     pub(crate) policy: HttpPolicy,
+    /// Whether a request can be admitted without looking at it: no bypass, priority or
+    /// deadline function, and no bytes to count.
+    pub(crate) blind: bool,
 }
 
 /// Applies [`Backpressure`] to HTTP services; see the [crate docs](crate) for semantics and
@@ -40,8 +43,13 @@ impl BackpressureLayer {
     }
 
     pub(crate) fn from_parts(limiter: Limiter, policy: HttpPolicy) -> Self {
+        let blind = !policy.reads_head() && !limiter.config().track_bytes;
         BackpressureLayer {
-            shared: Arc::new(HttpShared { limiter, policy }),
+            shared: Arc::new(HttpShared {
+                limiter,
+                policy,
+                blind,
+            }),
         }
     }
 

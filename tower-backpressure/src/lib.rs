@@ -32,15 +32,22 @@
 //!
 //! 1. A request the bypass predicate matches goes straight through, uncounted.
 //! 2. If a slot is free (and its priority class may use it, and its declared body fits the
-//!    byte budget) and nobody of its class is waiting, it is admitted.
+//!    byte budget) and nobody of its class is waiting, it is admitted. A request that
+//!    reserves no bytes is also admitted past waiters held up only by the byte budget;
+//!    bytes themselves go strictly in serving order, so a large body is never starved.
 //! 3. Otherwise it is queued if the queue has room; a request whose own deadline cannot be
 //!    met at the current drain rate is shed instead
 //!    ([`ShedReason::DeadlineUnreachable`]).
-//! 4. Otherwise it is shed ([`ShedReason::QueueFull`]). A high-priority request first takes
-//!    the place of the newest normal-priority waiter.
+//! 4. Otherwise the queue is full, and whoever would be served last is shed
+//!    ([`ShedReason::QueueFull`]): the newcomer in FIFO order; in LIFO order the oldest
+//!    waiter of its class, whose place it takes. A high-priority newcomer takes the place of
+//!    the normal-priority waiter served last.
 //! 5. A waiter is admitted when a permit is released: the permit is handed to it directly
 //!    (nobody can overtake it), in [`QueueOrder`]. It is shed when its queue timeout or its
-//!    deadline passes. If its client leaves, its queue slot is freed at once.
+//!    deadline passes. If its client leaves, its queue slot is freed at once. Once admitted
+//!    it waits for the inner service to be ready again (it was ready when the request
+//!    queued); that wait is bounded by the same queue timeout, counted from when the
+//!    request queued, and deadline, and a request shed then returns its permit at once.
 //! 6. An admitted request keeps its permit until its response body ends or is dropped
 //!    ([`PermitRelease::BodyEnd`], the default) or until the head is ready
 //!    ([`PermitRelease::Head`]).
@@ -102,7 +109,9 @@
 //!   LIFO with a 5 ms bound, so the queue stops adding latency at all.
 //! - **`max_request_bytes`**: the memory you are willing to spend on request bodies at
 //!   once. Reservations use `Content-Length`; meter chunked bodies with
-//!   [`BackpressureBuilder::meter_bodies_with`].
+//!   [`BackpressureBuilder::meter_bodies_with`]. Bytes go in serving order, so a large
+//!   upload waiting for bytes holds up smaller bodies (not bodiless requests); give large
+//!   uploads their own layer if that matters.
 //! - **Priorities**: reserve a share ([`BackpressureBuilder::high_priority_share`]) for
 //!   traffic that must get through under overload; bypass only what is trivially cheap.
 //!
@@ -131,7 +140,8 @@
 //! Dropping a response future or body at any point returns whatever it held: a queue slot
 //! (at once), a permit handed to it but not yet observed (passed to the next waiter), a
 //! permit and its byte reservation. A panic in the inner service unwinds through the same
-//! drops. The queue is modelled with loom (`src/tests/loom_queue.rs`).
+//! drops. The queue, its lock-free fast path and the channel body are modelled with loom
+//! (`src/tests/loom_*.rs`).
 
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -161,7 +171,7 @@ pub use body::{BodyMeter, MeteredBody, ResponseBody};
 pub use builder::{BackpressureBuilder, PermitRelease};
 pub use channel::{channel_body, BodySender, ChannelBody, Closed, TrySendError};
 pub use classify::{Classify, DefaultClassify, RequestClass, RequestHead};
-pub use error::{BudgetExceeded, Overloaded, ShedReason};
+pub use error::{BudgetExceeded, ConfigError, Overloaded, ShedReason};
 pub use handle::BackpressureHandle;
 pub use layer::{BackpressureLayer, TypedBackpressureLayer};
 pub use order::{Priority, QueueOrder};

@@ -109,23 +109,44 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let policy = &self.shared.policy;
-        let head = RequestHead::new(&req);
-        if policy.bypass.as_ref().is_some_and(|f| f(&head)) {
-            return ResponseFuture::bypass(&mut self.inner, req, &self.shared);
+        if self.shared.blind {
+            if let Some(permit) = self.shared.limiter.try_admit() {
+                return ResponseFuture::called(self.inner.call(req), Some(permit));
+            }
         }
-        let ticket = Ticket {
-            priority: policy
-                .priority
-                .as_ref()
-                .map_or(Priority::Normal, |f| f(&head)),
-            deadline: policy.deadline.as_ref().and_then(|f| f(&head)),
-            bytes: if self.shared.limiter.config().max_bytes.is_some() {
-                declared_bytes(&req, policy.unknown_length_bytes)
-            } else {
-                0
-            },
+        self.call_slow(req)
+    }
+}
+
+impl<S> Backpressure<S> {
+    /// Every request the lock-free path could not admit at once.
+    #[inline(never)]
+    fn call_slow<ReqB>(&mut self, req: Request<ReqB>) -> ResponseFuture<S, ReqB>
+    where
+        S: Service<Request<ReqB>> + Clone,
+        ReqB: http_body::Body + 'static,
+    {
+        let policy = &self.shared.policy;
+        let mut ticket = Ticket {
+            priority: Priority::Normal,
+            deadline: None,
+            bytes: 0,
         };
+        if policy.reads_head() {
+            let head = RequestHead::new(&req);
+            if policy.bypass.as_ref().is_some_and(|f| f(&head)) {
+                return ResponseFuture::called(self.inner.call(req), None);
+            }
+            if let Some(f) = &policy.priority {
+                ticket.priority = f(&head);
+            }
+            if let Some(f) = &policy.deadline {
+                ticket.deadline = f(&head);
+            }
+        }
+        if self.shared.limiter.config().track_bytes {
+            ticket.bytes = declared_bytes(&req, policy.unknown_length_bytes);
+        }
         let admission = self.shared.limiter.admit_with(ticket, Instant::now);
         ResponseFuture::start(admission, &mut self.inner, req, &self.shared)
     }

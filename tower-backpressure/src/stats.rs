@@ -33,6 +33,21 @@ impl Histogram {
         self.max_micros = self.max_micros.max(micros);
     }
 
+    pub(crate) fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The summary of these durations plus `zeros` more observations of zero.
+    pub(crate) fn summary_with_zeros(&self, zeros: u64) -> Summary {
+        if zeros == 0 {
+            return self.summary();
+        }
+        let mut h = self.clone();
+        h.counts[0] += zeros;
+        h.count += zeros;
+        h.summary()
+    }
+
     fn quantile(&self, q: f64) -> Duration {
         if self.count == 0 {
             return Duration::ZERO;

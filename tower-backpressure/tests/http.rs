@@ -783,3 +783,195 @@ async fn a_body_ending_with_trailers_counts_as_completed() {
     assert_eq!(handle.service_time().count, 1);
     assert_idle(&handle);
 }
+
+/// Limit 1, queue 2, five requests one after another (`0` runs, the rest queue or are
+/// shed): the order the served ones reach the inner service, and who was shed.
+async fn full_queue(order: QueueOrder) -> (Vec<u32>, Vec<u32>) {
+    let layer = BackpressureLayer::builder(1)
+        .max_queued(2)
+        .no_queue_timeout()
+        .queue_order(order)
+        .build();
+    let gated = Gated::new();
+    let svc = layer.layer(gated.clone());
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        tasks.push((i, spawn_call(&svc, req(i))));
+        settle().await;
+    }
+    for _ in 0..3 {
+        gated.release(1);
+        settle().await;
+    }
+    let mut shed = Vec::new();
+    for (i, task) in tasks {
+        let response = task.await.unwrap();
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::SERVICE_UNAVAILABLE => shed.push(i),
+            other => panic!("request {i}: {other}"),
+        }
+    }
+    assert_eq!(layer.handle().shed_count(ShedReason::QueueFull), 2);
+    assert_idle(&layer.handle());
+    (gated.order(), shed)
+}
+
+#[tokio::test]
+async fn a_full_fifo_queue_sheds_the_newcomer() {
+    // In FIFO order a newcomer would be served after everyone queued: it is the one shed.
+    assert_eq!(
+        full_queue(QueueOrder::Fifo).await,
+        (vec![0, 1, 2], vec![3, 4])
+    );
+}
+
+#[tokio::test]
+async fn a_full_lifo_queue_sheds_its_oldest_waiter() {
+    // In LIFO order a newcomer is served first and the oldest waiter last: the newcomer
+    // takes the oldest waiter's place (3 displaces 1, 4 displaces 2), so the queue keeps
+    // the requests most likely to still have a client.
+    assert_eq!(
+        full_queue(QueueOrder::Lifo).await,
+        (vec![0, 4, 3], vec![1, 2])
+    );
+}
+
+/// An inner service whose readiness can be switched off: its `poll_ready` then stays
+/// pending (as a service behind its own limit or a saturated connection pool would).
+#[derive(Clone)]
+struct Switchable {
+    gated: Gated,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Service<Request<Body>> for Switchable {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFut<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        if self.ready.load(std::sync::atomic::Ordering::SeqCst) {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        self.gated.call(req)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_for_the_inner_service_after_admission_is_bounded_by_the_queue_timeout() {
+    let layer = BackpressureLayer::builder(1)
+        .max_queued(1)
+        .queue_timeout(Duration::from_millis(100))
+        .build();
+    let handle = layer.handle();
+    let inner = Switchable {
+        gated: Gated::new(),
+        ready: Arc::default(),
+    };
+    inner.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    let svc = layer.layer(inner.clone());
+    let first = spawn_call(&svc, req(1));
+    settle().await;
+    let queued_at = Instant::now();
+    let second = spawn_call(&svc, req(2));
+    settle().await;
+    assert_eq!(handle.queued(), 1);
+    // The inner service stops being ready; the first request ends after 50 ms and its
+    // permit goes to the second, which now waits for readiness while holding it.
+    inner
+        .ready
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    inner.gated.release(1);
+    assert_eq!(first.await.unwrap().status(), StatusCode::OK);
+    settle().await;
+    assert_eq!((handle.in_flight(), handle.queued()), (1, 0));
+    let second = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("the wait for readiness is bounded")
+        .unwrap();
+    assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(second.headers().contains_key(http::header::RETRY_AFTER));
+    // Shed when its queue timeout, counted from when it queued, ran out.
+    assert_eq!(queued_at.elapsed(), Duration::from_millis(100));
+    assert_eq!(handle.shed_count(ShedReason::QueueTimeout), 1);
+    assert_idle(&handle);
+    assert_eq!(inner.gated.order(), vec![1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_a_request_waiting_for_readiness_returns_its_permit() {
+    let layer = BackpressureLayer::builder(1).max_queued(1).build();
+    let handle = layer.handle();
+    let inner = Switchable {
+        gated: Gated::new(),
+        ready: Arc::default(),
+    };
+    inner.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut svc = layer.layer(inner.clone());
+    let first = spawn_call(&svc, req(1));
+    settle().await;
+    std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+    let mut second = task::spawn(svc.call(req(2)));
+    assert_pending!(second.poll());
+    inner
+        .ready
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    inner.gated.release(1);
+    assert_eq!(first.await.unwrap().status(), StatusCode::OK);
+    // Granted the permit, waiting for its service to be ready.
+    assert!(second.is_woken());
+    assert_pending!(second.poll());
+    assert_eq!((handle.in_flight(), handle.queued()), (1, 0));
+    drop(second);
+    assert_idle(&handle);
+}
+
+fn sized(id: u32, bytes: u64) -> Request<Body> {
+    Request::post("/")
+        .header("id", id.to_string())
+        .header(http::header::CONTENT_LENGTH, bytes)
+        .body(Body::empty())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_request_held_up_by_the_byte_budget_holds_up_only_requests_that_need_bytes() {
+    let layer = BackpressureLayer::builder(10)
+        .max_queued(10)
+        .max_request_bytes(100)
+        .build();
+    let handle = layer.handle();
+    let gated = Gated::new();
+    let svc = layer.layer(gated.clone());
+    let a = spawn_call(&svc, sized(1, 80));
+    settle().await;
+    // 60 bytes do not fit next to 80: it waits for them.
+    let b = spawn_call(&svc, sized(2, 60));
+    settle().await;
+    // Without a body it needs only a slot, and slots are free: it is not held up.
+    let c = spawn_call(&svc, req(3));
+    settle().await;
+    assert_eq!(gated.order(), vec![1, 3]);
+    // 10 bytes would fit, but bytes go in order: it waits behind the 60, which is never
+    // starved by smaller bodies.
+    let d = spawn_call(&svc, sized(4, 10));
+    settle().await;
+    assert_eq!(gated.order(), vec![1, 3]);
+    assert_eq!((handle.in_flight(), handle.queued()), (2, 2));
+    gated.release(2);
+    settle().await;
+    // 80 bytes and a slot are back: the 60 goes first, then the 10 fits beside it.
+    assert_eq!(gated.order(), vec![1, 3, 2, 4]);
+    gated.release(2);
+    for task in [a, b, c, d] {
+        assert_eq!(task.await.unwrap().status(), StatusCode::OK);
+    }
+    assert_idle(&handle);
+}

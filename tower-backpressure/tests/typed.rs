@@ -90,6 +90,7 @@ async fn high_priority_and_bypass_through_a_classifier() {
     let layer = BackpressureLayer::builder(2)
         .max_queued(1)
         .high_priority_share(0.5)
+        .unwrap()
         .build_typed_with(|x: &u32| match x {
             0 => RequestClass::bypass(),
             100.. => RequestClass::normal().with_priority(Priority::High),
@@ -142,4 +143,24 @@ async fn a_queue_timeout_too_long_for_the_clock_waits_instead_of_panicking() {
     assert_eq!(first.await.unwrap().unwrap(), 1);
     assert_eq!(second.await.unwrap().unwrap(), 2);
     assert_eq!((handle.in_flight(), handle.queued()), (0, 0));
+}
+
+#[test]
+fn a_high_priority_share_outside_zero_to_one_is_a_clear_error() {
+    for share in [1.0, 1.5, -0.1, f64::NAN, f64::INFINITY] {
+        let err = BackpressureLayer::builder(10)
+            .high_priority_share(share)
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(err.setting(), "high_priority_share");
+        assert_eq!(
+            err.to_string(),
+            format!("invalid high_priority_share: {share} (must be at least 0 and below 1)")
+        );
+    }
+    for share in [0.0, 0.2, 0.999] {
+        assert!(BackpressureLayer::builder(10)
+            .high_priority_share(share)
+            .is_ok());
+    }
 }

@@ -1,278 +1,456 @@
-//! Overload soak for tower-backpressure: 50,000 requests at 10x the concurrency limit
-//! against a real axum server on 127.0.0.1, once with `BackpressureLayer` and once with
-//! stock tower `ConcurrencyLimit` wrapping the whole app (the placement where tower's limit
-//! is shared). Reports peak RSS, answer statuses, and the p99 latency of admitted requests
-//! against the unloaded p99 measured first at half the limit.
-//!
-//! Each layer runs in its own child process so peak RSS is per layer:
+//! Overload soak for tower-backpressure: an open-loop load at 10x what the concurrency limit
+//! can serve, against a real axum server on 127.0.0.1, once with `BackpressureLayer` and once
+//! with stock tower `ConcurrencyLimit` around the whole app (the one placement where tower's
+//! limit is shared by every connection).
 //!
 //! ```sh
-//! cargo run --release -p benches --bin backpressure_soak -- [requests] [limit] [service_ms]
+//! cargo build --release -p benches --bin backpressure_soak --bin loadgen
+//! target/release/backpressure_soak            # 50,000 requests, limit 50, 50 ms handler
+//! target/release/backpressure_soak --help     # every option
 //! ```
 //!
-//! Defaults: 50,000 requests, limit 50, 50 ms handler. Clients are closed-loop keep-alive
-//! HTTP/1.1 connections, 10 x limit of them; a client answered `503` retries after one
-//! handler time (`[retry_ms]`, 4th argument). Server and clients run on separate runtimes.
+//! For each layer it starts a server process (this binary with `--serve`), then drives it with
+//! `loadgen open` (a fixed arrival rate; each latency measured from the request's *intended*
+//! send time, so queueing inside the server is charged to it):
+//!
+//! 1. **unloaded**: `--unloaded` x capacity (default 0.2 x), `--unloaded-requests` requests,
+//!    so nothing waits; its p99 of `200`s is the reference;
+//! 2. **loaded**: `--overload` x capacity (default 10 x: 10,000 req/s for a limit of 50 and a
+//!    50 ms handler), `--requests` requests, while the server's resident memory is sampled
+//!    every 100 ms.
+//!
+//! It reports, per layer: the answer classes (200, 503, other statuses, connection errors,
+//! client timeouts), p50/p99 of admitted (`200`) requests loaded and unloaded and their ratio,
+//! the server's RSS before the loaded run, the highest sampled RSS and its peak (`VmHWM`), and
+//! for this layer the server-side queue and shed counters. It measures; it asserts nothing.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use anyhow::{bail, Context, Result};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use benches::harness::load::LoadgenReport;
+use benches::harness::process::{install_signal_handler, Guarded};
+use clap::Parser;
 use tower::ServiceBuilder;
-use tower_backpressure::{BackpressureLayer, QueueOrder};
+use tower_backpressure::{BackpressureHandle, BackpressureLayer, QueueOrder, ShedReason};
 
-#[derive(Clone, Copy, Debug)]
-struct Params {
-    requests: usize,
+/// Open-loop overload soak: tower-backpressure vs tower `ConcurrencyLimit`.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Requests in the loaded run.
+    #[arg(long, default_value_t = 50_000)]
+    requests: u64,
+    /// Concurrency limit of both layers.
+    #[arg(long, default_value_t = 50)]
     limit: usize,
+    /// Handler time (`/` sleeps this long).
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     service: Duration,
-    retry: Duration,
+    /// Loaded arrival rate as a multiple of capacity (`limit / service`).
+    #[arg(long, default_value_t = 10.0)]
+    overload: f64,
+    /// Unloaded arrival rate as a multiple of capacity.
+    #[arg(long, default_value_t = 0.2)]
+    unloaded: f64,
+    /// Requests in the unloaded run.
+    #[arg(long, default_value_t = 1_000)]
+    unloaded_requests: u64,
+    /// tower-backpressure's queue bound (default: half the limit). The crate docs size it as
+    /// `limit x (extra latency accepted / handler time)`; the default accepts half a
+    /// handler time on top.
+    #[arg(long)]
+    max_queued: Option<usize>,
+    /// tower-backpressure's queue timeout (default: half the handler time, the extra
+    /// latency the default queue bound accepts). With a constant handler time the slots
+    /// free up in bursts one handler time apart, so it is the timeout, not the queue bound,
+    /// that caps a waiter's wait.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    queue_timeout: Option<Duration>,
+    /// Client timeout, from each request's intended send time.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Most connections the client opens (= most requests in flight from the client).
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// Layers to run, in order.
+    #[arg(long, value_delimiter = ',', default_value = "backpressure,tower")]
+    layers: Vec<Layer>,
+    /// The `loadgen` binary (default: next to this one).
+    #[arg(long)]
+    loadgen: Option<PathBuf>,
+    /// Internal: run as the server for this layer.
+    #[arg(long, hide = true)]
+    serve: Option<Layer>,
 }
 
-fn params() -> Params {
-    let args: Vec<String> = std::env::args().collect();
-    let num = |i: usize, default: u64| {
-        args.get(i)
-            .and_then(|a| a.parse::<u64>().ok())
-            .unwrap_or(default)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Layer {
+    /// `BackpressureLayer` via `Router::layer`, adaptive LIFO queue.
+    Backpressure,
+    /// tower `ConcurrencyLimit` around the whole app.
+    Tower,
+}
+
+impl Layer {
+    fn name(self) -> &'static str {
+        match self {
+            Layer::Backpressure => "backpressure",
+            Layer::Tower => "tower",
+        }
+    }
+}
+
+impl Args {
+    fn capacity(&self) -> f64 {
+        self.limit as f64 / self.service.as_secs_f64()
+    }
+
+    fn max_queued(&self) -> usize {
+        self.max_queued.unwrap_or(self.limit / 2)
+    }
+
+    fn queue_timeout(&self) -> Duration {
+        self.queue_timeout.unwrap_or(self.service / 2)
+    }
+
+    fn describe(&self, layer: Layer) -> String {
+        match layer {
+            Layer::Backpressure => format!(
+                "BackpressureLayer::builder({}).max_queued({}).queue_timeout({:?})\
+                 .queue_order(QueueOrder::adaptive()) via Router::layer",
+                self.limit,
+                self.max_queued(),
+                self.queue_timeout(),
+            ),
+            Layer::Tower => format!(
+                "ServiceBuilder::new().concurrency_limit({}).service(router) (whole app)",
+                self.limit
+            ),
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.limit == 0 || args.service.is_zero() || args.requests == 0 {
+        bail!("--limit, --service and --requests must be positive");
+    }
+    if !(args.overload > 0.0 && args.unloaded > 0.0) {
+        bail!("--overload and --unloaded must be positive");
+    }
+    if let Some(layer) = args.serve {
+        return serve(&args, layer);
+    }
+    install_signal_handler()?;
+    let loadgen = match &args.loadgen {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("loadgen"),
     };
-    Params {
-        requests: num(1, 50_000) as usize,
-        limit: num(2, 50) as usize,
-        service: Duration::from_millis(num(3, 50)),
-        retry: Duration::from_millis(num(4, num(3, 50))),
-    }
-}
-
-fn app(
-    layer: &str,
-    p: Params,
-) -> (
-    axum::routing::IntoMakeService<Router>,
-    Option<tower_backpressure::BackpressureHandle>,
-) {
-    let service = p.service;
-    let router = Router::new().route(
-        "/",
-        get(move || async move {
-            tokio::time::sleep(service).await;
-            "ok"
-        }),
-    );
-    match layer {
-        "backpressure" => {
-            // Sized as the crate docs advise: `max_in_flight x (extra latency accepted /
-            // service time)`; half a service time of queueing keeps admitted latency
-            // within 1.5x of unloaded by construction.
-            let layer = BackpressureLayer::builder(p.limit)
-                .max_queued(p.limit / 2)
-                .queue_order(QueueOrder::adaptive())
-                .build();
-            let handle = layer.handle();
-            (router.layer(layer).into_make_service(), Some(handle))
-        }
-        "tower" => {
-            // Wrapping the whole app is the one placement where tower's limit is shared.
-            let limited = ServiceBuilder::new()
-                .map_response(IntoResponse::into_response)
-                .concurrency_limit(p.limit)
-                .service(router);
-            let app = Router::new().fallback_service(limited).into_make_service();
-            (app, None)
-        }
-        other => panic!("unknown layer {other}"),
-    }
-}
-
-fn rss_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-#[derive(Default)]
-struct Tally {
-    ok: Vec<Duration>,
-    shed: usize,
-    other: usize,
-}
-
-/// `connections` closed-loop clients sharing a budget of `total` requests.
-async fn load(addr: SocketAddr, connections: usize, total: usize, retry: Duration) -> Tally {
-    let remaining = Arc::new(AtomicUsize::new(total));
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let remaining = remaining.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut tally = Tally::default();
-            'connect: loop {
-                let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let Ok((mut sender, conn)) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-                else {
-                    continue;
-                };
-                tokio::spawn(conn);
-                loop {
-                    if remaining
-                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                        .is_err()
-                    {
-                        return tally;
-                    }
-                    let request = http::Request::get("/")
-                        .header("host", "soak")
-                        .body(Empty::<Bytes>::new())
-                        .unwrap();
-                    let started = Instant::now();
-                    if sender.ready().await.is_err() {
-                        tally.other += 1;
-                        continue 'connect;
-                    }
-                    match sender.send_request(request).await {
-                        Ok(response) => {
-                            let status = response.status();
-                            let _ = response.into_body().collect().await;
-                            match status.as_u16() {
-                                200 => tally.ok.push(started.elapsed()),
-                                503 => {
-                                    tally.shed += 1;
-                                    tokio::time::sleep(retry).await;
-                                }
-                                _ => tally.other += 1,
-                            }
-                        }
-                        Err(_) => {
-                            tally.other += 1;
-                            continue 'connect;
-                        }
-                    }
-                }
-            }
-        }));
-    }
-    let mut all = Tally::default();
-    for t in tasks {
-        let t = t.await.unwrap();
-        all.ok.extend(t.ok);
-        all.shed += t.shed;
-        all.other += t.other;
-    }
-    all
-}
-
-/// The `q` quantile (nearest rank) of `latencies`, which must be sorted.
-fn quantile(latencies: &[Duration], q: f64) -> Duration {
-    if latencies.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((latencies.len() as f64) * q).ceil() as usize;
-    latencies[rank.saturating_sub(1)]
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn run_one(layer: &str, p: Params) {
-    // The server gets its own runtime so client scheduling does not show up as its latency.
-    let server_rt = runtime();
-    let listener = server_rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (make, handle) = app(layer, p);
-    let server = server_rt.spawn(async move { axum::serve(listener, make).await.unwrap() });
-    runtime().block_on(async {
-        // Unloaded: half the limit, so nothing ever waits.
-        let mut unloaded = load(addr, (p.limit / 2).max(1), 2_000, p.retry).await;
-        unloaded.ok.sort();
-        let unloaded_p99 = quantile(&unloaded.ok, 0.99);
-        let unloaded_p50 = quantile(&unloaded.ok, 0.50);
-        let rss_before = rss_kib("VmRSS:");
-
-        let started = Instant::now();
-        let mut loaded = load(addr, p.limit * 10, p.requests, p.retry).await;
-        let elapsed = started.elapsed();
-        loaded.ok.sort();
-        let loaded_p99 = quantile(&loaded.ok, 0.99);
-        let loaded_p50 = quantile(&loaded.ok, 0.50);
-        server.abort();
-        println!(
-            "{layer:>12}: {} requests at {} connections (limit {}, {:?} handler) in {:.1}s: \
-             200={} 503={} other={}; admitted p50 {:.1} ms (unloaded {:.1} ms); \
-             p99 admitted {:.1} ms vs unloaded {:.1} ms ({:.2}x); \
-             RSS before load {} KiB, peak {} KiB",
-            p.requests,
-            p.limit * 10,
-            p.limit,
-            p.service,
-            elapsed.as_secs_f64(),
-            loaded.ok.len(),
-            loaded.shed,
-            loaded.other,
-            loaded_p50.as_secs_f64() * 1e3,
-            unloaded_p50.as_secs_f64() * 1e3,
-            loaded_p99.as_secs_f64() * 1e3,
-            unloaded_p99.as_secs_f64() * 1e3,
-            loaded_p99.as_secs_f64() / unloaded_p99.as_secs_f64().max(1e-9),
-            rss_before,
-            rss_kib("VmHWM:"),
+    if !loadgen.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p benches --bin loadgen` \
+             (or pass --loadgen PATH)",
+            loadgen.display()
         );
-        if let Some(h) = handle {
-            let (wait, service) = (h.queue_wait(), h.service_time());
-            println!(
-                "{:>12}  server side: queue wait p50 {:?} p99 {:?} max {:?}; \
-                 service time p50 {:?} p99 {:?}; shed queue_full={} queue_timeout={}",
-                "",
-                wait.p50,
-                wait.p99,
-                wait.max,
-                service.p50,
-                service.p99,
-                h.shed_count(tower_backpressure::ShedReason::QueueFull),
-                h.shed_count(tower_backpressure::ShedReason::QueueTimeout),
-            );
-        }
-    });
-}
-
-fn main() -> Result<(), Infallible> {
-    let p = params();
-    if let Ok(layer) = std::env::var("BACKPRESSURE_SOAK_LAYER") {
-        run_one(&layer, p);
-        return Ok(());
     }
-    let exe = std::env::current_exe().expect("own executable");
-    for layer in ["backpressure", "tower"] {
-        let status = std::process::Command::new(&exe)
-            .args(std::env::args().skip(1))
-            .env("BACKPRESSURE_SOAK_LAYER", layer)
-            .status()
-            .expect("run the soak child");
-        assert!(status.success(), "{layer} soak failed");
+    println!(
+        "open-loop soak: limit {}, handler {:?}, capacity {:.0} req/s; unloaded {} requests at \
+         {:.0} req/s, loaded {} requests at {:.0} req/s ({}x); client timeout {:?}, up to {} \
+         connections",
+        args.limit,
+        args.service,
+        args.capacity(),
+        args.unloaded_requests,
+        args.unloaded * args.capacity(),
+        args.requests,
+        args.overload * args.capacity(),
+        args.overload,
+        args.timeout,
+        args.max_connections,
+    );
+    let mut results = Vec::new();
+    for &layer in &args.layers {
+        println!("\n{}: {}", layer.name(), args.describe(layer));
+        let result = run_layer(&args, layer, &loadgen)?;
+        result.print();
+        results.push(result);
+    }
+    println!("\n| layer | sent | 200 | 503 | other | errors | timeouts | admitted p99 unloaded → loaded | ratio | RSS before → peak |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in &results {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} → {:.1} ms | {:.2}x | {:.1} → {:.1} MiB |",
+            r.layer.name(),
+            r.loaded.sent,
+            r.loaded.ok,
+            r.loaded.shed,
+            r.loaded.other_status,
+            r.loaded.errors,
+            r.loaded.timeouts,
+            r.unloaded.ok_p99_us / 1e3,
+            r.loaded.ok_p99_us / 1e3,
+            r.p99_ratio(),
+            mib(r.rss_before_kib),
+            mib(r.peak_kib),
+        );
     }
     Ok(())
+}
+
+/// What one layer did.
+struct LayerResult {
+    layer: Layer,
+    unloaded: LoadgenReport,
+    loaded: LoadgenReport,
+    rss_before_kib: u64,
+    rss_max_sampled_kib: u64,
+    rss_after_kib: u64,
+    peak_kib: u64,
+    server_stats: Option<String>,
+}
+
+impl LayerResult {
+    fn p99_ratio(&self) -> f64 {
+        self.loaded.ok_p99_us / self.unloaded.ok_p99_us.max(1.0)
+    }
+
+    fn print(&self) {
+        for (name, r) in [("unloaded", &self.unloaded), ("loaded", &self.loaded)] {
+            println!(
+                "  {name:>8}: sent {} in {:.1} s: 200={} 503={} other={} errors={} timeouts={}; \
+                 admitted p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; client peak in flight {}",
+                r.sent,
+                r.duration_s,
+                r.ok,
+                r.shed,
+                r.other_status,
+                r.errors,
+                r.timeouts,
+                r.ok_p50_us / 1e3,
+                r.ok_p99_us / 1e3,
+                r.ok_max_us / 1e3,
+                r.peak_in_flight,
+            );
+        }
+        let answered = self.loaded.ok + self.loaded.shed;
+        println!(
+            "  answers: {} of {} sent were 200 or 503 ({}); admitted p99 {:.2}x unloaded",
+            answered,
+            self.loaded.sent,
+            if answered == self.loaded.sent {
+                "all"
+            } else {
+                "not all"
+            },
+            self.p99_ratio(),
+        );
+        println!(
+            "  server RSS: {:.1} MiB before the loaded run, {:.1} MiB highest sample during it, \
+             {:.1} MiB after; peak (VmHWM) {:.1} MiB",
+            mib(self.rss_before_kib),
+            mib(self.rss_max_sampled_kib),
+            mib(self.rss_after_kib),
+            mib(self.peak_kib),
+        );
+        if let Some(stats) = &self.server_stats {
+            println!("  server side: {stats}");
+        }
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn run_layer(args: &Args, layer: Layer, loadgen: &PathBuf) -> Result<LayerResult> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .args(["--serve", layer.name()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut server = Guarded::spawn(&format!("{} server", layer.name()), &mut cmd)?;
+    let addr = read_addr(&mut server)?;
+    let pid = server.pid();
+    let url = format!("http://{addr}/");
+    let run = |rate: f64, requests: u64| -> Result<(LoadgenReport, u64, u64)> {
+        let duration_ms = (requests as f64 / rate * 1e3).ceil() as u64;
+        let mut cmd = Command::new(loadgen);
+        cmd.args(["--url", &url])
+            .args([
+                "--timeout",
+                &humantime::format_duration(args.timeout).to_string(),
+            ])
+            .args(["open", "--rate", &rate.to_string()])
+            .args(["--duration", &format!("{duration_ms}ms")])
+            .args(["--max-connections", &args.max_connections.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut client = Guarded::spawn("loadgen", &mut cmd)?;
+        let mut stdout = client.take_stdout().context("loadgen stdout")?;
+        let reader = std::thread::spawn(move || {
+            let mut out = String::new();
+            stdout.read_to_string(&mut out).map(|_| out)
+        });
+        // Sample the server's resident memory until the client is done.
+        let (mut max_kib, mut last_kib) = (0, 0);
+        while client.try_exited().is_none() {
+            if let Some(kib) = vm_kib(pid, "VmRSS:") {
+                max_kib = max_kib.max(kib);
+                last_kib = kib;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = reader.join().expect("reader thread")?;
+        Ok((LoadgenReport::parse(&out)?, max_kib, last_kib))
+    };
+    let capacity = args.capacity();
+    let (unloaded, _, _) = run(args.unloaded * capacity, args.unloaded_requests)?;
+    let rss_before_kib = vm_kib(pid, "VmRSS:").unwrap_or(0);
+    let (loaded, rss_max_sampled_kib, _) = run(args.overload * capacity, args.requests)?;
+    let rss_after_kib = vm_kib(pid, "VmRSS:").unwrap_or(0);
+    let peak_kib = vm_kib(pid, "VmHWM:").unwrap_or(0);
+    let server_stats = match layer {
+        Layer::Backpressure => Some(get_text(addr, "/stats")?),
+        Layer::Tower => None,
+    };
+    server.stop();
+    Ok(LayerResult {
+        layer,
+        unloaded,
+        loaded,
+        rss_before_kib,
+        rss_max_sampled_kib,
+        rss_after_kib,
+        peak_kib,
+        server_stats,
+    })
+}
+
+/// Reads the `listening ADDR` line the server prints first.
+fn read_addr(server: &mut Guarded) -> Result<SocketAddr> {
+    let stdout = server.take_stdout().context("server stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .with_context(|| format!("server did not start (printed {line:?})"))?;
+    Ok(addr.parse()?)
+}
+
+/// A field of `/proc/<pid>/status`, KiB.
+fn vm_kib(pid: i32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+}
+
+/// A plain HTTP/1.1 GET with `Connection: close`; the body as text.
+fn get_text(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (_, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    Ok(body.trim().to_string())
+}
+
+// ===== the server =====
+
+fn serve(args: &Args, layer: Layer) -> Result<()> {
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("listening {}", listener.local_addr()?);
+        std::io::stdout().flush()?;
+        let service = args.service;
+        let router = Router::new().route(
+            "/",
+            get(move || async move {
+                tokio::time::sleep(service).await;
+                "ok"
+            }),
+        );
+        match layer {
+            Layer::Backpressure => {
+                let backpressure = BackpressureLayer::builder(args.limit)
+                    .max_queued(args.max_queued())
+                    .queue_timeout(args.queue_timeout())
+                    .queue_order(QueueOrder::adaptive())
+                    .bypass(|head| head.uri().path() == "/stats")
+                    .build();
+                let handle = backpressure.handle();
+                let app = router
+                    .route("/stats", get(move || async move { stats(&handle) }))
+                    .layer(backpressure);
+                axum::serve(listener, app).await?;
+            }
+            Layer::Tower => {
+                let app = ServiceBuilder::new()
+                    .map_response(IntoResponse::into_response)
+                    .concurrency_limit(args.limit)
+                    .service(router);
+                axum::serve(listener, Router::new().fallback_service(app)).await?;
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn stats(h: &BackpressureHandle) -> String {
+    let (wait, service) = (h.queue_wait(), h.service_time());
+    format!(
+        "admitted {}, peak in flight {}, peak queued {}; shed queue_full={} queue_timeout={} \
+         deadline={} closed={}; queue wait p50 {:?} p99 {:?} max {:?}; service time (sampled) \
+         p50 {:?} p99 {:?}",
+        h.admitted_total(),
+        h.peak_in_flight(),
+        h.peak_queued(),
+        h.shed_count(ShedReason::QueueFull),
+        h.shed_count(ShedReason::QueueTimeout),
+        h.shed_count(ShedReason::DeadlineUnreachable),
+        h.shed_count(ShedReason::Closed),
+        wait.p50,
+        wait.p99,
+        wait.max,
+        service.p50,
+        service.p99,
+    )
+}
+
+/// Raises the open-files limit to its hard maximum: every queued request is a socket.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        },
+    );
 }

@@ -62,6 +62,11 @@ impl Guarded {
         self.child.id() as i32
     }
 
+    /// The child's standard output, if it was piped and not taken yet.
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
+    }
+
     /// The name given at start.
     pub fn name(&self) -> &str {
         &self.name

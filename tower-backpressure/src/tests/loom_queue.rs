@@ -1,6 +1,8 @@
 //! Every interleaving of admission, hand-off, cancellation and closing on a limit of one
 //! with a queue of one: no permit, waiter slot or byte reservation may leak, and no waiter
-//! may be left unwoken while a slot is free.
+//! may be left unwoken while a slot is free. Limiters without a byte budget admit and
+//! release on the lock-free path while nobody waits, so those models also cover the
+//! `LOCKED` flag racing the compare-and-swaps.
 
 use std::future::poll_fn;
 
@@ -46,6 +48,14 @@ fn serve(limiter: &Limiter, bytes: u64) -> bool {
     }
 }
 
+/// A limiter without a byte budget whose next admissions are not sampled for timing, so
+/// their permits are released on the lock-free path (admission 0 is always sampled).
+fn lock_free_limiter() -> Limiter {
+    let l = limiter(1, None);
+    assert!(serve(&l, 0));
+    l
+}
+
 fn assert_idle(limiter: &Limiter) {
     let s = limiter.snapshot();
     assert_eq!(s.in_flight, 0, "leaked permit");
@@ -70,7 +80,8 @@ fn loom_two_requests_hand_off_without_leaks() {
 #[test]
 fn loom_waiter_dropped_while_permit_is_released() {
     loom::model(|| {
-        let l = limiter(1, None);
+        // The permit is released on the lock-free path unless the waiter set the flag.
+        let l = lock_free_limiter();
         let permit = match l.admit_with(ticket(0), Instant::now) {
             Admission::Admitted(p) => p,
             other => panic!("{other:?}"),
@@ -191,7 +202,7 @@ fn loom_streamed_bytes_charged_while_the_permit_is_released_do_not_leak() {
         };
         // The request body (read by another task) charges streamed bytes while the
         // response body, and with it the permit, is dropped.
-        let meter = permit.meter();
+        let (meter, _) = permit.meter().expect("a byte budget counts bytes");
         let body = {
             let l = l.clone();
             thread::spawn(move || {
@@ -201,5 +212,43 @@ fn loom_streamed_bytes_charged_while_the_permit_is_released_do_not_leak() {
         drop(permit);
         body.join().unwrap();
         assert_idle(&l);
+    });
+}
+
+#[test]
+fn loom_lock_free_release_never_strands_a_queueing_request() {
+    loom::model(|| {
+        // No byte budget: the first request is admitted and released without the lock,
+        // racing the second one, which finds the slot taken and queues.
+        let l = lock_free_limiter();
+        let l2 = l.clone();
+        let t = thread::spawn(move || serve(&l2, 0));
+        let a = serve(&l, 0);
+        let b = t.join().unwrap();
+        assert!(a && b, "with one slot and one queue place both are served");
+        assert_idle(&l);
+        // Nobody waits, so the next request takes the lock-free path again.
+        assert!(matches!(
+            l.admit_with(ticket(0), Instant::now),
+            Admission::Admitted(_)
+        ));
+    });
+}
+
+#[test]
+fn loom_lock_free_requests_and_close() {
+    loom::model(|| {
+        let l = lock_free_limiter();
+        let l2 = l.clone();
+        let t = thread::spawn(move || serve(&l2, 0));
+        let a = serve(&l, 0);
+        l.close();
+        let _ = t.join().unwrap();
+        let _ = a;
+        assert_idle(&l);
+        assert!(matches!(
+            l.admit_with(ticket(0), Instant::now),
+            Admission::Shed(_)
+        ));
     });
 }
