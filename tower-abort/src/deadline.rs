@@ -38,13 +38,17 @@ impl TimeoutFormat {
         }
     }
 
-    /// Encodes `remaining`, rounding down so a downstream deadline is never later than ours.
+    /// Encodes `remaining` (not zero), rounding down so a downstream deadline is never
+    /// later than ours, except that less than one unit is sent as one unit (`1`, `0.001`):
+    /// zero would mean "no time at all" to some servers and "no deadline" to others. The
+    /// outgoing call is still cancelled at our own deadline, so it never runs past it.
     pub(crate) fn encode(self, remaining: Duration) -> HeaderValue {
         let text = match self {
             TimeoutFormat::Grpc => encode_grpc(remaining),
-            TimeoutFormat::Milliseconds => remaining.as_millis().to_string(),
+            TimeoutFormat::Milliseconds => remaining.as_millis().max(1).to_string(),
             TimeoutFormat::Seconds => {
-                format!("{}.{:03}", remaining.as_secs(), remaining.subsec_millis())
+                let millis = remaining.as_millis().max(1);
+                format!("{}.{:03}", millis / 1000, millis % 1000)
             }
         };
         HeaderValue::try_from(text).expect("digits, '.' and a unit letter are valid header bytes")
@@ -94,7 +98,9 @@ fn parse_seconds(value: &[u8]) -> Result<Duration, &'static str> {
 
 fn encode_grpc(d: Duration) -> String {
     const MAX: u128 = 99_999_999;
-    // The finest unit that fits in 8 digits, so rounding down loses under 1e-7 of it.
+    // The finest unit that fits in 8 digits, so rounding down loses under 1e-7 of it. A
+    // non-zero duration is at least `1n`.
+    let d = d.max(Duration::from_nanos(1));
     let candidates: [(u128, char); 6] = [
         (d.as_nanos(), 'n'),
         (d.as_micros(), 'u'),
@@ -234,5 +240,15 @@ mod tests {
             TimeoutFormat::Seconds.encode(Duration::from_millis(1500)),
             "1.500"
         );
+        // Never zero: under one unit is sent as one unit.
+        for tiny in [
+            Duration::ZERO,
+            Duration::from_nanos(1),
+            Duration::from_micros(999),
+        ] {
+            assert_eq!(TimeoutFormat::Milliseconds.encode(tiny), "1");
+            assert_eq!(TimeoutFormat::Seconds.encode(tiny), "0.001");
+            assert_ne!(TimeoutFormat::Grpc.encode(tiny).as_bytes()[0], b'0');
+        }
     }
 }
