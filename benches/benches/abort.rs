@@ -324,7 +324,9 @@ fn bench_contended(c: &mut Criterion) {
 /// ```
 ///
 /// Cases: `identity`, `abort`, `abort+timeout`, each on a request that already has an
-/// extension (as requests from hyper and axum do).
+/// extension (as requests from hyper and axum do), with a handler that is ready at once;
+/// the same with `/pending` appended for a handler that is pending once (so a deadline's
+/// timer is armed).
 fn run_only(case: &str, n: u64) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -341,13 +343,14 @@ fn run_only(case: &str, n: u64) {
             one_request(&mut svc, request(Req::WithExtension), cx);
         }
     }
+    let timeout = AbortLayer::new().with_timeout(Duration::from_secs(10));
     match case {
         "identity" => drive(Identity::new().layer(ready_service()), n, &mut cx),
         "abort" => drive(AbortLayer::new().layer(ready_service()), n, &mut cx),
-        "abort+timeout" => {
-            let layer = AbortLayer::new().with_timeout(Duration::from_secs(10));
-            drive(layer.layer(ready_service()), n, &mut cx)
-        }
+        "abort+timeout" => drive(timeout.layer(ready_service()), n, &mut cx),
+        "identity/pending" => drive(Identity::new().layer(pending_once_service()), n, &mut cx),
+        "abort/pending" => drive(AbortLayer::new().layer(pending_once_service()), n, &mut cx),
+        "abort+timeout/pending" => drive(timeout.layer(pending_once_service()), n, &mut cx),
         other => panic!("unknown case {other:?}"),
     }
 }

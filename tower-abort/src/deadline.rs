@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use tokio::time::Instant;
 
 /// The `grpc-timeout` header name.
 pub(crate) static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
@@ -116,21 +115,18 @@ fn encode_grpc(d: Duration) -> String {
     format!("{n}{unit}")
 }
 
-/// The soonest valid deadline among the configured headers, as an instant after `now`.
+/// The shortest valid time among the configured deadline headers. Relative, so that the
+/// caller reads the clock only when a deadline applies.
 pub(crate) fn from_headers(
     headers: &HeaderMap,
-    now: Instant,
     grpc: bool,
     custom: Option<&(HeaderName, TimeoutFormat)>,
-) -> Option<Instant> {
-    let mut best: Option<Instant> = None;
+) -> Option<Duration> {
+    let mut best: Option<Duration> = None;
     let mut consider = |name: &HeaderName, format: TimeoutFormat| {
         for value in headers.get_all(name) {
-            match format
-                .parse(value.as_bytes())
-                .and_then(|d| now.checked_add(d).ok_or("the deadline overflows the clock"))
-            {
-                Ok(at) => best = Some(best.map_or(at, |b| b.min(at))),
+            match format.parse(value.as_bytes()) {
+                Ok(d) => best = Some(best.map_or(d, |b| b.min(d))),
                 Err(why) => crate::event::bad_deadline_header(name, value, why),
             }
         }

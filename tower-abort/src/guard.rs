@@ -18,17 +18,20 @@ impl ClientGoneGuard {
         ClientGoneGuard { signal: None }
     }
 
+    #[inline]
     pub(crate) fn signal(&self) -> Option<&AbortSignal> {
         self.signal.as_ref()
     }
 
     /// Disarms the guard, returning the signal it held.
+    #[inline]
     pub(crate) fn disarm(&mut self) -> Option<AbortSignal> {
         self.signal.take()
     }
 }
 
 impl Drop for ClientGoneGuard {
+    #[inline]
     fn drop(&mut self) {
         if let Some(signal) = self.signal.take() {
             signal.fire(AbortReason::ClientGone);

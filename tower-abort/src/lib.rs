@@ -170,12 +170,17 @@ mod extract;
 pub mod future;
 mod guard;
 mod layer;
+#[cfg(all(test, loom))]
+mod loom_tests;
 mod propagate;
 mod reason;
 mod root;
 mod service;
 mod signal;
+mod sync;
 mod task;
+mod timer;
+mod wait;
 
 pub use body::AbortBody;
 pub use deadline::TimeoutFormat;
