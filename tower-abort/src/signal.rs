@@ -71,6 +71,11 @@ pub(crate) struct Node {
     parent: Parent,
     deadline: Option<Instant>,
     request: Option<RequestInfo>,
+    /// The layer that made the signal (meaningful only with `request`). Kept when the node is
+    /// pooled: the next request of the same layer then needs no reference-count update on
+    /// the layer's shared state, a cache line every thread would otherwise write.
+    // std's `Arc` even under loom: the layer makes it.
+    layer: Option<std::sync::Arc<Shared>>,
 }
 
 /// A node's wait cell and where it is linked, so it can be unlinked when the node goes.
@@ -90,7 +95,7 @@ enum Up {
 
 enum Parent {
     None,
-    /// The layer's root, reached through `RequestInfo::layer`.
+    /// The layer's root, reached through `Node::layer`.
     Root,
     Signal(AbortSignal),
     Any(Box<[AbortSignal]>),
@@ -98,8 +103,6 @@ enum Parent {
 
 /// Present on signals the layer created: where to count and report the firing.
 struct RequestInfo {
-    // std's `Arc` even under loom: the layer makes it.
-    layer: std::sync::Arc<Shared>,
     /// `None` when the layer had no use for the clock (no deadline, no events).
     started: Option<Instant>,
     method: Method,
@@ -115,20 +118,32 @@ impl AbortSignal {
     /// A signal with no parent and no deadline, that fires only through
     /// [`abort`](Self::abort). Useful outside a server and in tests.
     pub fn new() -> Self {
-        Self::build(Parent::None, None, None)
+        Self::build(Parent::None, None, None, None)
     }
 
     #[inline]
-    fn build(parent: Parent, deadline: Option<Instant>, request: Option<RequestInfo>) -> Self {
+    fn build(
+        parent: Parent,
+        deadline: Option<Instant>,
+        request: Option<RequestInfo>,
+        layer: Option<&std::sync::Arc<Shared>>,
+    ) -> Self {
         #[cfg(not(all(test, loom)))]
         if let Some(mut node) = pool::take() {
             if let Some(slot) = Arc::get_mut(&mut node) {
-                // Field by field: the pooled node is armed, unlinked and holds nothing.
+                // Field by field: the pooled node is armed, unlinked and holds nothing but
+                // perhaps its last layer.
                 *slot.state.get_mut() = 0;
                 slot.deadline = deadline;
                 // Their old values hold nothing (see `Drop for AbortSignal`): no drop glue.
                 std::mem::forget(std::mem::replace(&mut slot.parent, parent));
                 std::mem::forget(std::mem::replace(&mut slot.request, request));
+                if let Some(layer) = layer {
+                    let kept = slot.layer.as_ref();
+                    if !kept.is_some_and(|kept| std::sync::Arc::ptr_eq(kept, layer)) {
+                        slot.layer = Some(std::sync::Arc::clone(layer));
+                    }
+                }
                 return AbortSignal { node };
             }
         }
@@ -139,7 +154,17 @@ impl AbortSignal {
                 parent,
                 deadline,
                 request,
+                layer: layer.cloned(),
             }),
+        }
+    }
+
+    /// The layer that made this signal, if one did.
+    #[inline]
+    fn layer(&self) -> Option<&Shared> {
+        match &self.node.request {
+            Some(_) => self.node.layer.as_deref(),
+            None => None,
         }
     }
 
@@ -162,13 +187,12 @@ impl AbortSignal {
             None => (Parent::Root, deadline),
         };
         let request = RequestInfo {
-            layer: std::sync::Arc::clone(layer),
             started,
             method,
             uri: uri.map(Box::new),
             reported: AtomicBool::new(false),
         };
-        Self::build(parent, deadline, Some(request))
+        Self::build(parent, deadline, Some(request), Some(layer))
     }
 
     /// Whether the signal has fired.
@@ -252,7 +276,7 @@ impl AbortSignal {
     /// assert_eq!(other.reason(), Some(AbortReason::Explicit));
     /// ```
     pub fn child(&self) -> AbortSignal {
-        Self::build(Parent::Signal(self.clone()), self.node.deadline, None)
+        Self::build(Parent::Signal(self.clone()), self.node.deadline, None, None)
     }
 
     /// A signal that fires as soon as any of `signals` fires, with that signal's reason,
@@ -281,7 +305,7 @@ impl AbortSignal {
         let deadline = sources
             .iter()
             .fold(None, |d, s| min_deadline(d, s.deadline()));
-        Self::build(Parent::Any(sources), deadline, None)
+        Self::build(Parent::Any(sources), deadline, None, None)
     }
 
     /// Runs `future` until it completes or the signal fires, whichever comes first.
@@ -310,18 +334,13 @@ impl AbortSignal {
 
     /// The server timeout of the layer that created this signal.
     pub(crate) fn server_timeout(&self) -> Option<Duration> {
-        self.node
-            .request
-            .as_ref()
-            .and_then(|r| r.layer.config.timeout)
+        self.layer().and_then(|layer| layer.config.timeout)
     }
 
     /// The timeout mode of the layer that created this signal.
     pub(crate) fn mode(&self) -> TimeoutMode {
-        self.node
-            .request
-            .as_ref()
-            .map_or(TimeoutMode::Drop, |r| r.layer.config.mode)
+        self.layer()
+            .map_or(TimeoutMode::Drop, |layer| layer.config.mode)
     }
 
     /// Whether `self` and `other` are clones of the same signal.
@@ -366,7 +385,7 @@ impl AbortSignal {
     }
 
     fn root(&self) -> Option<&AbortRoot> {
-        self.node.request.as_ref().map(|r| &r.layer.root)
+        self.layer().map(|layer| &layer.root)
     }
 
     fn set(&self, reason: AbortReason, order: u64) -> Result<(), (AbortReason, u64)> {
@@ -395,7 +414,7 @@ impl AbortSignal {
     /// outermost one's flag). A panic in the callback (or a tracing subscriber) is caught:
     /// this may run inside a `Drop`, where a panic would abort the process.
     fn report(&self, reason: AbortReason) {
-        let Some(request) = &self.node.request else {
+        let (Some(request), Some(layer)) = (&self.node.request, self.layer()) else {
             return;
         };
         let mut outermost = request;
@@ -409,7 +428,7 @@ impl AbortSignal {
         if outermost.reported.swap(true, Ordering::AcqRel) {
             return;
         }
-        request.layer.root.inner.count(reason);
+        layer.root.inner.count(reason);
         let event = AbortEvent {
             reason,
             method: &request.method,
@@ -419,7 +438,7 @@ impl AbortSignal {
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             event::fired(&event);
-            if let Some(hook) = &request.layer.config.on_abort {
+            if let Some(hook) = &layer.config.on_abort {
                 hook(&event);
             }
         }));
@@ -512,8 +531,8 @@ impl Drop for Node {
         match linked.up {
             Up::Nothing => {}
             Up::Root(at) => {
-                if let Some(request) = &self.request {
-                    request.layer.root.inner.unlink(at);
+                if let Some(layer) = &self.layer {
+                    layer.root.inner.unlink(at);
                 }
             }
             Up::Signal(above, key) => above.unlink(key),
@@ -566,7 +585,9 @@ fn lock_mut<T>(mutex: &mut Mutex<T>) -> &mut T {
 ///
 /// Only nodes nobody waited on are pooled (they hold no links), after their parent and
 /// request data were dropped; at most [`CAPACITY`](pool::CAPACITY) per thread, freed when
-/// the thread exits.
+/// the thread exits. A pooled node keeps a reference to the layer that last used it, so a
+/// dropped layer's configuration (and `on_abort` callback) may live until those nodes are
+/// reused or their thread exits.
 mod pool {
     use super::Node;
     use crate::sync::Arc;
@@ -906,7 +927,8 @@ mod tests {
     #[test]
     fn any_takes_the_soonest_deadline() {
         let now = Instant::now();
-        let mk = |d: Option<Duration>| AbortSignal::build(Parent::None, d.map(|d| now + d), None);
+        let mk =
+            |d: Option<Duration>| AbortSignal::build(Parent::None, d.map(|d| now + d), None, None);
         let any = AbortSignal::any([
             mk(Some(Duration::from_secs(5))),
             mk(None),
