@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::error::InvalidTimeout;
+
 /// The `grpc-timeout` header name.
 pub(crate) static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
@@ -26,8 +28,21 @@ pub enum TimeoutFormat {
 }
 
 impl TimeoutFormat {
-    /// Parses one header value; `Err` says why it is ignored.
-    pub(crate) fn parse(self, value: &[u8]) -> Result<Duration, &'static str> {
+    /// Parses one header value in this format (what the layer does with deadline headers);
+    /// the error says why a value is rejected.
+    ///
+    /// Strict: ASCII digits only (no sign, space or `+`), at most the format's number of
+    /// digits, so every accepted value fits a [`Duration`] without overflow.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_abort::TimeoutFormat;
+    ///
+    /// assert_eq!(TimeoutFormat::Grpc.parse(b"100m"), Ok(Duration::from_millis(100)));
+    /// assert_eq!(TimeoutFormat::Seconds.parse(b"1.5"), Ok(Duration::from_millis(1500)));
+    /// assert!(TimeoutFormat::Milliseconds.parse(b"-1").is_err());
+    /// ```
+    pub fn parse(self, value: &[u8]) -> Result<Duration, InvalidTimeout> {
         match self {
             TimeoutFormat::Grpc => parse_grpc(value),
             TimeoutFormat::Milliseconds => digits(value, 18)
@@ -35,13 +50,24 @@ impl TimeoutFormat {
                 .ok_or("expected 1 to 18 digits"),
             TimeoutFormat::Seconds => parse_seconds(value),
         }
+        .map_err(InvalidTimeout::new)
     }
 
-    /// Encodes `remaining` (not zero), rounding down so a downstream deadline is never
-    /// later than ours, except that less than one unit is sent as one unit (`1`, `0.001`):
+    /// Encodes `remaining`, rounding down so a downstream deadline is never later than
+    /// ours, except that less than one unit (zero too) is sent as one unit (`1`, `0.001`):
     /// zero would mean "no time at all" to some servers and "no deadline" to others. The
     /// outgoing call is still cancelled at our own deadline, so it never runs past it.
-    pub(crate) fn encode(self, remaining: Duration) -> HeaderValue {
+    ///
+    /// This is what [`PropagateAbort`](crate::PropagateAbort) sends.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_abort::TimeoutFormat;
+    ///
+    /// assert_eq!(TimeoutFormat::Grpc.encode(Duration::from_millis(100)), "100000u");
+    /// assert_eq!(TimeoutFormat::Milliseconds.encode(Duration::from_micros(300)), "1");
+    /// ```
+    pub fn encode(self, remaining: Duration) -> HeaderValue {
         let text = match self {
             TimeoutFormat::Grpc => encode_grpc(remaining),
             TimeoutFormat::Milliseconds => remaining.as_millis().max(1).to_string(),
@@ -127,7 +153,7 @@ pub(crate) fn from_headers(
         for value in headers.get_all(name) {
             match format.parse(value.as_bytes()) {
                 Ok(d) => best = Some(best.map_or(d, |b| b.min(d))),
-                Err(why) => crate::event::bad_deadline_header(name, value, why),
+                Err(err) => crate::event::bad_deadline_header(name, value, err.why()),
             }
         }
     };
