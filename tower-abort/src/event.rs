@@ -44,8 +44,9 @@ impl AbortEvent<'_> {
 
     /// Time from the request entering the layer to the signal firing.
     ///
-    /// Always present with an `on_abort` callback, a deadline or the `tracing` feature;
-    /// otherwise the layer skips reading the clock and this is `None`.
+    /// Present when the request had a deadline, with an `on_abort` callback, or with the
+    /// `tracing` feature while `debug` events are enabled when the request arrives; otherwise
+    /// the layer skips reading the clock and this is `None`.
     pub fn elapsed(&self) -> Option<Duration> {
         self.elapsed
     }

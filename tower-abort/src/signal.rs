@@ -88,7 +88,7 @@ enum Up {
     /// No parent, or every parent had fired already when the cell was created.
     Nothing,
     /// A root shard and the key in it.
-    Root((usize, usize)),
+    Root(AbortRoot, (usize, usize)),
     Signal(Arc<WaitCell>, usize),
     Any(Box<[(Arc<WaitCell>, usize)]>),
 }
@@ -99,6 +99,9 @@ enum Parent {
     Root,
     Signal(AbortSignal),
     Any(Box<[AbortSignal]>),
+    /// [`AbortSignal::detached`]: only this root (if any) and the node's own deadline,
+    /// which the node enforces itself.
+    Detached(Option<AbortRoot>),
 }
 
 /// Present on signals the layer created: where to count and report the firing.
@@ -279,6 +282,45 @@ impl AbortSignal {
         Self::build(Parent::Signal(self.clone()), self.node.deadline, None, None)
     }
 
+    /// A signal for work started on this request's behalf that must not stop because this
+    /// request does: it ignores this signal's [`ClientGone`](AbortReason::ClientGone) and
+    /// [`abort`](Self::abort), and fires only when
+    ///
+    /// - the server shuts down (the [`AbortRoot`](crate::AbortRoot) this signal descends
+    ///   from, if any), or
+    /// - its [`deadline`](Self::deadline), the same as this signal's, passes. Nothing else
+    ///   watches that deadline once the request is gone, so the detached signal enforces it
+    ///   itself: [`is_aborted`](Self::is_aborted) reads the clock, and a waiter arms a tokio
+    ///   timer (so wait on it inside a tokio runtime), or
+    /// - somebody [`abort`](Self::abort)s it (or a signal it was combined with fires).
+    ///
+    /// This is Go's `context.WithoutCancel`, keeping the deadline. The case it is for:
+    /// shared work, such as the call a `tower-singleflight` leader makes while other
+    /// requests wait for its result. With the leader's own signal, the leader's client going
+    /// away would cancel the work for every follower; with a detached one it runs on, bounded
+    /// by the deadline and shutdown. Detached work outlives its request: give it a deadline
+    /// (the layer's [`with_timeout`](crate::AbortLayer::with_timeout) does).
+    ///
+    /// ```
+    /// # use tower_abort::AbortSignal;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let request = AbortSignal::new(); // in a handler: the request's signal
+    /// let shared = request.detached();
+    /// let work = shared.spawn(async { 42 }); // the shared call
+    /// request.abort(); // the client went away
+    /// assert!(!shared.is_aborted());
+    /// assert_eq!(work.await, Ok(42));
+    /// # }
+    /// ```
+    pub fn detached(&self) -> AbortSignal {
+        Self::build(
+            Parent::Detached(self.find_root()),
+            self.node.deadline,
+            None,
+            None,
+        )
+    }
+
     /// A signal that fires as soon as any of `signals` fires, with that signal's reason,
     /// like the web's `AbortSignal.any`. It is already fired if one of them already is.
     /// Its deadline is the soonest of theirs. With no signals it fires only through
@@ -377,6 +419,15 @@ impl AbortSignal {
                 .iter()
                 .filter_map(AbortSignal::observe_ordered)
                 .min_by_key(|&(_, order)| order),
+            Parent::Detached(root) => root
+                .as_ref()
+                .and_then(|root| root.inner.shutdown_order())
+                .map(|order| (AbortReason::Shutdown, order))
+                .or_else(|| {
+                    let deadline = self.node.deadline?;
+                    (Instant::now() >= deadline)
+                        .then(|| (AbortReason::DeadlineExceeded, next_firing()))
+                }),
         }?;
         Some(match self.set(inherited.0, inherited.1) {
             Ok(()) => inherited,
@@ -386,6 +437,39 @@ impl AbortSignal {
 
     fn root(&self) -> Option<&AbortRoot> {
         self.layer().map(|layer| &layer.root)
+    }
+
+    /// The root this signal is directly under, if any: its layer's, or a detached one's.
+    fn parent_root(&self) -> Option<&AbortRoot> {
+        match &self.node.parent {
+            Parent::Root => self.root(),
+            Parent::Detached(root) => root.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The root shutdown reaches this signal through, searching up its parents.
+    fn find_root(&self) -> Option<AbortRoot> {
+        match &self.node.parent {
+            Parent::None => None,
+            Parent::Root | Parent::Detached(_) => self.parent_root().cloned(),
+            Parent::Signal(parent) => parent.find_root(),
+            Parent::Any(sources) => sources.iter().find_map(AbortSignal::find_root),
+        }
+    }
+
+    /// The soonest deadline of a detached signal this one descends from: nobody fires it
+    /// (no layer watches it), so a waiter needs its own timer.
+    fn self_timed_deadline(&self) -> Option<Instant> {
+        match &self.node.parent {
+            Parent::None | Parent::Root => None,
+            Parent::Detached(_) => self.node.deadline,
+            Parent::Signal(parent) => parent.self_timed_deadline(),
+            Parent::Any(sources) => sources
+                .iter()
+                .filter_map(AbortSignal::self_timed_deadline)
+                .min(),
+        }
     }
 
     fn set(&self, reason: AbortReason, order: u64) -> Result<(), (AbortReason, u64)> {
@@ -459,7 +543,7 @@ impl AbortSignal {
         // The parents' cells first, with no lock held: creating one may find its signal
         // fired and report it, which runs the `on_abort` callback.
         let above: Vec<Arc<WaitCell>> = match &self.node.parent {
-            Parent::None | Parent::Root => Vec::new(),
+            Parent::None | Parent::Root | Parent::Detached(_) => Vec::new(),
             Parent::Signal(parent) => vec![parent.cell()],
             Parent::Any(sources) => sources.iter().map(AbortSignal::cell).collect(),
         };
@@ -472,11 +556,14 @@ impl AbortSignal {
             let cell = WaitCell::new();
             // Cells' and root shards' locks are never held while taking another lock.
             let up = match &self.node.parent {
-                Parent::None => Up::Nothing,
-                Parent::Root => match self.root().and_then(|r| r.inner.link(&cell)) {
-                    Some(at) => Up::Root(at),
-                    None => Up::Nothing,
-                },
+                Parent::None | Parent::Detached(None) => Up::Nothing,
+                Parent::Root | Parent::Detached(Some(_)) => {
+                    let root = self.parent_root().expect("a root parent");
+                    match root.inner.link(&cell) {
+                        Some(at) => Up::Root(root.clone(), at),
+                        None => Up::Nothing,
+                    }
+                }
                 Parent::Signal(_) => match above[0].link(&cell) {
                     Some(key) => Up::Signal(Arc::clone(&above[0]), key),
                     None => Up::Nothing,
@@ -508,8 +595,8 @@ impl AbortSignal {
     fn external_roots(&self, found: &mut Vec<AbortRoot>) {
         match &self.node.parent {
             Parent::None => {}
-            Parent::Root => {
-                if let Some(root) = self.root() {
+            Parent::Root | Parent::Detached(_) => {
+                if let Some(root) = self.parent_root() {
                     if root.inner.external_token().is_some()
                         && !found.iter().any(|r| Arc::ptr_eq(&r.inner, &root.inner))
                     {
@@ -530,11 +617,7 @@ impl Drop for Node {
         };
         match linked.up {
             Up::Nothing => {}
-            Up::Root(at) => {
-                if let Some(layer) = &self.layer {
-                    layer.root.inner.unlink(at);
-                }
-            }
+            Up::Root(root, at) => root.inner.unlink(at),
             Up::Signal(above, key) => above.unlink(key),
             Up::Any(links) => {
                 for (above, key) in links.iter() {
@@ -683,6 +766,8 @@ struct Waiting {
     /// Tokens of roots made with [`AbortRoot::from_token`]: cancelling one directly does
     /// not go through `shutdown`, so we watch it (boxed: rare, and not `Unpin`).
     external: Vec<(AbortRoot, Pin<Box<WaitForCancellationFutureOwned>>)>,
+    /// The deadline of a detached signal above us, which only its waiters watch.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Aborted {
@@ -720,11 +805,16 @@ impl Future for Aborted {
                         Some((root, Box::pin(token.cancelled_owned())))
                     })
                     .collect();
+                let deadline = this
+                    .signal
+                    .self_timed_deadline()
+                    .map(|at| Box::pin(tokio::time::sleep_until(at)));
                 this.waiting = Some(Waiting {
                     cell,
                     key,
                     waker: cx.waker().clone(),
                     external,
+                    deadline,
                 });
             }
             Some(waiting) => {
@@ -742,7 +832,13 @@ impl Future for Aborted {
                 external_fired = true;
             }
         }
-        if external_fired {
+        let deadline_passed = waiting
+            .deadline
+            .as_mut()
+            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+        if external_fired || deadline_passed {
+            // A detached signal's deadline is seen by `observe` (it reads the clock), and
+            // firing it wakes every other waiter through its cell.
             if let Some(reason) = this.signal.observe() {
                 return this.finish(reason);
             }
@@ -915,6 +1011,36 @@ mod tests {
         parent.fire(AbortReason::DeadlineExceeded);
         d.abort();
         assert_eq!(either.reason(), Some(AbortReason::DeadlineExceeded));
+    }
+
+    #[test]
+    fn detached_ignores_the_original_and_fires_on_its_own() {
+        let original = AbortSignal::new();
+        let detached = original.detached();
+        let child = detached.child();
+        let (waker, count) = new_count_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut wait = Box::pin(child.aborted());
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        original.abort();
+        assert!(!detached.is_aborted() && !child.is_aborted());
+        assert_eq!(count.get(), 0);
+        assert!(detached.abort());
+        assert_eq!(count.get(), 1);
+        assert_eq!(
+            wait.as_mut().poll(&mut cx),
+            Poll::Ready(AbortReason::Explicit)
+        );
+        // Detaching from a fired signal gives an armed one.
+        assert!(!original.detached().is_aborted());
+        // A deadline that has passed is seen by looking.
+        let now = Instant::now();
+        let timed = AbortSignal::build(Parent::None, Some(now), None, None);
+        assert_eq!(
+            timed.detached().reason(),
+            Some(AbortReason::DeadlineExceeded)
+        );
+        assert_eq!(timed.reason(), None);
     }
 
     #[test]
