@@ -81,7 +81,7 @@ where
                 this.timer.clear();
                 let signal = this
                     .guard
-                    .disarm()
+                    .take()
                     .expect("the guard is armed until completion");
                 return Poll::Ready(result.map(|response| {
                     if *this.grace {
@@ -175,6 +175,7 @@ fn wrap_response<B: http_body::Body>(
         || response.status() == StatusCode::NO_CONTENT
         || response.status() == StatusCode::NOT_MODIFIED;
     let guard = if bodiless {
+        signal.release();
         ClientGoneGuard::disarmed()
     } else {
         ClientGoneGuard::armed(signal)

@@ -25,8 +25,16 @@ impl ClientGoneGuard {
 
     /// Disarms the guard, returning the signal it held.
     #[inline]
-    pub(crate) fn disarm(&mut self) -> Option<AbortSignal> {
+    pub(crate) fn take(&mut self) -> Option<AbortSignal> {
         self.signal.take()
+    }
+
+    /// Disarms the guard: the request completed. Its signal may go back to the pool.
+    #[inline]
+    pub(crate) fn disarm(&mut self) {
+        if let Some(signal) = self.signal.take() {
+            signal.release();
+        }
     }
 }
 
@@ -35,6 +43,7 @@ impl Drop for ClientGoneGuard {
     fn drop(&mut self) {
         if let Some(signal) = self.signal.take() {
             signal.fire(AbortReason::ClientGone);
+            signal.release();
         }
     }
 }

@@ -168,6 +168,12 @@ impl RootInner {
         (!cells.closed).then(|| (shard, cells.cells.insert(Arc::clone(cell))))
     }
 
+    /// How many wait cells are linked, for tests.
+    #[cfg(test)]
+    pub(crate) fn linked(&self) -> usize {
+        self.shards.iter().map(|s| lock(&s.cells).cells.len()).sum()
+    }
+
     /// Undoes [`link`](Self::link); a no-op after shutdown.
     pub(crate) fn unlink(&self, (shard, key): (usize, usize)) {
         let cell = {

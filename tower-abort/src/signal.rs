@@ -68,6 +68,9 @@ pub(crate) struct Node {
     /// Created when somebody first waits on this signal or on one below it: a request whose
     /// handler never waits costs no cell and no lock.
     wait: Mutex<Option<Linked>>,
+    /// Set when the wait cell is made, so a completed request that somebody waited on is
+    /// dropped (and unlinked) at once rather than pooled. A hint: `build` checks `wait`.
+    waited: AtomicBool,
     parent: Parent,
     deadline: Option<Instant>,
     request: Option<RequestInfo>,
@@ -134,26 +137,30 @@ impl AbortSignal {
         #[cfg(not(all(test, loom)))]
         if let Some(mut node) = pool::take() {
             if let Some(slot) = Arc::get_mut(&mut node) {
-                // Field by field: the pooled node is armed, unlinked and holds nothing but
-                // perhaps its last layer.
-                *slot.state.get_mut() = 0;
-                slot.deadline = deadline;
-                // Their old values hold nothing (see `Drop for AbortSignal`): no drop glue.
-                std::mem::forget(std::mem::replace(&mut slot.parent, parent));
-                std::mem::forget(std::mem::replace(&mut slot.request, request));
-                if let Some(layer) = layer {
-                    let kept = slot.layer.as_ref();
-                    if !kept.is_some_and(|kept| std::sync::Arc::ptr_eq(kept, layer)) {
-                        slot.layer = Some(std::sync::Arc::clone(layer));
+                if lock_mut(&mut slot.wait).is_none() {
+                    // Field by field: the node is unlinked, its parent was the root (which
+                    // holds nothing: no drop glue), its request data is dropped here.
+                    *slot.state.get_mut() = 0;
+                    slot.deadline = deadline;
+                    debug_assert!(matches!(slot.parent, Parent::Root));
+                    std::mem::forget(std::mem::replace(&mut slot.parent, parent));
+                    slot.request = request;
+                    if let Some(layer) = layer {
+                        let kept = slot.layer.as_ref();
+                        if !kept.is_some_and(|kept| std::sync::Arc::ptr_eq(kept, layer)) {
+                            slot.layer = Some(std::sync::Arc::clone(layer));
+                        }
                     }
+                    return AbortSignal { node };
                 }
-                return AbortSignal { node };
+                // Somebody waited on it after all: drop it normally (unlinking it).
             }
         }
         AbortSignal {
             node: Arc::new(Node {
                 state: AtomicU64::new(0),
                 wait: Mutex::new(None),
+                waited: AtomicBool::new(false),
                 parent,
                 deadline,
                 request,
@@ -390,6 +397,23 @@ impl AbortSignal {
         Arc::ptr_eq(&self.node, &other.node)
     }
 
+    /// Drops a request signal whose response completed (or was dropped): if this was its
+    /// last handle, its node goes back to this thread's pool, so the next request's signal
+    /// costs no allocation. Nothing atomic happens here; `build` checks, with the `&mut`
+    /// that `Arc::get_mut` gives, that a pooled node is really unused and unlinked.
+    #[inline]
+    pub(crate) fn release(self) {
+        let AbortSignal { node } = self;
+        // Only request signals directly under the root: their parent holds nothing, and a
+        // pooled node's request data is harmless to keep until reuse.
+        if Arc::strong_count(&node) == 1
+            && matches!(node.parent, Parent::Root)
+            && !node.waited.load(Ordering::Relaxed)
+        {
+            pool::recycle(node);
+        }
+    }
+
     /// Fires with `reason` unless the signal already fired (directly or through a parent).
     pub(crate) fn fire(&self, reason: AbortReason) -> bool {
         self.observe().is_none() && self.set(reason, next_firing()).is_ok()
@@ -579,6 +603,7 @@ impl AbortSignal {
                 cell: Arc::clone(&cell),
                 up,
             });
+            self.node.waited.store(true, Ordering::Relaxed);
             cell
         };
         // `set` stores the state before it takes the lock; we took the lock before this
@@ -628,34 +653,6 @@ impl Drop for Node {
     }
 }
 
-impl Drop for AbortSignal {
-    #[inline]
-    fn drop(&mut self) {
-        // The last handle of a signal nobody waited on goes back to this thread's pool, so
-        // the next request's signal costs no allocation.
-        if Arc::strong_count(&self.node) == 1 {
-            self.recycle();
-        }
-    }
-}
-
-impl AbortSignal {
-    fn recycle(&mut self) {
-        let Some(node) = Arc::get_mut(&mut self.node) else {
-            return;
-        };
-        if lock_mut(&mut node.wait).is_some() {
-            return;
-        }
-        // A pooled node holds nothing: `Root` and `None` parents own no data.
-        if !matches!(node.parent, Parent::None | Parent::Root) {
-            node.parent = Parent::None;
-        }
-        node.request = None;
-        pool::recycle(&self.node);
-    }
-}
-
 fn lock_mut<T>(mutex: &mut Mutex<T>) -> &mut T {
     mutex
         .get_mut()
@@ -666,11 +663,12 @@ fn lock_mut<T>(mutex: &mut Mutex<T>) -> &mut T {
 /// an earlier one instead of allocating: the layer's one allocation per request is then the
 /// box the `http` crate makes for the extension.
 ///
-/// Only nodes nobody waited on are pooled (they hold no links), after their parent and
-/// request data were dropped; at most [`CAPACITY`](pool::CAPACITY) per thread, freed when
-/// the thread exits. A pooled node keeps a reference to the layer that last used it, so a
-/// dropped layer's configuration (and `on_abort` callback) may live until those nodes are
-/// reused or their thread exits.
+/// Only request signals under the root are pooled, when their response completes and
+/// nobody else holds them; one that somebody waited on (it has links) is dropped normally
+/// instead of reused. At most [`CAPACITY`](pool::CAPACITY) per thread, freed when the thread
+/// exits. A pooled node keeps the layer that last used it and its request data until reused,
+/// so a dropped layer's configuration (and `on_abort` callback) may live until those nodes
+/// are reused or their thread exits.
 mod pool {
     use super::Node;
     use crate::sync::Arc;
@@ -694,20 +692,20 @@ mod pool {
             .flatten()
     }
 
-    /// Keeps a clone of `node`, whose caller holds the only other handle and is dropping it.
-    pub(super) fn recycle(node: &Arc<Node>) {
+    /// Keeps `node` for reuse if this thread's pool has room (otherwise it is dropped).
+    pub(super) fn recycle(node: Arc<Node>) {
         #[cfg(not(all(test, loom)))]
         {
-            let _ = FREE.try_with(|free| {
+            let _ = FREE.try_with(move |free| {
                 if let Ok(mut free) = free.try_borrow_mut() {
                     if free.len() < CAPACITY {
-                        free.push(Arc::clone(node));
+                        free.push(node);
                     }
                 }
             });
         }
         #[cfg(all(test, loom))]
-        let _ = node;
+        drop(node);
     }
 }
 
@@ -1011,6 +1009,33 @@ mod tests {
         parent.fire(AbortReason::DeadlineExceeded);
         d.abort();
         assert_eq!(either.reason(), Some(AbortReason::DeadlineExceeded));
+    }
+
+    #[test]
+    fn completed_requests_leave_nothing_linked_and_reused_nodes_start_clean() {
+        let layer = crate::AbortLayer::new();
+        let shared = layer.shared();
+        let root = layer.root();
+        let request = || AbortSignal::for_request(&shared, None, None, None, Method::GET, None);
+        let waker = futures_test::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        for i in 0..300 {
+            let signal = request();
+            assert_eq!(signal.reason(), None, "a reused node starts armed");
+            if i % 3 == 0 {
+                // The handler waited (its cell is linked into the root), then answered.
+                let mut wait = Box::pin(signal.aborted());
+                assert!(wait.as_mut().poll(&mut cx).is_pending());
+                assert_eq!(root.inner.linked(), 1);
+            } else if i % 3 == 1 {
+                signal.fire(AbortReason::ClientGone);
+            }
+            signal.release();
+            assert_eq!(root.inner.linked(), 0);
+        }
+        root.shutdown();
+        assert_eq!(request().reason(), Some(AbortReason::Shutdown));
+        assert_eq!(root.stats().get(AbortReason::ClientGone), 100);
     }
 
     #[test]
