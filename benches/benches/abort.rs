@@ -25,7 +25,7 @@ use http::{HeaderValue, Request, Response};
 use http_body_util::Empty;
 use tower::layer::util::Identity;
 use tower::{service_fn, Layer, Service};
-use tower_abort::AbortLayer;
+use tower_abort::{AbortLayer, AbortSignal};
 
 // ===== allocation counting =====
 
@@ -316,6 +316,164 @@ fn bench_contended(c: &mut Criterion) {
     group.finish();
 }
 
+/// A handler that starts waiting on its signal (which links the signal's wait cell into a
+/// shard of the root: the contended step), optionally on `children` children of it too,
+/// then answers on the next poll.
+struct WaitOnce {
+    waits: Vec<tower_abort::future::Aborted>,
+    polled: bool,
+}
+
+impl Future for WaitOnce {
+    type Output = Result<Response<Empty<Bytes>>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.polled {
+            self.waits.clear();
+            return Poll::Ready(Ok(Response::new(Empty::new())));
+        }
+        self.polled = true;
+        for wait in self.waits.iter_mut() {
+            assert!(Pin::new(wait).poll(cx).is_pending());
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+fn waiting_service(
+    children: usize,
+) -> impl Service<
+    Request<()>,
+    Response = Response<Empty<Bytes>>,
+    Error = Infallible,
+    Future = WaitOnce,
+> + Clone {
+    service_fn(move |req: Request<()>| {
+        let signal = req.extensions().get::<AbortSignal>().expect("AbortLayer");
+        let mut waits = vec![signal.aborted()];
+        waits.extend((0..children).map(|_| signal.child().aborted()));
+        WaitOnce {
+            waits,
+            polled: false,
+        }
+    })
+}
+
+/// Tasks on a multi-thread runtime (two workers, four tasks) sending requests through
+/// clones of one service: root shards, signal pool and timer lists under contention.
+fn bench_multi_thread(c: &mut Criterion) {
+    const TASKS: u64 = 4;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    fn run<S, B>(rt: &tokio::runtime::Runtime, svc: S, iters: u64) -> Duration
+    where
+        S: Service<Request<()>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Error: std::fmt::Debug,
+        B: Send + 'static,
+    {
+        rt.block_on(async {
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..TASKS)
+                .map(|_| {
+                    let mut svc = svc.clone();
+                    tokio::spawn(async move {
+                        for _ in 0..iters.div_ceil(TASKS) {
+                            std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+                            let response = svc.call(request(Req::WithExtension)).await;
+                            black_box(response.ok());
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap();
+            }
+            start.elapsed()
+        })
+    }
+
+    let mut group = c.benchmark_group("abort/multi_thread");
+    group.bench_function("identity/ready", |b| {
+        b.iter_custom(|iters| run(&rt, Identity::new().layer(ready_service()), iters))
+    });
+    group.bench_function("abort/ready", |b| {
+        b.iter_custom(|iters| run(&rt, AbortLayer::new().layer(ready_service()), iters))
+    });
+    let timeout = AbortLayer::new().with_timeout(Duration::from_secs(10));
+    group.bench_function("identity/pending_once", |b| {
+        b.iter_custom(|iters| run(&rt, Identity::new().layer(pending_once_service()), iters))
+    });
+    group.bench_function("abort/pending_once", |b| {
+        b.iter_custom(|iters| run(&rt, AbortLayer::new().layer(pending_once_service()), iters))
+    });
+    group.bench_function("abort+timeout/pending_once", |b| {
+        b.iter_custom(|iters| run(&rt, timeout.layer(pending_once_service()), iters))
+    });
+    group.bench_function("abort/handler_waits", |b| {
+        b.iter_custom(|iters| run(&rt, AbortLayer::new().layer(waiting_service(0)), iters))
+    });
+    group.bench_function("abort/handler_waits_on_4_children", |b| {
+        b.iter_custom(|iters| run(&rt, AbortLayer::new().layer(waiting_service(4)), iters))
+    });
+    group.finish();
+
+    // Shutting down a root with 10,000 requests waiting on their signals, until every
+    // handler has answered.
+    let mut group = c.benchmark_group("abort/shutdown");
+    group.sample_size(10);
+    group.bench_function("10000_waiting_requests", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let (layer, root) = AbortLayer::pair();
+                let svc = layer.layer(service_fn(|req: Request<()>| {
+                    let signal = req.extensions().get::<AbortSignal>().unwrap().clone();
+                    async move {
+                        signal.aborted().await;
+                        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+                    }
+                }));
+                total += rt.block_on(async {
+                    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(64);
+                    let handlers: Vec<_> = (0..10_000)
+                        .map(|_| {
+                            let mut svc = svc.clone();
+                            let ready_tx = ready_tx.clone();
+                            tokio::spawn(async move {
+                                let mut fut = std::pin::pin!(svc.call(request(Req::Bare)));
+                                // Poll once, so the handler is waiting, then report in.
+                                std::future::poll_fn(|cx| {
+                                    let _ = fut.as_mut().poll(cx);
+                                    Poll::Ready(())
+                                })
+                                .await;
+                                ready_tx.send(()).await.unwrap();
+                                drop(ready_tx);
+                                black_box(fut.await.ok());
+                            })
+                        })
+                        .collect();
+                    drop(ready_tx);
+                    while ready_rx.recv().await.is_some() {}
+                    let start = Instant::now();
+                    root.shutdown();
+                    for handler in handlers {
+                        handler.await.unwrap();
+                    }
+                    start.elapsed()
+                });
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
 /// For instruction counts that do not depend on the machine's load, run one case `N`
 /// times and nothing else, under `valgrind --tool=callgrind` for two values of `N`:
 ///
@@ -324,7 +482,9 @@ fn bench_contended(c: &mut Criterion) {
 /// ```
 ///
 /// Cases: `identity`, `abort`, `abort+timeout`, each on a request that already has an
-/// extension (as requests from hyper and axum do).
+/// extension (as requests from hyper and axum do), with a handler that is ready at once;
+/// the same with `/pending` appended for a handler that is pending once (so a deadline's
+/// timer is armed).
 fn run_only(case: &str, n: u64) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -341,13 +501,14 @@ fn run_only(case: &str, n: u64) {
             one_request(&mut svc, request(Req::WithExtension), cx);
         }
     }
+    let timeout = AbortLayer::new().with_timeout(Duration::from_secs(10));
     match case {
         "identity" => drive(Identity::new().layer(ready_service()), n, &mut cx),
         "abort" => drive(AbortLayer::new().layer(ready_service()), n, &mut cx),
-        "abort+timeout" => {
-            let layer = AbortLayer::new().with_timeout(Duration::from_secs(10));
-            drive(layer.layer(ready_service()), n, &mut cx)
-        }
+        "abort+timeout" => drive(timeout.layer(ready_service()), n, &mut cx),
+        "identity/pending" => drive(Identity::new().layer(pending_once_service()), n, &mut cx),
+        "abort/pending" => drive(AbortLayer::new().layer(pending_once_service()), n, &mut cx),
+        "abort+timeout/pending" => drive(timeout.layer(pending_once_service()), n, &mut cx),
         other => panic!("unknown case {other:?}"),
     }
 }
@@ -366,5 +527,6 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     bench_single_thread(&mut c);
     bench_contended(&mut c);
+    bench_multi_thread(&mut c);
     c.final_summary();
 }

@@ -9,7 +9,7 @@ use tokio::time::{sleep_until, Sleep};
 
 use crate::error::{Aborted, BoxError};
 use crate::guard::ClientGoneGuard;
-use crate::{AbortReason, TimeoutMode};
+use crate::AbortReason;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -27,7 +27,8 @@ pin_project! {
     /// [`AbortReason::ClientGone`]: that is how a client leaving a streaming (SSE) response
     /// is seen. If the request's deadline passes while the body streams, the signal fires
     /// with [`AbortReason::DeadlineExceeded`] and, after the grace period of
-    /// [`TimeoutMode::Cooperative`] (at once in [`TimeoutMode::Drop`]), the body ends with
+    /// [`TimeoutMode::Cooperative`](crate::TimeoutMode::Cooperative) (at once in
+    /// [`TimeoutMode::Drop`](crate::TimeoutMode::Drop)), the body ends with
     /// an [`Aborted`] error, which makes the server reset the stream or close the
     /// connection: the status line is already gone.
     ///
@@ -43,12 +44,11 @@ pin_project! {
         // an inline `Sleep` would make every response bigger to move.
         sleep: Option<Pin<Box<Sleep>>>,
         phase: Phase,
-        mode: TimeoutMode,
     }
 }
 
 impl<B> AbortBody<B> {
-    pub(crate) fn new(inner: B, guard: ClientGoneGuard, mode: TimeoutMode) -> Self
+    pub(crate) fn new(inner: B, guard: ClientGoneGuard) -> Self
     where
         B: Body,
     {
@@ -56,7 +56,6 @@ impl<B> AbortBody<B> {
             inner: None,
             sleep: None,
             phase: Phase::Streaming,
-            mode,
             guard,
         };
         if inner.is_end_stream() {
@@ -73,7 +72,6 @@ impl<B> AbortBody<B> {
             inner: None,
             sleep: None,
             phase: Phase::Done,
-            mode: TimeoutMode::Drop,
             guard: ClientGoneGuard::disarmed(),
         }
     }
@@ -96,7 +94,10 @@ where
             return Poll::Ready(None);
         }
         let deadline = this.guard.signal().and_then(|s| s.deadline());
-        let grace = this.mode.grace();
+        let grace = this
+            .guard
+            .signal()
+            .map_or(std::time::Duration::ZERO, |s| s.mode().grace());
         loop {
             // The deadline first, once its timer is armed (below): a body whose frames are
             // always ready never returns `Pending`, and must still end at its deadline.

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use tokio::time::Instant;
+
+use crate::error::InvalidTimeout;
 
 /// The `grpc-timeout` header name.
 pub(crate) static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
@@ -27,8 +28,21 @@ pub enum TimeoutFormat {
 }
 
 impl TimeoutFormat {
-    /// Parses one header value; `Err` says why it is ignored.
-    pub(crate) fn parse(self, value: &[u8]) -> Result<Duration, &'static str> {
+    /// Parses one header value in this format (what the layer does with deadline headers);
+    /// the error says why a value is rejected.
+    ///
+    /// Strict: ASCII digits only (no sign, space or `+`), at most the format's number of
+    /// digits, so every accepted value fits a [`Duration`] without overflow.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_abort::TimeoutFormat;
+    ///
+    /// assert_eq!(TimeoutFormat::Grpc.parse(b"100m"), Ok(Duration::from_millis(100)));
+    /// assert_eq!(TimeoutFormat::Seconds.parse(b"1.5"), Ok(Duration::from_millis(1500)));
+    /// assert!(TimeoutFormat::Milliseconds.parse(b"-1").is_err());
+    /// ```
+    pub fn parse(self, value: &[u8]) -> Result<Duration, InvalidTimeout> {
         match self {
             TimeoutFormat::Grpc => parse_grpc(value),
             TimeoutFormat::Milliseconds => digits(value, 18)
@@ -36,15 +50,30 @@ impl TimeoutFormat {
                 .ok_or("expected 1 to 18 digits"),
             TimeoutFormat::Seconds => parse_seconds(value),
         }
+        .map_err(InvalidTimeout::new)
     }
 
-    /// Encodes `remaining`, rounding down so a downstream deadline is never later than ours.
-    pub(crate) fn encode(self, remaining: Duration) -> HeaderValue {
+    /// Encodes `remaining`, rounding down so a downstream deadline is never later than
+    /// ours, except that less than one unit (zero too) is sent as one unit (`1`, `0.001`):
+    /// zero would mean "no time at all" to some servers and "no deadline" to others. The
+    /// outgoing call is still cancelled at our own deadline, so it never runs past it.
+    ///
+    /// This is what [`PropagateAbort`](crate::PropagateAbort) sends.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_abort::TimeoutFormat;
+    ///
+    /// assert_eq!(TimeoutFormat::Grpc.encode(Duration::from_millis(100)), "100000u");
+    /// assert_eq!(TimeoutFormat::Milliseconds.encode(Duration::from_micros(300)), "1");
+    /// ```
+    pub fn encode(self, remaining: Duration) -> HeaderValue {
         let text = match self {
             TimeoutFormat::Grpc => encode_grpc(remaining),
-            TimeoutFormat::Milliseconds => remaining.as_millis().to_string(),
+            TimeoutFormat::Milliseconds => remaining.as_millis().max(1).to_string(),
             TimeoutFormat::Seconds => {
-                format!("{}.{:03}", remaining.as_secs(), remaining.subsec_millis())
+                let millis = remaining.as_millis().max(1);
+                format!("{}.{:03}", millis / 1000, millis % 1000)
             }
         };
         HeaderValue::try_from(text).expect("digits, '.' and a unit letter are valid header bytes")
@@ -94,7 +123,9 @@ fn parse_seconds(value: &[u8]) -> Result<Duration, &'static str> {
 
 fn encode_grpc(d: Duration) -> String {
     const MAX: u128 = 99_999_999;
-    // The finest unit that fits in 8 digits, so rounding down loses under 1e-7 of it.
+    // The finest unit that fits in 8 digits, so rounding down loses under 1e-7 of it. A
+    // non-zero duration is at least `1n`.
+    let d = d.max(Duration::from_nanos(1));
     let candidates: [(u128, char); 6] = [
         (d.as_nanos(), 'n'),
         (d.as_micros(), 'u'),
@@ -110,22 +141,19 @@ fn encode_grpc(d: Duration) -> String {
     format!("{n}{unit}")
 }
 
-/// The soonest valid deadline among the configured headers, as an instant after `now`.
+/// The shortest valid time among the configured deadline headers. Relative, so that the
+/// caller reads the clock only when a deadline applies.
 pub(crate) fn from_headers(
     headers: &HeaderMap,
-    now: Instant,
     grpc: bool,
     custom: Option<&(HeaderName, TimeoutFormat)>,
-) -> Option<Instant> {
-    let mut best: Option<Instant> = None;
+) -> Option<Duration> {
+    let mut best: Option<Duration> = None;
     let mut consider = |name: &HeaderName, format: TimeoutFormat| {
         for value in headers.get_all(name) {
-            match format
-                .parse(value.as_bytes())
-                .and_then(|d| now.checked_add(d).ok_or("the deadline overflows the clock"))
-            {
-                Ok(at) => best = Some(best.map_or(at, |b| b.min(at))),
-                Err(why) => crate::event::bad_deadline_header(name, value, why),
+            match format.parse(value.as_bytes()) {
+                Ok(d) => best = Some(best.map_or(d, |b| b.min(d))),
+                Err(err) => crate::event::bad_deadline_header(name, value, err.why()),
             }
         }
     };
@@ -234,5 +262,15 @@ mod tests {
             TimeoutFormat::Seconds.encode(Duration::from_millis(1500)),
             "1.500"
         );
+        // Never zero: under one unit is sent as one unit.
+        for tiny in [
+            Duration::ZERO,
+            Duration::from_nanos(1),
+            Duration::from_micros(999),
+        ] {
+            assert_eq!(TimeoutFormat::Milliseconds.encode(tiny), "1");
+            assert_eq!(TimeoutFormat::Seconds.encode(tiny), "0.001");
+            assert_ne!(TimeoutFormat::Grpc.encode(tiny).as_bytes()[0], b'0');
+        }
     }
 }

@@ -3,7 +3,9 @@
 //! The [`Abort`](crate::Abort) service itself cannot fail: it passes the inner service's
 //! error through and answers a deadline with a response. Errors appear in two places: the
 //! response body, when a deadline passes after the headers were sent, and the outgoing
-//! call made through [`PropagateAbort`](crate::PropagateAbort).
+//! call made through [`PropagateAbort`](crate::PropagateAbort). [`InvalidTimeout`] is what
+//! [`TimeoutFormat::parse`](crate::TimeoutFormat::parse) says about a malformed header
+//! value (the layer ignores such values).
 
 use std::fmt;
 
@@ -38,3 +40,29 @@ impl fmt::Display for Aborted {
 }
 
 impl std::error::Error for Aborted {}
+
+/// A deadline header value that [`TimeoutFormat::parse`](crate::TimeoutFormat::parse)
+/// rejects: not the format's digits and unit, or too many digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InvalidTimeout {
+    why: &'static str,
+}
+
+impl InvalidTimeout {
+    pub(crate) fn new(why: &'static str) -> Self {
+        InvalidTimeout { why }
+    }
+
+    /// Why the value was rejected, for logs.
+    pub fn why(&self) -> &'static str {
+        self.why
+    }
+}
+
+impl fmt::Display for InvalidTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid timeout header value: {}", self.why)
+    }
+}
+
+impl std::error::Error for InvalidTimeout {}

@@ -44,8 +44,9 @@ impl AbortEvent<'_> {
 
     /// Time from the request entering the layer to the signal firing.
     ///
-    /// Always present with an `on_abort` callback, a deadline or the `tracing` feature;
-    /// otherwise the layer skips reading the clock and this is `None`.
+    /// Present when the request had a deadline, with an `on_abort` callback, or with the
+    /// `tracing` feature while `debug` events are enabled when the request arrives; otherwise
+    /// the layer skips reading the clock and this is `None`.
     pub fn elapsed(&self) -> Option<Duration> {
         self.elapsed
     }
@@ -82,6 +83,36 @@ pub(crate) fn fired(event: &AbortEvent<'_>) {
         uri = event.uri.map(tracing::field::display),
         elapsed_ms = event.elapsed.map(|e| e.as_millis() as u64),
         "request aborted"
+    );
+}
+
+#[cfg_attr(not(feature = "tracing"), allow(unused_variables))]
+pub(crate) fn callback_panicked(reason: AbortReason) {
+    #[cfg(feature = "tracing")]
+    tracing::error!(
+        target: "tower_abort",
+        reason = reason.as_str(),
+        "the on_abort callback (or a tracing subscriber) panicked; the panic was caught"
+    );
+}
+
+/// Whether a fired signal's event may be recorded, so the layer needs the request's start
+/// time for its `elapsed_ms`: `debug` events are on for some subscriber. The static and the
+/// global maximum level (one relaxed load); no callsite lookup.
+pub(crate) fn wants_elapsed() -> bool {
+    #[cfg(feature = "tracing")]
+    return tracing::level_enabled!(tracing::Level::DEBUG);
+    #[cfg(not(feature = "tracing"))]
+    false
+}
+
+#[cfg_attr(not(feature = "tracing"), allow(unused_variables))]
+pub(crate) fn deadline_overflow(timeout: Duration) {
+    #[cfg(feature = "tracing")]
+    tracing::debug!(
+        target: "tower_abort",
+        timeout_secs = timeout.as_secs(),
+        "ignoring a deadline beyond what the clock can represent"
     );
 }
 

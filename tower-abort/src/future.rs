@@ -8,23 +8,15 @@ use std::task::{ready, Context, Poll};
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Response, StatusCode};
 use pin_project_lite::pin_project;
-use tokio::time::{sleep_until, Sleep};
 
 use crate::body::AbortBody;
 use crate::guard::ClientGoneGuard;
-use crate::{AbortReason, AbortSignal, TimeoutMode};
+use crate::timer::DeadlineTimer;
+use crate::{AbortReason, AbortSignal};
 
 pub use crate::propagate::PropagateFuture;
 pub use crate::signal::Aborted;
 pub use crate::task::TaskHandle;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Waiting for the deadline (if any).
-    Armed,
-    /// The deadline passed and the signal fired; waiting out the grace period.
-    Grace,
-}
 
 pin_project! {
     /// Response future of [`Abort`](crate::Abort).
@@ -38,11 +30,13 @@ pin_project! {
         guard: ClientGoneGuard,
         #[pin]
         inner: Option<F>,
-        #[pin]
-        sleep: Option<Sleep>,
-        phase: Phase,
-        timed_out: bool,
-        mode: TimeoutMode,
+        // Armed when the handler is first pending with a deadline ahead (see `timer.rs`).
+        timer: DeadlineTimer,
+        // The deadline is the server's timeout from the request's start, so the timer can
+        // join the shared first-in-first-out lists.
+        server_deadline: bool,
+        // The deadline passed and the signal fired; the handler is in its grace period.
+        grace: bool,
         timeout: TimeoutAnswer,
     }
 }
@@ -51,16 +45,15 @@ impl<F> ResponseFuture<F> {
     pub(crate) fn new(
         inner: F,
         signal: AbortSignal,
-        mode: TimeoutMode,
+        server_deadline: bool,
         timeout: TimeoutAnswer,
     ) -> Self {
         ResponseFuture {
             guard: ClientGoneGuard::armed(signal),
             inner: Some(inner),
-            sleep: None,
-            phase: Phase::Armed,
-            timed_out: false,
-            mode,
+            timer: DeadlineTimer::new(),
+            server_deadline,
+            grace: false,
             timeout,
         }
     }
@@ -84,62 +77,58 @@ where
                 .expect("polled after completion");
             if let Poll::Ready(result) = inner.poll(cx) {
                 this.inner.set(None);
-                // Release the timer entry now; the body arms its own if it needs one.
-                this.sleep.set(None);
+                // Release the timer now; the body arms its own if it needs one.
+                this.timer.clear();
                 let signal = this
                     .guard
-                    .disarm()
+                    .take()
                     .expect("the guard is armed until completion");
                 return Poll::Ready(result.map(|response| {
-                    if *this.timed_out {
+                    if *this.grace {
                         // The handler answered after its deadline: too late.
                         this.timeout.response()
                     } else {
-                        wrap_response(response, signal, *this.mode)
+                        wrap_response(response, signal)
                     }
                 }));
             }
 
-            let Some(deadline) = this.guard.signal().and_then(AbortSignal::deadline) else {
+            let Some(signal) = this.guard.signal() else {
                 return Poll::Pending;
             };
-            if this.sleep.is_none() {
-                this.sleep.set(Some(sleep_until(deadline)));
+            let Some(deadline) = signal.deadline() else {
+                return Poll::Pending;
+            };
+            if *this.grace {
+                // Waiting for the backstop, armed below on a timer of its own.
+                ready!(this.timer.poll_until(cx, deadline, None));
+            } else {
+                let server_timeout = if *this.server_deadline {
+                    signal.server_timeout()
+                } else {
+                    None
+                };
+                ready!(this.timer.poll_until(cx, deadline, server_timeout));
             }
-            ready!(this
-                .sleep
-                .as_mut()
-                .as_pin_mut()
-                .expect("set above")
-                .poll(cx));
 
-            let grace = this.mode.grace();
-            if *this.phase == Phase::Armed && !grace.is_zero() {
-                if let Some(signal) = this.guard.signal() {
-                    signal.fire(AbortReason::DeadlineExceeded);
-                }
-                *this.timed_out = true;
-                *this.phase = Phase::Grace;
+            let grace = signal.mode().grace();
+            if !*this.grace && !grace.is_zero() {
+                signal.fire(AbortReason::DeadlineExceeded);
+                *this.grace = true;
                 let backstop = deadline.checked_add(grace).unwrap_or(deadline);
-                this.sleep
-                    .as_mut()
-                    .as_pin_mut()
-                    .expect("set above")
-                    .reset(backstop);
+                this.timer.reset(backstop);
                 // Poll the handler again now: it has just been woken by the signal.
                 continue;
             }
 
             // Drop mode, or the grace period ran out: the backstop.
-            if let Some(signal) = this.guard.signal() {
-                signal.fire(AbortReason::DeadlineExceeded);
-            }
-            if *this.phase == Phase::Grace {
+            signal.fire(AbortReason::DeadlineExceeded);
+            if *this.grace {
                 crate::event::backstop(AbortReason::DeadlineExceeded, grace);
             }
             // Drop the handler before answering, so its resources are released first.
             this.inner.set(None);
-            this.sleep.set(None);
+            this.timer.clear();
             this.guard.disarm();
             return Poll::Ready(Ok(this.timeout.response()));
         }
@@ -178,7 +167,6 @@ impl TimeoutAnswer {
 fn wrap_response<B: http_body::Body>(
     response: Response<B>,
     signal: AbortSignal,
-    mode: TimeoutMode,
 ) -> Response<AbortBody<B>> {
     // Responses whose body the server never sends (HEAD, 1xx, 204, 304): hyper drops the
     // body unread, which is not a client going away.
@@ -187,18 +175,19 @@ fn wrap_response<B: http_body::Body>(
         || response.status() == StatusCode::NO_CONTENT
         || response.status() == StatusCode::NOT_MODIFIED;
     let guard = if bodiless {
+        signal.release();
         ClientGoneGuard::disarmed()
     } else {
         ClientGoneGuard::armed(signal)
     };
-    response.map(|body| AbortBody::new(body, guard, mode))
+    response.map(|body| AbortBody::new(body, guard))
 }
 
 impl<F> fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("signal", &self.guard.signal())
-            .field("timed_out", &self.timed_out)
+            .field("timed_out", &self.grace)
             .finish()
     }
 }

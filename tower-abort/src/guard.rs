@@ -18,20 +18,32 @@ impl ClientGoneGuard {
         ClientGoneGuard { signal: None }
     }
 
+    #[inline]
     pub(crate) fn signal(&self) -> Option<&AbortSignal> {
         self.signal.as_ref()
     }
 
     /// Disarms the guard, returning the signal it held.
-    pub(crate) fn disarm(&mut self) -> Option<AbortSignal> {
+    #[inline]
+    pub(crate) fn take(&mut self) -> Option<AbortSignal> {
         self.signal.take()
+    }
+
+    /// Disarms the guard: the request completed. Its signal may go back to the pool.
+    #[inline]
+    pub(crate) fn disarm(&mut self) {
+        if let Some(signal) = self.signal.take() {
+            signal.release();
+        }
     }
 }
 
 impl Drop for ClientGoneGuard {
+    #[inline]
     fn drop(&mut self) {
         if let Some(signal) = self.signal.take() {
             signal.fire(AbortReason::ClientGone);
+            signal.release();
         }
     }
 }

@@ -97,8 +97,10 @@ pub(crate) struct Shared {
 /// the layer (an outer `AbortLayer` ran first), the layer's signal is a
 /// [`child`](crate::AbortSignal::child) of it with the sooner of both deadlines, and it
 /// follows the outer layer's root rather than its own. Nested layers should share one
-/// root ([`with_root`](Self::with_root)). Both layers count a fired request in their
-/// roots' [`stats`](AbortRoot::stats).
+/// root ([`with_root`](Self::with_root)). A request is reported once however many layers
+/// it crosses: it is counted (in [`stats`](AbortRoot::stats)), traced and passed to
+/// [`on_abort`](Self::on_abort) by the layer whose signal fired first, which for a cause
+/// both see (the client going away, a shutdown) is the outer one.
 ///
 /// # Examples
 ///
@@ -203,9 +205,11 @@ impl AbortLayer {
     /// and the time it ran: the place to log `499` for clients that went away and to feed
     /// metrics beyond [`AbortRoot::stats`].
     ///
-    /// The callback runs on the thread that fired the signal, possibly inside a `Drop`;
-    /// keep it short, and do not panic. Setting one makes the layer keep a clone of each
-    /// request's URI.
+    /// The callback runs on the thread that fired the signal, possibly inside a `Drop`
+    /// (the server dropping the request): keep it short. A panic in it is caught (and
+    /// logged with the `tracing` feature), never propagated into that `Drop`, where it
+    /// would take down the connection, or abort the process during unwinding. Setting one
+    /// makes the layer keep a clone of each request's URI.
     ///
     /// ```
     /// use tower_abort::AbortLayer;
@@ -231,6 +235,16 @@ impl AbortLayer {
     }
 }
 
+impl AbortLayer {
+    /// What the services this layer builds share.
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        Arc::new(Shared {
+            root: self.root.clone(),
+            config: self.config.clone(),
+        })
+    }
+}
+
 impl Default for AbortLayer {
     fn default() -> Self {
         Self::new()
@@ -241,13 +255,7 @@ impl<S> Layer<S> for AbortLayer {
     type Service = crate::Abort<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        crate::Abort::from_shared(
-            inner,
-            Arc::new(Shared {
-                root: self.root.clone(),
-                config: self.config.clone(),
-            }),
-        )
+        crate::Abort::from_shared(inner, self.shared())
     }
 }
 

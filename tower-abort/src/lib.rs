@@ -31,6 +31,9 @@
 //! [`spawn`](AbortSignal::spawn), [`spawn_blocking`](AbortSignal::spawn_blocking) and
 //! [`run_until_aborted`](AbortSignal::run_until_aborted). Outgoing calls follow it through
 //! [`PropagateAbortLayer`], which also passes the remaining time on as `grpc-timeout`.
+//! Work shared with other requests (a singleflight leader's upstream call) takes
+//! [`detached`](AbortSignal::detached) instead, so that one client leaving does not cancel
+//! it for everyone.
 //!
 //! Dropping stays the backstop. A client that goes away still gets its handler dropped by
 //! the server; the signal fires as it happens, so the work the handler spawned stops too.
@@ -147,10 +150,13 @@
 //!
 //! # Cost
 //!
-//! Per request: one allocation for the signal, one more for the extensions entry (the
-//! `http` crate boxes every extension), and a timer entry only when a deadline applies.
-//! A handler that never waits on its signal never touches the root's lock. See
-//! `benches/benches/abort.rs`.
+//! Per request on the fast path (no deadline header, the response completes): one
+//! allocation, the box the `http` crate makes for every extension value; the signal reuses
+//! a node from a small per-thread pool. No lock, no clock read unless a deadline applies,
+//! no timer until the handler is first pending; then a request under the server timeout
+//! joins a per-thread first-in-first-out deadline list instead of getting a timer of its
+//! own. A handler that waits on its signal links one wait cell into one of the root's
+//! shards. Figures are in the README and `benches/benches/abort.rs`.
 //!
 //! # Features
 //!
@@ -170,12 +176,17 @@ mod extract;
 pub mod future;
 mod guard;
 mod layer;
+#[cfg(all(test, loom))]
+mod loom_tests;
 mod propagate;
 mod reason;
 mod root;
 mod service;
 mod signal;
+mod sync;
 mod task;
+mod timer;
+mod wait;
 
 pub use body::AbortBody;
 pub use deadline::TimeoutFormat;

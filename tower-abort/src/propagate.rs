@@ -68,7 +68,11 @@ impl<S> Layer<S> for PropagateAbortLayer {
 /// - fails at once with [`Aborted`](crate::error::Aborted) if the signal has already fired
 ///   or the deadline has passed, without calling the inner service;
 /// - writes the remaining time as `grpc-timeout` (and/or a header of your choice), keeping
-///   a header already set to a shorter time, so the next hop gives up when we do;
+///   a header already set to a shorter time, so the next hop gives up when we do. The time
+///   is rounded down to the format's unit, except that less than one unit goes out as one
+///   unit (`1` ms, `0.001` s; `grpc-timeout` has nanoseconds), never as zero, which some
+///   servers read as "no time" and others as "no deadline"; the call itself is still
+///   dropped at our deadline (next point), so it never outlives it;
 /// - drops the inner call as soon as the signal fires (hyper then closes the HTTP/1
 ///   connection, or resets the HTTP/2 stream) and fails with
 ///   [`Aborted`](crate::error::Aborted).

@@ -1,9 +1,10 @@
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 
+use slab::Slab;
 use tokio_util::sync::CancellationToken;
 
+use crate::sync::{lock, Arc, AtomicBool, AtomicU64, Mutex, Ordering};
+use crate::wait::{self, WaitCell};
 use crate::AbortReason;
 
 /// The server-wide parent of every request's [`AbortSignal`](crate::AbortSignal).
@@ -48,6 +49,23 @@ pub(crate) struct RootInner {
     // The token came from the user, who may cancel it without going through `shutdown`.
     external: bool,
     counters: [AtomicU64; 4],
+    // The wait cells of request signals somebody waits on, fired on shutdown. Sharded, so
+    // that requests on different threads starting to wait (or finishing) do not queue on
+    // one lock; a request that never waits never touches them.
+    shards: Box<[Shard]>,
+}
+
+/// One lock's worth of linked wait cells, on its own cache line.
+#[repr(align(128))]
+struct Shard {
+    cells: Mutex<ShardCells>,
+}
+
+#[derive(Default)]
+struct ShardCells {
+    /// Set by the shutdown that fired the cells; later cells are not linked.
+    closed: bool,
+    cells: Slab<Arc<WaitCell>>,
 }
 
 impl AbortRoot {
@@ -74,6 +92,11 @@ impl AbortRoot {
                 shutdown_order: AtomicU64::new(0),
                 external,
                 counters: Default::default(),
+                shards: (0..shard_count())
+                    .map(|_| Shard {
+                        cells: Mutex::new(ShardCells::default()),
+                    })
+                    .collect(),
             }),
         }
     }
@@ -92,6 +115,7 @@ impl AbortRoot {
             crate::event::root_shutdown();
         }
         self.inner.token.cancel();
+        self.inner.fire_waiters();
     }
 
     /// Whether [`shutdown`](Self::shutdown) was called (or the token given to
@@ -129,6 +153,83 @@ impl RootInner {
     pub(crate) fn count(&self, reason: AbortReason) {
         self.counters[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Whether the root's token came from [`AbortRoot::from_token`], and so can be cancelled
+    /// without [`AbortRoot::shutdown`] firing the linked cells: waiters watch it themselves.
+    pub(crate) fn external_token(&self) -> Option<&CancellationToken> {
+        self.external.then_some(&self.token)
+    }
+
+    /// Links a request signal's wait cell, so shutdown fires it; `None` once the root has
+    /// shut down (the caller then sees `Shutdown` by looking at the root).
+    pub(crate) fn link(&self, cell: &Arc<WaitCell>) -> Option<(usize, usize)> {
+        let shard = shard_index(self.shards.len());
+        let mut cells = lock(&self.shards[shard].cells);
+        (!cells.closed).then(|| (shard, cells.cells.insert(Arc::clone(cell))))
+    }
+
+    /// How many wait cells are linked, for tests.
+    #[cfg(test)]
+    pub(crate) fn linked(&self) -> usize {
+        self.shards.iter().map(|s| lock(&s.cells).cells.len()).sum()
+    }
+
+    /// Undoes [`link`](Self::link); a no-op after shutdown.
+    pub(crate) fn unlink(&self, (shard, key): (usize, usize)) {
+        let cell = {
+            let mut cells = lock(&self.shards[shard].cells);
+            if cells.closed {
+                return;
+            }
+            cells.cells.try_remove(key)
+        };
+        drop(cell);
+    }
+
+    /// Closes every shard and fires the cells linked so far. Called by `shutdown` after the
+    /// flag is set, and by a waiter that saw an external token cancelled.
+    pub(crate) fn fire_waiters(&self) {
+        for shard in self.shards.iter() {
+            let cells = {
+                let mut cells = lock(&shard.cells);
+                if cells.closed {
+                    continue;
+                }
+                cells.closed = true;
+                std::mem::take(&mut cells.cells)
+            };
+            let mut cells = cells.into_iter().map(|(_, cell)| cell);
+            if let Some(first) = cells.next() {
+                wait::fire_all(first, cells.collect());
+            }
+        }
+    }
+}
+
+/// How many shards a root gets: a few per CPU, so that threads rarely share one.
+fn shard_count() -> usize {
+    #[cfg(all(test, loom))]
+    return 2;
+    #[cfg(not(all(test, loom)))]
+    {
+        let cpus = std::thread::available_parallelism().map_or(4, usize::from);
+        (cpus * 4).next_power_of_two().clamp(4, 64)
+    }
+}
+
+/// The shard this thread links into: threads are spread round-robin over the shards.
+fn shard_index(shards: usize) -> usize {
+    #[cfg(all(test, loom))]
+    return shards - 1;
+    #[cfg(not(all(test, loom)))]
+    {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+        }
+        SHARD.try_with(|s| *s).unwrap_or(0) % shards
+    }
 }
 
 impl Default for AbortRoot {
@@ -148,7 +249,8 @@ impl fmt::Debug for AbortRoot {
 
 /// How many request signals fired, per [`AbortReason`]; from [`AbortRoot::stats`].
 ///
-/// Each request signal is counted once, for the reason it fired with. A
+/// Each request is counted once, for the reason its signal fired with (with nested layers,
+/// the signal that fired first). A
 /// [`Shutdown`](AbortReason::Shutdown) is counted when a request first observes it: when
 /// its handler checks or awaits the signal, or at the latest when the request's response
 /// future or body is dropped unfinished. A request that completes normally after the

@@ -9,7 +9,6 @@ use tower_service::Service;
 use crate::body::AbortBody;
 use crate::future::{ResponseFuture, TimeoutAnswer};
 use crate::layer::Shared;
-use crate::signal::min_deadline;
 use crate::{deadline, AbortLayer, AbortRoot, AbortSignal};
 
 /// Puts an [`AbortSignal`] into every request and fires it when the client goes away, the
@@ -77,27 +76,31 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let config = &self.shared.config;
-        let client_headers = config.grpc_timeout || config.header.is_some();
-        // Reading the clock is the layer's most expensive step on some machines; skip it
-        // when nothing needs the time.
-        let started = (config.timeout.is_some()
-            || client_headers
-            || config.on_abort.is_some()
-            || cfg!(feature = "tracing"))
-        .then(Instant::now);
-        let mut deadline = None;
-        if let Some(now) = started {
-            deadline = config.timeout.and_then(|t| now.checked_add(t));
-            if client_headers {
-                let client = deadline::from_headers(
-                    req.headers(),
-                    now,
-                    config.grpc_timeout,
-                    config.header.as_ref(),
-                );
-                deadline = min_deadline(deadline, client);
+        // Client deadline headers first: they are relative, so the clock is read only when
+        // some deadline applies (or something will report the elapsed time). Reading it is
+        // the layer's most expensive step on some machines.
+        let client = if config.grpc_timeout || config.header.is_some() {
+            deadline::from_headers(req.headers(), config.grpc_timeout, config.header.as_ref())
+        } else {
+            None
+        };
+        let timeout = match (config.timeout, client) {
+            (Some(server), Some(client)) => Some(server.min(client)),
+            (server, client) => server.or(client),
+        };
+        let started =
+            (timeout.is_some() || config.on_abort.is_some() || crate::event::wants_elapsed())
+                .then(Instant::now);
+        let deadline = match (started, timeout) {
+            (Some(now), Some(timeout)) => {
+                let deadline = now.checked_add(timeout);
+                if deadline.is_none() {
+                    crate::event::deadline_overflow(timeout);
+                }
+                deadline
             }
-        }
+            _ => None,
+        };
         let uri = config.on_abort.as_ref().map(|_| req.uri().clone());
         let signal = AbortSignal::for_request(
             &self.shared,
@@ -107,13 +110,17 @@ where
             req.method().clone(),
             uri,
         );
-        req.extensions_mut().insert(signal.clone());
-        let timeout = if config.grpc_timeout && is_grpc(&req) {
+        // The deadline is the server's timeout from now (not shortened by a client header or
+        // an outer layer): it can share the per-thread timer lists (see `timer.rs`).
+        let server_deadline =
+            deadline.is_some() && timeout == config.timeout && signal.deadline() == deadline;
+        let answer = if config.grpc_timeout && is_grpc(&req) {
             TimeoutAnswer::Grpc
         } else {
             TimeoutAnswer::Status(config.timeout_status)
         };
-        ResponseFuture::new(self.inner.call(req), signal, config.mode, timeout)
+        req.extensions_mut().insert(signal.clone());
+        ResponseFuture::new(self.inner.call(req), signal, server_deadline, answer)
     }
 }
 

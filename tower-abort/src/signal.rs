@@ -1,20 +1,21 @@
 use std::fmt;
 use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::{Method, Uri};
-use pin_project_lite::pin_project;
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::event::{self, AbortEvent};
 use crate::future::UntilAborted;
 use crate::layer::Shared;
-use crate::AbortReason;
+use crate::root::AbortRoot;
+use crate::sync::{lock, Arc, AtomicBool, AtomicU64, Mutex, Ordering};
+use crate::wait::WaitCell;
+use crate::{AbortReason, TimeoutMode};
 
 /// A request-scoped cancellation signal that fires exactly once, with an [`AbortReason`].
 ///
@@ -56,62 +57,132 @@ use crate::AbortReason;
 /// ```
 #[derive(Clone)]
 pub struct AbortSignal {
-    inner: Arc<Inner>,
+    node: Arc<Node>,
 }
 
-struct Inner {
+/// A signal's state: one allocation per signal (recycled, see [`pool`]).
+pub(crate) struct Node {
     /// `0` while armed, then the fired reason's code and, above it, its place in the order
     /// of firings (see [`next_firing`]); written once, by compare-exchange.
     state: AtomicU64,
-    /// Created on first need (an `aborted()` wait, a child): a request whose handler never
-    /// waits costs no token, so the layer allocates once per request, not twice.
-    token: Mutex<Option<CancellationToken>>,
+    /// Created when somebody first waits on this signal or on one below it: a request whose
+    /// handler never waits costs no cell and no lock.
+    wait: Mutex<Option<Linked>>,
+    /// Set when the wait cell is made, so a completed request that somebody waited on is
+    /// dropped (and unlinked) at once rather than pooled. A hint: `build` checks `wait`.
+    waited: AtomicBool,
     parent: Parent,
     deadline: Option<Instant>,
     request: Option<RequestInfo>,
+    /// The layer that made the signal (meaningful only with `request`). Kept when the node is
+    /// pooled: the next request of the same layer then needs no reference-count update on
+    /// the layer's shared state, a cache line every thread would otherwise write.
+    // std's `Arc` even under loom: the layer makes it.
+    layer: Option<std::sync::Arc<Shared>>,
+}
+
+/// A node's wait cell and where it is linked, so it can be unlinked when the node goes.
+struct Linked {
+    cell: Arc<WaitCell>,
+    up: Up,
+}
+
+enum Up {
+    /// No parent, or every parent had fired already when the cell was created.
+    Nothing,
+    /// A root shard and the key in it.
+    Root(AbortRoot, (usize, usize)),
+    Signal(Arc<WaitCell>, usize),
+    Any(Box<[(Arc<WaitCell>, usize)]>),
 }
 
 enum Parent {
     None,
-    /// The layer's root, reached through `RequestInfo::layer`.
+    /// The layer's root, reached through `Node::layer`.
     Root,
     Signal(AbortSignal),
     Any(Box<[AbortSignal]>),
+    /// [`AbortSignal::detached`]: only this root (if any) and the node's own deadline,
+    /// which the node enforces itself.
+    Detached(Option<AbortRoot>),
 }
 
 /// Present on signals the layer created: where to count and report the firing.
 struct RequestInfo {
-    layer: Arc<Shared>,
     /// `None` when the layer had no use for the clock (no deadline, no events).
     started: Option<Instant>,
     method: Method,
     // Boxed: kept only with an `on_abort` callback; inline it would grow every signal.
     uri: Option<Box<Uri>>,
+    /// Set by the first report of this request. With nested layers every request signal of
+    /// one request uses the outermost one's flag, so the request is reported (and counted)
+    /// once.
+    reported: AtomicBool,
 }
 
 impl AbortSignal {
     /// A signal with no parent and no deadline, that fires only through
     /// [`abort`](Self::abort). Useful outside a server and in tests.
     pub fn new() -> Self {
-        Self::build(Parent::None, None, None)
+        Self::build(Parent::None, None, None, None)
     }
 
-    fn build(parent: Parent, deadline: Option<Instant>, request: Option<RequestInfo>) -> Self {
+    #[inline]
+    fn build(
+        parent: Parent,
+        deadline: Option<Instant>,
+        request: Option<RequestInfo>,
+        layer: Option<&std::sync::Arc<Shared>>,
+    ) -> Self {
+        #[cfg(not(all(test, loom)))]
+        if let Some(mut node) = pool::take() {
+            if let Some(slot) = Arc::get_mut(&mut node) {
+                if lock_mut(&mut slot.wait).is_none() {
+                    // Field by field: the node is unlinked, its parent was the root (which
+                    // holds nothing: no drop glue), its request data is dropped here.
+                    *slot.state.get_mut() = 0;
+                    slot.deadline = deadline;
+                    debug_assert!(matches!(slot.parent, Parent::Root));
+                    std::mem::forget(std::mem::replace(&mut slot.parent, parent));
+                    slot.request = request;
+                    if let Some(layer) = layer {
+                        let kept = slot.layer.as_ref();
+                        if !kept.is_some_and(|kept| std::sync::Arc::ptr_eq(kept, layer)) {
+                            slot.layer = Some(std::sync::Arc::clone(layer));
+                        }
+                    }
+                    return AbortSignal { node };
+                }
+                // Somebody waited on it after all: drop it normally (unlinking it).
+            }
+        }
         AbortSignal {
-            inner: Arc::new(Inner {
+            node: Arc::new(Node {
                 state: AtomicU64::new(0),
-                token: Mutex::new(None),
+                wait: Mutex::new(None),
+                waited: AtomicBool::new(false),
                 parent,
                 deadline,
                 request,
+                layer: layer.cloned(),
             }),
+        }
+    }
+
+    /// The layer that made this signal, if one did.
+    #[inline]
+    fn layer(&self) -> Option<&Shared> {
+        match &self.node.request {
+            Some(_) => self.node.layer.as_deref(),
+            None => None,
         }
     }
 
     /// The layer's per-request signal: a child of `outer` when an outer layer already put
     /// a signal in the request, otherwise of the layer's root.
+    #[inline]
     pub(crate) fn for_request(
-        layer: &Arc<Shared>,
+        layer: &std::sync::Arc<Shared>,
         outer: Option<&AbortSignal>,
         deadline: Option<Instant>,
         started: Option<Instant>,
@@ -126,12 +197,12 @@ impl AbortSignal {
             None => (Parent::Root, deadline),
         };
         let request = RequestInfo {
-            layer: layer.clone(),
             started,
             method,
             uri: uri.map(Box::new),
+            reported: AtomicBool::new(false),
         };
-        Self::build(parent, deadline, Some(request))
+        Self::build(parent, deadline, Some(request), Some(layer))
     }
 
     /// Whether the signal has fired.
@@ -151,7 +222,9 @@ impl AbortSignal {
     /// Waits until the signal fires and returns the reason; at once if it already has.
     ///
     /// Cancel safe: dropping the future has no effect on the signal, so it can sit in a
-    /// `select!` loop. The returned future owns a clone of the signal.
+    /// `select!` loop. The returned future owns a clone of the signal. A waiting future is
+    /// woken once, when the signal fires; it is never polled or woken for the firing of
+    /// signals it does not descend from.
     ///
     /// ```
     /// # use tower_abort::{AbortReason, AbortSignal};
@@ -168,8 +241,7 @@ impl AbortSignal {
     pub fn aborted(&self) -> Aborted {
         Aborted {
             signal: self.clone(),
-            wait: None,
-            sources: Vec::new(),
+            waiting: None,
         }
     }
 
@@ -180,13 +252,13 @@ impl AbortSignal {
     /// in tests. Children inherit it; an [`any`](Self::any) signal takes the soonest of its
     /// sources.
     pub fn deadline(&self) -> Option<Instant> {
-        self.inner.deadline
+        self.node.deadline
     }
 
     /// Time left until [`deadline`](Self::deadline): zero once it has passed, `None` when
     /// there is no deadline.
     pub fn remaining(&self) -> Option<Duration> {
-        self.inner
+        self.node
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()))
     }
@@ -214,13 +286,56 @@ impl AbortSignal {
     /// assert_eq!(other.reason(), Some(AbortReason::Explicit));
     /// ```
     pub fn child(&self) -> AbortSignal {
-        Self::build(Parent::Signal(self.clone()), self.inner.deadline, None)
+        Self::build(Parent::Signal(self.clone()), self.node.deadline, None, None)
+    }
+
+    /// A signal for work started on this request's behalf that must not stop because this
+    /// request does: it ignores this signal's [`ClientGone`](AbortReason::ClientGone) and
+    /// [`abort`](Self::abort), and fires only when
+    ///
+    /// - the server shuts down (the [`AbortRoot`](crate::AbortRoot) this signal descends
+    ///   from, if any), or
+    /// - its [`deadline`](Self::deadline), the same as this signal's, passes. Nothing else
+    ///   watches that deadline once the request is gone, so the detached signal enforces it
+    ///   itself: [`is_aborted`](Self::is_aborted) reads the clock, and a waiter arms a tokio
+    ///   timer (so wait on it inside a tokio runtime), or
+    /// - somebody [`abort`](Self::abort)s it (or a signal it was combined with fires).
+    ///
+    /// This is Go's `context.WithoutCancel`, keeping the deadline. The case it is for:
+    /// shared work, such as the call a `tower-singleflight` leader makes while other
+    /// requests wait for its result. With the leader's own signal, the leader's client going
+    /// away would cancel the work for every follower; with a detached one it runs on, bounded
+    /// by the deadline and shutdown. Detached work outlives its request: give it a deadline
+    /// (the layer's [`with_timeout`](crate::AbortLayer::with_timeout) does).
+    ///
+    /// ```
+    /// # use tower_abort::AbortSignal;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let request = AbortSignal::new(); // in a handler: the request's signal
+    /// let shared = request.detached();
+    /// let work = shared.spawn(async { 42 }); // the shared call
+    /// request.abort(); // the client went away
+    /// assert!(!shared.is_aborted());
+    /// assert_eq!(work.await, Ok(42));
+    /// # }
+    /// ```
+    pub fn detached(&self) -> AbortSignal {
+        Self::build(
+            Parent::Detached(self.find_root()),
+            self.node.deadline,
+            None,
+            None,
+        )
     }
 
     /// A signal that fires as soon as any of `signals` fires, with that signal's reason,
     /// like the web's `AbortSignal.any`. It is already fired if one of them already is.
     /// Its deadline is the soonest of theirs. With no signals it fires only through
     /// [`abort`](Self::abort).
+    ///
+    /// Waiting on it costs one registration with each source, made when the first waiter
+    /// polls; the sources are not polled, and each waiter is woken once, by whichever
+    /// source fires first.
     ///
     /// ```
     /// # use tower_abort::{AbortReason, AbortSignal};
@@ -239,7 +354,7 @@ impl AbortSignal {
         let deadline = sources
             .iter()
             .fold(None, |d, s| min_deadline(d, s.deadline()));
-        Self::build(Parent::Any(sources), deadline, None)
+        Self::build(Parent::Any(sources), deadline, None, None)
     }
 
     /// Runs `future` until it completes or the signal fires, whichever comes first.
@@ -263,12 +378,40 @@ impl AbortSignal {
 
     /// The method of the request this signal was created for by the layer.
     pub(crate) fn request_method(&self) -> Option<&Method> {
-        self.inner.request.as_ref().map(|r| &r.method)
+        self.node.request.as_ref().map(|r| &r.method)
+    }
+
+    /// The server timeout of the layer that created this signal.
+    pub(crate) fn server_timeout(&self) -> Option<Duration> {
+        self.layer().and_then(|layer| layer.config.timeout)
+    }
+
+    /// The timeout mode of the layer that created this signal.
+    pub(crate) fn mode(&self) -> TimeoutMode {
+        self.layer()
+            .map_or(TimeoutMode::Drop, |layer| layer.config.mode)
     }
 
     /// Whether `self` and `other` are clones of the same signal.
     pub fn same_signal(&self, other: &AbortSignal) -> bool {
-        Arc::ptr_eq(&self.inner, &other.inner)
+        Arc::ptr_eq(&self.node, &other.node)
+    }
+
+    /// Drops a request signal whose response completed (or was dropped): if this was its
+    /// last handle, its node goes back to this thread's pool, so the next request's signal
+    /// costs no allocation. Nothing atomic happens here; `build` checks, with the `&mut`
+    /// that `Arc::get_mut` gives, that a pooled node is really unused and unlinked.
+    #[inline]
+    pub(crate) fn release(self) {
+        let AbortSignal { node } = self;
+        // Only request signals directly under the root: their parent holds nothing, and a
+        // pooled node's request data is harmless to keep until reuse.
+        if Arc::strong_count(&node) == 1
+            && matches!(node.parent, Parent::Root)
+            && !node.waited.load(Ordering::Relaxed)
+        {
+            pool::recycle(node);
+        }
     }
 
     /// Fires with `reason` unless the signal already fired (directly or through a parent).
@@ -286,22 +429,29 @@ impl AbortSignal {
     /// inherited reason keeps its origin's place, so `any` picks the source that fired
     /// first even when nobody looked at it in between.
     fn observe_ordered(&self) -> Option<(AbortReason, u64)> {
-        if let Some(fired) = unpack(self.inner.state.load(Ordering::Acquire)) {
+        if let Some(fired) = unpack(self.node.state.load(Ordering::Acquire)) {
             return Some(fired);
         }
-        let inherited = match &self.inner.parent {
+        let inherited = match &self.node.parent {
             Parent::None => None,
             Parent::Root => self
-                .inner
-                .request
-                .as_ref()
-                .and_then(|r| r.layer.root.inner.shutdown_order())
+                .root()
+                .and_then(|root| root.inner.shutdown_order())
                 .map(|order| (AbortReason::Shutdown, order)),
             Parent::Signal(parent) => parent.observe_ordered(),
             Parent::Any(sources) => sources
                 .iter()
                 .filter_map(AbortSignal::observe_ordered)
                 .min_by_key(|&(_, order)| order),
+            Parent::Detached(root) => root
+                .as_ref()
+                .and_then(|root| root.inner.shutdown_order())
+                .map(|order| (AbortReason::Shutdown, order))
+                .or_else(|| {
+                    let deadline = self.node.deadline?;
+                    (Instant::now() >= deadline)
+                        .then(|| (AbortReason::DeadlineExceeded, next_firing()))
+                }),
         }?;
         Some(match self.set(inherited.0, inherited.1) {
             Ok(()) => inherited,
@@ -309,93 +459,267 @@ impl AbortSignal {
         })
     }
 
+    fn root(&self) -> Option<&AbortRoot> {
+        self.layer().map(|layer| &layer.root)
+    }
+
+    /// The root this signal is directly under, if any: its layer's, or a detached one's.
+    fn parent_root(&self) -> Option<&AbortRoot> {
+        match &self.node.parent {
+            Parent::Root => self.root(),
+            Parent::Detached(root) => root.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The root shutdown reaches this signal through, searching up its parents.
+    fn find_root(&self) -> Option<AbortRoot> {
+        match &self.node.parent {
+            Parent::None => None,
+            Parent::Root | Parent::Detached(_) => self.parent_root().cloned(),
+            Parent::Signal(parent) => parent.find_root(),
+            Parent::Any(sources) => sources.iter().find_map(AbortSignal::find_root),
+        }
+    }
+
+    /// The soonest deadline of a detached signal this one descends from: nobody fires it
+    /// (no layer watches it), so a waiter needs its own timer.
+    fn self_timed_deadline(&self) -> Option<Instant> {
+        match &self.node.parent {
+            Parent::None | Parent::Root => None,
+            Parent::Detached(_) => self.node.deadline,
+            Parent::Signal(parent) => parent.self_timed_deadline(),
+            Parent::Any(sources) => sources
+                .iter()
+                .filter_map(AbortSignal::self_timed_deadline)
+                .min(),
+        }
+    }
+
     fn set(&self, reason: AbortReason, order: u64) -> Result<(), (AbortReason, u64)> {
-        let inner = &*self.inner;
+        let node = &*self.node;
         let packed = order << 8 | u64::from(reason.code());
         if let Err(current) =
-            inner
-                .state
+            node.state
                 .compare_exchange(0, packed, Ordering::AcqRel, Ordering::Acquire)
         {
             return Err(unpack(current).unwrap_or((reason, order)));
         }
-        // A waiter that creates the token after this point sees the state under the same
-        // lock order (see `token`), so nobody misses the cancellation.
-        if let Some(token) = lock(&inner.token).as_ref() {
-            token.cancel();
+        // A waiter that creates the cell after this point sees the state (see `cell`), so
+        // nobody misses the firing.
+        let cell = lock(&node.wait)
+            .as_ref()
+            .map(|linked| Arc::clone(&linked.cell));
+        if let Some(cell) = cell {
+            WaitCell::fire(&cell);
         }
-        if let Some(request) = &inner.request {
-            request.layer.root.inner.count(reason);
-            let event = AbortEvent {
-                reason,
-                method: &request.method,
-                uri: request.uri.as_deref(),
-                elapsed: request.started.map(|s| s.elapsed()),
-                deadline: inner.deadline,
-            };
-            event::fired(&event);
-            if let Some(hook) = &request.layer.config.on_abort {
-                hook(&event);
-            }
-        }
+        self.report(reason);
         Ok(())
     }
 
-    /// This signal's token, created on first use, linked to its parent's token. It is
-    /// cancelled when the signal fires, except that a source of an `any` ancestor firing
-    /// does not reach it: `Aborted` watches those sources itself.
-    fn token(&self) -> CancellationToken {
-        let token = {
-            let mut slot = lock(&self.inner.token);
-            slot.get_or_insert_with(|| match &self.inner.parent {
-                Parent::None | Parent::Any(_) => CancellationToken::new(),
-                Parent::Root => match &self.inner.request {
-                    Some(request) => request.layer.root.inner.token.child_token(),
-                    None => CancellationToken::new(),
-                },
-                Parent::Signal(parent) => parent.token().child_token(),
-            })
-            .clone()
+    /// Counts the firing, emits the tracing event and calls the `on_abort` callback: once
+    /// per request, by the first of its request signals to fire (nested layers share the
+    /// outermost one's flag). A panic in the callback (or a tracing subscriber) is caught:
+    /// this may run inside a `Drop`, where a panic would abort the process.
+    fn report(&self, reason: AbortReason) {
+        let (Some(request), Some(layer)) = (&self.node.request, self.layer()) else {
+            return;
         };
-        // `set` stores the state before it takes the lock; we took the lock before this
-        // load. Either `set` saw our token, or we see its state.
-        if self.observe().is_some() {
-            token.cancel();
+        let mut outermost = request;
+        let mut current = self;
+        while let Parent::Signal(parent) = &current.node.parent {
+            current = parent;
+            if let Some(outer) = &current.node.request {
+                outermost = outer;
+            }
         }
-        token
+        if outermost.reported.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        layer.root.inner.count(reason);
+        let event = AbortEvent {
+            reason,
+            method: &request.method,
+            uri: request.uri.as_deref(),
+            elapsed: request.started.map(|s| s.elapsed()),
+            deadline: self.node.deadline,
+        };
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            event::fired(&event);
+            if let Some(hook) = &layer.config.on_abort {
+                hook(&event);
+            }
+        }));
+        if let Err(payload) = outcome {
+            event::callback_panicked(reason);
+            // Even the payload's drop is foreign code.
+            let _ = catch_unwind(AssertUnwindSafe(move || drop(payload)));
+        }
     }
 
-    /// The sources of the nearest `any` ancestor, whose firing does not cancel our token.
-    fn any_sources(&self) -> Option<&[AbortSignal]> {
-        let mut current = self;
-        loop {
-            match &current.inner.parent {
-                Parent::Signal(parent) => current = parent,
-                Parent::Any(sources) => return Some(sources),
-                Parent::None | Parent::Root => return None,
+    /// This signal's wait cell, created (and linked below its parents' cells, or to the
+    /// root) on first use. It fires when the signal does, including through a parent, the
+    /// root or a source of `any`.
+    fn cell(&self) -> Arc<WaitCell> {
+        if let Some(linked) = lock(&self.node.wait).as_ref() {
+            return Arc::clone(&linked.cell);
+        }
+        // The parents' cells first, with no lock held: creating one may find its signal
+        // fired and report it, which runs the `on_abort` callback.
+        let above: Vec<Arc<WaitCell>> = match &self.node.parent {
+            Parent::None | Parent::Root | Parent::Detached(_) => Vec::new(),
+            Parent::Signal(parent) => vec![parent.cell()],
+            Parent::Any(sources) => sources.iter().map(AbortSignal::cell).collect(),
+        };
+        let cell = {
+            let mut wait = lock(&self.node.wait);
+            if let Some(linked) = wait.as_ref() {
+                // Another waiter linked one meanwhile.
+                return Arc::clone(&linked.cell);
+            }
+            let cell = WaitCell::new();
+            // Cells' and root shards' locks are never held while taking another lock.
+            let up = match &self.node.parent {
+                Parent::None | Parent::Detached(None) => Up::Nothing,
+                Parent::Root | Parent::Detached(Some(_)) => {
+                    let root = self.parent_root().expect("a root parent");
+                    match root.inner.link(&cell) {
+                        Some(at) => Up::Root(root.clone(), at),
+                        None => Up::Nothing,
+                    }
+                }
+                Parent::Signal(_) => match above[0].link(&cell) {
+                    Some(key) => Up::Signal(Arc::clone(&above[0]), key),
+                    None => Up::Nothing,
+                },
+                Parent::Any(_) => Up::Any(
+                    above
+                        .into_iter()
+                        .filter_map(|a| a.link(&cell).map(|key| (a, key)))
+                        .collect(),
+                ),
+            };
+            *wait = Some(Linked {
+                cell: Arc::clone(&cell),
+                up,
+            });
+            self.node.waited.store(true, Ordering::Relaxed);
+            cell
+        };
+        // `set` stores the state before it takes the lock; we took the lock before this
+        // load. Either `set` saw our cell, or we see its state. A parent that fired before
+        // we linked (its cell refused the link) is seen here too.
+        if self.observe().is_some() {
+            WaitCell::fire(&cell);
+        }
+        cell
+    }
+
+    /// The roots made from an external token that this signal descends from: their token
+    /// can be cancelled without `shutdown`, so waiters watch it themselves.
+    fn external_roots(&self, found: &mut Vec<AbortRoot>) {
+        match &self.node.parent {
+            Parent::None => {}
+            Parent::Root | Parent::Detached(_) => {
+                if let Some(root) = self.parent_root() {
+                    if root.inner.external_token().is_some()
+                        && !found.iter().any(|r| Arc::ptr_eq(&r.inner, &root.inner))
+                    {
+                        found.push(root.clone());
+                    }
+                }
+            }
+            Parent::Signal(parent) => parent.external_roots(found),
+            Parent::Any(sources) => sources.iter().for_each(|s| s.external_roots(found)),
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let Some(linked) = lock_mut(&mut self.wait).take() else {
+            return;
+        };
+        match linked.up {
+            Up::Nothing => {}
+            Up::Root(root, at) => root.inner.unlink(at),
+            Up::Signal(above, key) => above.unlink(key),
+            Up::Any(links) => {
+                for (above, key) in links.iter() {
+                    above.unlink(*key);
+                }
             }
         }
     }
 }
 
+fn lock_mut<T>(mutex: &mut Mutex<T>) -> &mut T {
+    mutex
+        .get_mut()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A small per-thread pool of signal nodes, so that a request's signal reuses the memory of
+/// an earlier one instead of allocating: the layer's one allocation per request is then the
+/// box the `http` crate makes for the extension.
+///
+/// Only request signals under the root are pooled, when their response completes and
+/// nobody else holds them; one that somebody waited on (it has links) is dropped normally
+/// instead of reused. At most [`CAPACITY`](pool::CAPACITY) per thread, freed when the thread
+/// exits. A pooled node keeps the layer that last used it and its request data until reused,
+/// so a dropped layer's configuration (and `on_abort` callback) may live until those nodes
+/// are reused or their thread exits.
+mod pool {
+    use super::Node;
+    use crate::sync::Arc;
+
+    /// Nodes kept per thread: enough for the requests one thread completes in a burst.
+    #[cfg_attr(all(test, loom), allow(dead_code))]
+    pub(super) const CAPACITY: usize = 64;
+
+    #[cfg(not(all(test, loom)))]
+    thread_local! {
+        static FREE: std::cell::RefCell<Vec<Arc<Node>>> = const {
+            std::cell::RefCell::new(Vec::new())
+        };
+    }
+
+    /// A free node, if this thread has one.
+    #[cfg(not(all(test, loom)))]
+    pub(super) fn take() -> Option<Arc<Node>> {
+        FREE.try_with(|free| free.try_borrow_mut().ok().and_then(|mut f| f.pop()))
+            .ok()
+            .flatten()
+    }
+
+    /// Keeps `node` for reuse if this thread's pool has room (otherwise it is dropped).
+    pub(super) fn recycle(node: Arc<Node>) {
+        #[cfg(not(all(test, loom)))]
+        {
+            let _ = FREE.try_with(move |free| {
+                if let Ok(mut free) = free.try_borrow_mut() {
+                    if free.len() < CAPACITY {
+                        free.push(node);
+                    }
+                }
+            });
+        }
+        #[cfg(all(test, loom))]
+        drop(node);
+    }
+}
+
 /// Numbers firings in the order they happen (shared by every signal and root).
-static FIRINGS: AtomicU64 = AtomicU64::new(1);
+static FIRINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// The next place in the order of firings.
 pub(crate) fn next_firing() -> u64 {
-    FIRINGS.fetch_add(1, Ordering::Relaxed)
+    FIRINGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A signal's state: the fired reason and its place in the order, or `None` while armed.
 fn unpack(state: u64) -> Option<(AbortReason, u64)> {
     AbortReason::from_code((state & 0xff) as u8).map(|reason| (reason, state >> 8))
-}
-
-fn lock(mutex: &Mutex<Option<CancellationToken>>) -> MutexGuard<'_, Option<CancellationToken>> {
-    // Nothing panics while holding this lock, but a poisoned `Option` is still valid.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub(crate) fn min_deadline(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -415,55 +739,117 @@ impl fmt::Debug for AbortSignal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AbortSignal")
             .field("reason", &self.reason())
-            .field("deadline", &self.inner.deadline)
+            .field("deadline", &self.node.deadline)
             .finish()
     }
 }
 
-pin_project! {
-    /// Future returned by [`AbortSignal::aborted`]: resolves with the reason once the
-    /// signal fires. Cancel safe.
-    #[must_use = "futures do nothing unless polled"]
-    pub struct Aborted {
-        signal: AbortSignal,
-        #[pin]
-        wait: Option<WaitForCancellationFutureOwned>,
-        // Waits on the sources of an `any` ancestor; boxed, as `any` is not a hot path.
-        sources: Vec<Pin<Box<Aborted>>>,
+/// Future returned by [`AbortSignal::aborted`]: resolves with the reason once the signal
+/// fires. Cancel safe.
+///
+/// It registers its waker with the signal on its first pending poll, is woken exactly once
+/// when the signal fires (through a parent, the root or a source of `any` too), and
+/// deregisters when dropped.
+#[must_use = "futures do nothing unless polled"]
+pub struct Aborted {
+    signal: AbortSignal,
+    waiting: Option<Waiting>,
+}
+
+struct Waiting {
+    cell: Arc<WaitCell>,
+    key: usize,
+    /// The registered waker, to skip re-registering an unchanged one.
+    waker: Waker,
+    /// Tokens of roots made with [`AbortRoot::from_token`]: cancelling one directly does
+    /// not go through `shutdown`, so we watch it (boxed: rare, and not `Unpin`).
+    external: Vec<(AbortRoot, Pin<Box<WaitForCancellationFutureOwned>>)>,
+    /// The deadline of a detached signal above us, which only its waiters watch.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Aborted {
+    fn finish(&mut self, reason: AbortReason) -> Poll<AbortReason> {
+        if let Some(waiting) = self.waiting.take() {
+            waiting.cell.deregister(waiting.key);
+        }
+        Poll::Ready(reason)
     }
 }
 
 impl Future for Aborted {
     type Output = AbortReason;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<AbortReason> {
-        let mut this = self.project();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<AbortReason> {
+        let this = &mut *self;
         if let Some(reason) = this.signal.observe() {
-            return Poll::Ready(reason);
+            return this.finish(reason);
         }
-        if this.wait.is_none() {
-            this.wait.set(Some(this.signal.token().cancelled_owned()));
-            if let Some(sources) = this.signal.any_sources() {
-                *this.sources = sources.iter().map(|s| Box::pin(s.aborted())).collect();
+        match &mut this.waiting {
+            None => {
+                let cell = this.signal.cell();
+                let Some(key) = cell.register(cx.waker()) else {
+                    // The cell fired: so did the signal (see `WaitCell`'s callers).
+                    let reason = this.signal.observe();
+                    debug_assert!(reason.is_some(), "a wait cell fired without a reason");
+                    return this.finish(reason.unwrap_or(AbortReason::Explicit));
+                };
+                let mut roots = Vec::new();
+                this.signal.external_roots(&mut roots);
+                let external = roots
+                    .into_iter()
+                    .filter_map(|root| {
+                        let token = root.inner.external_token()?.clone();
+                        Some((root, Box::pin(token.cancelled_owned())))
+                    })
+                    .collect();
+                let deadline = this
+                    .signal
+                    .self_timed_deadline()
+                    .map(|at| Box::pin(tokio::time::sleep_until(at)));
+                this.waiting = Some(Waiting {
+                    cell,
+                    key,
+                    waker: cx.waker().clone(),
+                    external,
+                    deadline,
+                });
+            }
+            Some(waiting) => {
+                if !waiting.waker.will_wake(cx.waker()) {
+                    waiting.cell.update(waiting.key, cx.waker());
+                    waiting.waker.clone_from(cx.waker());
+                }
             }
         }
-        let mut woke = false;
-        if let Some(wait) = this.wait.as_mut().as_pin_mut() {
-            woke |= wait.poll(cx).is_ready();
+        let waiting = this.waiting.as_mut().expect("registered above");
+        let mut external_fired = false;
+        for (root, cancelled) in waiting.external.iter_mut() {
+            if cancelled.as_mut().poll(cx).is_ready() {
+                root.inner.fire_waiters();
+                external_fired = true;
+            }
         }
-        for source in this.sources.iter_mut() {
-            woke |= source.as_mut().poll(cx).is_ready();
-        }
-        if woke {
-            // The token is cancelled only by `set` (state stored first) or by a parent
-            // (found by `observe`), and a source's firing is found by `observe` too.
+        let deadline_passed = waiting
+            .deadline
+            .as_mut()
+            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+        if external_fired || deadline_passed {
+            // A detached signal's deadline is seen by `observe` (it reads the clock), and
+            // firing it wakes every other waiter through its cell.
             if let Some(reason) = this.signal.observe() {
-                return Poll::Ready(reason);
+                return this.finish(reason);
             }
-            debug_assert!(false, "an AbortSignal woke without a reason");
-            return Poll::Ready(AbortReason::Explicit);
         }
         Poll::Pending
+    }
+}
+
+impl Drop for Aborted {
+    fn drop(&mut self) {
+        if let Some(waiting) = self.waiting.take() {
+            waiting.cell.deregister(waiting.key);
+        }
     }
 }
 
@@ -471,6 +857,7 @@ impl fmt::Debug for Aborted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Aborted")
             .field("signal", &self.signal)
+            .field("waiting", &self.waiting.is_some())
             .finish()
     }
 }
@@ -553,14 +940,54 @@ mod tests {
                 AbortReason::Shutdown
             };
             [&a, &b][which].fire(reason);
-            assert!(count.get() >= 2);
+            assert_eq!(count.get(), 2);
+            // The other source firing too wakes nobody again.
+            [&a, &b][1 - which].fire(AbortReason::Explicit);
+            assert_eq!(count.get(), 2);
             assert_eq!(wait_any.as_mut().poll(&mut cx), Poll::Ready(reason));
             assert_eq!(wait_below.as_mut().poll(&mut cx), Poll::Ready(reason));
-            assert!(![&a, &b][1 - which].is_aborted());
         }
         let none = AbortSignal::any([]);
         assert!(!none.is_aborted());
         assert!(none.abort());
+    }
+
+    #[test]
+    fn any_waiters_are_woken_exactly_once_and_never_by_polling() {
+        let sources: Vec<AbortSignal> = (0..8).map(|_| AbortSignal::new()).collect();
+        let any = AbortSignal::any(sources.iter().cloned());
+        let (waker, count) = new_count_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut waits: Vec<_> = (0..3).map(|_| Box::pin(any.aborted())).collect();
+        // Polling while nothing fired wakes nobody (no self-wake, no busy loop).
+        for _ in 0..5 {
+            for wait in waits.iter_mut() {
+                assert!(wait.as_mut().poll(&mut cx).is_pending());
+            }
+        }
+        assert_eq!(count.get(), 0);
+        // Every source fires before anyone polls again: one wake per waiter.
+        for (i, source) in sources.iter().enumerate() {
+            let reason = if i == 3 {
+                AbortReason::DeadlineExceeded
+            } else {
+                AbortReason::Explicit
+            };
+            if i == 3 || i > 5 {
+                source.fire(reason);
+            }
+        }
+        assert_eq!(count.get(), 3);
+        for wait in waits.iter_mut() {
+            assert_eq!(
+                wait.as_mut().poll(&mut cx),
+                Poll::Ready(AbortReason::DeadlineExceeded)
+            );
+        }
+        for source in &sources {
+            source.abort();
+        }
+        assert_eq!(count.get(), 3);
     }
 
     #[test]
@@ -585,6 +1012,63 @@ mod tests {
     }
 
     #[test]
+    fn completed_requests_leave_nothing_linked_and_reused_nodes_start_clean() {
+        let layer = crate::AbortLayer::new();
+        let shared = layer.shared();
+        let root = layer.root();
+        let request = || AbortSignal::for_request(&shared, None, None, None, Method::GET, None);
+        let waker = futures_test::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        for i in 0..300 {
+            let signal = request();
+            assert_eq!(signal.reason(), None, "a reused node starts armed");
+            if i % 3 == 0 {
+                // The handler waited (its cell is linked into the root), then answered.
+                let mut wait = Box::pin(signal.aborted());
+                assert!(wait.as_mut().poll(&mut cx).is_pending());
+                assert_eq!(root.inner.linked(), 1);
+            } else if i % 3 == 1 {
+                signal.fire(AbortReason::ClientGone);
+            }
+            signal.release();
+            assert_eq!(root.inner.linked(), 0);
+        }
+        root.shutdown();
+        assert_eq!(request().reason(), Some(AbortReason::Shutdown));
+        assert_eq!(root.stats().get(AbortReason::ClientGone), 100);
+    }
+
+    #[test]
+    fn detached_ignores_the_original_and_fires_on_its_own() {
+        let original = AbortSignal::new();
+        let detached = original.detached();
+        let child = detached.child();
+        let (waker, count) = new_count_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut wait = Box::pin(child.aborted());
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        original.abort();
+        assert!(!detached.is_aborted() && !child.is_aborted());
+        assert_eq!(count.get(), 0);
+        assert!(detached.abort());
+        assert_eq!(count.get(), 1);
+        assert_eq!(
+            wait.as_mut().poll(&mut cx),
+            Poll::Ready(AbortReason::Explicit)
+        );
+        // Detaching from a fired signal gives an armed one.
+        assert!(!original.detached().is_aborted());
+        // A deadline that has passed is seen by looking.
+        let now = Instant::now();
+        let timed = AbortSignal::build(Parent::None, Some(now), None, None);
+        assert_eq!(
+            timed.detached().reason(),
+            Some(AbortReason::DeadlineExceeded)
+        );
+        assert_eq!(timed.reason(), None);
+    }
+
+    #[test]
     fn any_of_an_already_fired_signal_is_fired() {
         let a = AbortSignal::new();
         a.abort();
@@ -594,7 +1078,8 @@ mod tests {
     #[test]
     fn any_takes_the_soonest_deadline() {
         let now = Instant::now();
-        let mk = |d: Option<Duration>| AbortSignal::build(Parent::None, d.map(|d| now + d), None);
+        let mk =
+            |d: Option<Duration>| AbortSignal::build(Parent::None, d.map(|d| now + d), None, None);
         let any = AbortSignal::any([
             mk(Some(Duration::from_secs(5))),
             mk(None),

@@ -141,3 +141,32 @@ async fn the_outgoing_call_is_dropped_as_soon_as_the_signal_fires() {
         "the upstream call was cancelled before the caller dropped us"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn less_than_one_unit_left_is_sent_as_one_unit_never_as_zero() {
+    // 0.4 ms left: "0" (or "0.000") would tell the next hop there is no time at all, and
+    // some servers read a zero timeout as "no deadline". One unit is sent instead; our own
+    // call is still cancelled at our deadline, so it never runs later than that.
+    let signal = server_signal(Duration::from_secs(1)).await;
+    advance(Duration::from_micros(999_600)).await;
+    let client = PropagateAbortLayer::new()
+        .with_timeout_header(
+            HeaderName::from_static("request-timeout"),
+            TimeoutFormat::Milliseconds,
+        )
+        .layer(echo_headers(Arc::default()));
+    let headers = client.oneshot(outgoing(&signal)).await.unwrap();
+    assert_eq!(headers["request-timeout"], "1");
+    assert_eq!(headers["grpc-timeout"], "400000n");
+
+    let client = PropagateAbortLayer::new()
+        .with_grpc_timeout(false)
+        .with_timeout_header(
+            HeaderName::from_static("request-timeout"),
+            TimeoutFormat::Seconds,
+        )
+        .layer(echo_headers(Arc::default()));
+    let headers = client.oneshot(outgoing(&signal)).await.unwrap();
+    assert_eq!(headers["request-timeout"], "0.001");
+    assert!(headers.get("grpc-timeout").is_none());
+}

@@ -138,3 +138,41 @@ async fn shutdown_racing_with_arriving_requests_wakes_every_waiter() {
         assert_eq!(root.stats().total(), 50);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_thousands_of_waiting_requests_and_a_deep_chain_of_children() {
+    const REQUESTS: usize = 10_000;
+    let seen = Seen::default();
+    let (layer, root) = AbortLayer::pair();
+    let svc = layer.layer(cooperative(seen.clone()));
+    let requests: Vec<_> = (0..REQUESTS)
+        .map(|_| tokio::spawn(svc.clone().oneshot(get("/"))))
+        .collect();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while seen.all().len() < REQUESTS {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("every request reached its handler");
+    // A task waiting at the bottom of a long chain of children of one request.
+    let mut deep = seen.all()[0].child();
+    for _ in 0..1_000 {
+        deep = deep.child();
+    }
+    let bottom = tokio::spawn(async move { deep.aborted().await });
+    tokio::task::yield_now().await;
+
+    root.shutdown();
+    for request in requests {
+        let response = tokio::time::timeout(Duration::from_secs(30), request)
+            .await
+            .expect("every handler was woken")
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    assert_eq!(bottom.await.unwrap(), AbortReason::Shutdown);
+    assert_eq!(root.stats().get(AbortReason::Shutdown), REQUESTS as u64);
+    assert_eq!(root.stats().total(), REQUESTS as u64);
+}

@@ -1,0 +1,163 @@
+//! The waiting side of a signal: a cell that wakes its waiters, and the cells linked below
+//! it, exactly once.
+//!
+//! A signal's reason lives in its node (`signal.rs`) and is resolved by walking up to the
+//! parents; a cell only says "something above you or you yourself fired, look again". Cells
+//! exist only for signals somebody waits on, so a request whose handler never waits costs
+//! no cell, no lock and no registration with the root.
+//!
+//! Links point down only (a cell holds the cells below it, never the one above), so they
+//! form no reference cycle: a node holds its own cell and, to unlink itself when it is
+//! dropped, the cells (or root shard) it is registered with.
+
+use std::task::Waker;
+
+use slab::Slab;
+
+use crate::sync::{lock, Arc, Mutex};
+
+pub(crate) struct WaitCell {
+    state: Mutex<CellState>,
+}
+
+#[derive(Default)]
+struct CellState {
+    /// Set once, by `fire`; afterwards nothing registers and nothing is left to wake.
+    fired: bool,
+    /// The wakers of the `Aborted` futures waiting on this signal.
+    wakers: Slab<Waker>,
+    /// The cells of signals below this one (children, `any` signals) that have waiters.
+    below: Slab<Arc<WaitCell>>,
+}
+
+impl WaitCell {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(WaitCell {
+            state: Mutex::new(CellState::default()),
+        })
+    }
+
+    /// Registers a waker; `None` if the cell already fired (the caller looks at the signal
+    /// again instead).
+    pub(crate) fn register(&self, waker: &Waker) -> Option<usize> {
+        let waker = waker.clone();
+        let mut state = lock(&self.state);
+        (!state.fired).then(|| state.wakers.insert(waker))
+    }
+
+    /// Replaces the waker registered under `key`, if it is still registered.
+    pub(crate) fn update(&self, key: usize, waker: &Waker) {
+        let mut waker = waker.clone();
+        {
+            let mut state = lock(&self.state);
+            if let Some(slot) = state.wakers.get_mut(key) {
+                std::mem::swap(slot, &mut waker);
+            }
+        }
+        // The old waker is dropped outside the lock: its drop is executor code.
+        drop(waker);
+    }
+
+    /// Removes the waker registered under `key`; a no-op once the cell has fired.
+    pub(crate) fn deregister(&self, key: usize) {
+        let waker = {
+            let mut state = lock(&self.state);
+            if state.fired {
+                return;
+            }
+            state.wakers.try_remove(key)
+        };
+        // Dropped outside the lock: a waker's drop is executor code.
+        drop(waker);
+    }
+
+    /// Links `cell` below this one, so it fires when this one does; `None` if this one
+    /// already fired.
+    pub(crate) fn link(&self, cell: &Arc<WaitCell>) -> Option<usize> {
+        let mut state = lock(&self.state);
+        (!state.fired).then(|| state.below.insert(Arc::clone(cell)))
+    }
+
+    /// Undoes [`link`](Self::link); a no-op once the cell has fired.
+    pub(crate) fn unlink(&self, key: usize) {
+        let cell = {
+            let mut state = lock(&self.state);
+            if state.fired {
+                return;
+            }
+            state.below.try_remove(key)
+        };
+        drop(cell);
+    }
+
+    /// Fires this cell and every cell linked below it: each waker is woken once, after the
+    /// lock is released. Idempotent.
+    pub(crate) fn fire(this: &Arc<Self>) {
+        fire_all(Arc::clone(this), Vec::new());
+    }
+
+    /// Takes the wakers and the cells below, marking the cell fired; `None` if it already was.
+    fn take(&self) -> Option<(Slab<Waker>, Slab<Arc<WaitCell>>)> {
+        let mut state = lock(&self.state);
+        if state.fired {
+            return None;
+        }
+        state.fired = true;
+        Some((
+            std::mem::take(&mut state.wakers),
+            std::mem::take(&mut state.below),
+        ))
+    }
+}
+
+/// Fires `first`, the cells in `rest` and everything below them, without recursion (a chain
+/// of children can be arbitrarily deep) and without allocating for a single chain.
+pub(crate) fn fire_all(first: Arc<WaitCell>, mut rest: Vec<Arc<WaitCell>>) {
+    let mut next = Some(first);
+    while let Some(cell) = next.take().or_else(|| rest.pop()) {
+        let Some((wakers, below)) = cell.take() else {
+            continue;
+        };
+        for (_, waker) in wakers {
+            waker.wake();
+        }
+        let mut below = below.into_iter().map(|(_, cell)| cell);
+        next = below.next();
+        rest.extend(below);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_test::task::new_count_waker;
+
+    #[test]
+    fn fire_wakes_each_waiter_once_and_everything_below() {
+        let top = WaitCell::new();
+        let below = WaitCell::new();
+        let (waker, count) = new_count_waker();
+        top.register(&waker).unwrap();
+        below.register(&waker).unwrap();
+        let gone = below.register(&waker).unwrap();
+        below.deregister(gone);
+        top.link(&below).unwrap();
+        WaitCell::fire(&top);
+        assert_eq!(count.get(), 2);
+        WaitCell::fire(&top);
+        WaitCell::fire(&below);
+        assert_eq!(count.get(), 2);
+        assert!(top.register(&waker).is_none());
+        assert!(below.link(&WaitCell::new()).is_none());
+    }
+
+    #[test]
+    fn unlinked_cells_do_not_fire() {
+        let top = WaitCell::new();
+        let below = WaitCell::new();
+        let key = top.link(&below).unwrap();
+        top.unlink(key);
+        WaitCell::fire(&top);
+        assert!(below.register(&futures_test::task::noop_waker()).is_some());
+    }
+}
