@@ -320,7 +320,8 @@ fn bench_contended(c: &mut Criterion) {
 /// shard of the root: the contended step), optionally on `children` children of it too,
 /// then answers on the next poll.
 struct WaitOnce {
-    waits: Vec<tower_abort::future::Aborted>,
+    // Boxed so the same bench builds against versions whose `Aborted` is not `Unpin`.
+    waits: Vec<Pin<Box<tower_abort::future::Aborted>>>,
     polled: bool,
 }
 
@@ -334,7 +335,7 @@ impl Future for WaitOnce {
         }
         self.polled = true;
         for wait in self.waits.iter_mut() {
-            assert!(Pin::new(wait).poll(cx).is_pending());
+            assert!(wait.as_mut().poll(cx).is_pending());
         }
         cx.waker().wake_by_ref();
         Poll::Pending
@@ -351,8 +352,8 @@ fn waiting_service(
 > + Clone {
     service_fn(move |req: Request<()>| {
         let signal = req.extensions().get::<AbortSignal>().expect("AbortLayer");
-        let mut waits = vec![signal.aborted()];
-        waits.extend((0..children).map(|_| signal.child().aborted()));
+        let mut waits = vec![Box::pin(signal.aborted())];
+        waits.extend((0..children).map(|_| Box::pin(signal.child().aborted())));
         WaitOnce {
             waits,
             polled: false,

@@ -25,9 +25,56 @@ struct CellState {
     /// Set once, by `fire`; afterwards nothing registers and nothing is left to wake.
     fired: bool,
     /// The wakers of the `Aborted` futures waiting on this signal.
-    wakers: Slab<Waker>,
+    wakers: Slots<Waker>,
     /// The cells of signals below this one (children, `any` signals) that have waiters.
-    below: Slab<Arc<WaitCell>>,
+    below: Slots<Arc<WaitCell>>,
+}
+
+/// A slab whose first entry lives inline: most signals have one waiter and at most one
+/// waiting child, which then cost no allocation. Key `0` is the inline slot.
+struct Slots<T> {
+    first: Option<T>,
+    rest: Slab<T>,
+}
+
+impl<T> Default for Slots<T> {
+    fn default() -> Self {
+        Slots {
+            first: None,
+            rest: Slab::new(),
+        }
+    }
+}
+
+impl<T> Slots<T> {
+    fn insert(&mut self, value: T) -> usize {
+        if self.first.is_none() {
+            self.first = Some(value);
+            0
+        } else {
+            self.rest.insert(value) + 1
+        }
+    }
+
+    fn get_mut(&mut self, key: usize) -> Option<&mut T> {
+        match key {
+            0 => self.first.as_mut(),
+            _ => self.rest.get_mut(key - 1),
+        }
+    }
+
+    fn try_remove(&mut self, key: usize) -> Option<T> {
+        match key {
+            0 => self.first.take(),
+            _ => self.rest.try_remove(key - 1),
+        }
+    }
+
+    fn into_values(self) -> impl Iterator<Item = T> {
+        self.first
+            .into_iter()
+            .chain(self.rest.into_iter().map(|(_, value)| value))
+    }
 }
 
 impl WaitCell {
@@ -97,7 +144,7 @@ impl WaitCell {
     }
 
     /// Takes the wakers and the cells below, marking the cell fired; `None` if it already was.
-    fn take(&self) -> Option<(Slab<Waker>, Slab<Arc<WaitCell>>)> {
+    fn take(&self) -> Option<(Slots<Waker>, Slots<Arc<WaitCell>>)> {
         let mut state = lock(&self.state);
         if state.fired {
             return None;
@@ -118,10 +165,10 @@ pub(crate) fn fire_all(first: Arc<WaitCell>, mut rest: Vec<Arc<WaitCell>>) {
         let Some((wakers, below)) = cell.take() else {
             continue;
         };
-        for (_, waker) in wakers {
+        for waker in wakers.into_values() {
             waker.wake();
         }
-        let mut below = below.into_iter().map(|(_, cell)| cell);
+        let mut below = below.into_values();
         next = below.next();
         rest.extend(below);
     }
@@ -149,6 +196,22 @@ mod tests {
         assert_eq!(count.get(), 2);
         assert!(top.register(&waker).is_none());
         assert!(below.link(&WaitCell::new()).is_none());
+    }
+
+    #[test]
+    fn the_inline_slot_is_reused_and_every_live_waker_fires_once() {
+        let cell = WaitCell::new();
+        let (a, a_count) = new_count_waker();
+        let (b, b_count) = new_count_waker();
+        let (c, c_count) = new_count_waker();
+        let first = cell.register(&a).unwrap();
+        let second = cell.register(&b).unwrap();
+        assert_ne!(first, second);
+        cell.deregister(first);
+        let third = cell.register(&c).unwrap();
+        cell.update(third, &c);
+        WaitCell::fire(&cell);
+        assert_eq!((a_count.get(), b_count.get(), c_count.get()), (0, 1, 1));
     }
 
     #[test]
