@@ -56,6 +56,9 @@ pub(crate) enum Strategy {
     Mapped {
         mapping: Arc<Mapping>,
         window: usize,
+        /// Whether the response's last byte waits for the file check (see
+        /// [`ServeDir::check_truncation`](crate::ServeDir::check_truncation)).
+        fence_end: bool,
     },
 }
 
@@ -199,6 +202,7 @@ impl FileBody {
                 Strategy::Mapped {
                     mapping,
                     window: DEFAULT_MAP_WINDOW,
+                    fence_end: true,
                 },
             ));
         }
@@ -275,7 +279,11 @@ impl FileState {
                 None
             }
             #[cfg(target_os = "linux")]
-            Strategy::Mapped { mapping, window } => {
+            Strategy::Mapped {
+                mapping,
+                window,
+                fence_end,
+            } => {
                 let end = range.end.min(range.start + *window as u64);
                 let win = range.start..end;
                 range.start = end;
@@ -285,7 +293,7 @@ impl FileState {
                 );
                 // The response's last file bytes carry a fence: the stream checks that the file
                 // still holds them before it sends the last byte (see `SendfileStream`).
-                let bytes = if end == range.end && !more_file {
+                let bytes = if *fence_end && end == range.end && !more_file {
                     mapping.fenced_slice(win.clone())
                 } else {
                     mapping.slice(win.clone())

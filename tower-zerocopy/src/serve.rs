@@ -88,6 +88,7 @@ struct Config {
     sendfile_min_len: u64,
     read_chunk: usize,
     map_window: usize,
+    check_truncation: bool,
     cache_capacity: usize,
     cache_validity: Duration,
 }
@@ -105,6 +106,7 @@ impl Default for Config {
             sendfile_min_len: DEFAULT_SENDFILE_MIN_LEN,
             read_chunk: DEFAULT_READ_CHUNK,
             map_window: DEFAULT_MAP_WINDOW,
+            check_truncation: true,
             cache_capacity: 1024,
             cache_validity: Duration::from_secs(2),
         }
@@ -289,6 +291,17 @@ impl ServeDir {
         self.with(|c| c.map_window = bytes.max(4096))
     }
 
+    /// Whether a sendfile response holds its last byte back until the peer has the rest and
+    /// the file is checked to still hold every byte sent (default `true`; see
+    /// [`SendfileStream`](crate::SendfileStream)). That check is what turns a file truncated
+    /// mid-response into a short response instead of one complete by `Content-Length` with
+    /// zeros in it; over a network it delays each response's last byte by about one round
+    /// trip. Turn it off only for files that are never truncated in place (published by
+    /// `rename`, or immutable), to save that round trip.
+    pub fn check_truncation(self, check: bool) -> Self {
+        self.with(|c| c.check_truncation = check)
+    }
+
     /// Most paths whose open descriptors and metadata are cached (default 1024; 0 disables the
     /// cache, so every request opens the file again).
     pub fn cache_capacity(self, entries: usize) -> Self {
@@ -418,6 +431,11 @@ impl ServeFile {
     /// See [`ServeDir::sendfile_min_len`].
     pub fn sendfile_min_len(self, bytes: u64) -> Self {
         self.map(|d| d.sendfile_min_len(bytes))
+    }
+
+    /// See [`ServeDir::check_truncation`].
+    pub fn check_truncation(self, check: bool) -> Self {
+        self.map(|d| d.check_truncation(check))
     }
 
     /// See [`ServeDir::read_chunk`].
@@ -742,6 +760,7 @@ fn choose_strategy(ctx: &Ctx, cfg: &Config, file: &OpenFile, file_bytes: u64) ->
             return Strategy::Mapped {
                 mapping,
                 window: cfg.map_window,
+                fence_end: cfg.check_truncation,
             };
         }
     }

@@ -104,6 +104,31 @@ async fn http1_sendfile_is_byte_exact_and_uses_sendfile() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_truncation_check_every_file_byte_goes_through_sendfile() {
+    let dir = fixture("h1nocheck");
+    let server = spawn(
+        ServeDir::new(dir.path())
+            .sendfile_min_len(1)
+            .check_truncation(false),
+        Mode::Sendfile,
+    )
+    .await;
+    let body_bytes = fetch_all(server.addr, Version::HTTP_11, false).await;
+    assert_eq!(server.stats.checked_ends(), 0, "{:?}", server.stats);
+    assert_eq!(
+        server.stats.sendfile_bytes(),
+        body_bytes,
+        "{:?}",
+        server.stats
+    );
+    assert!(
+        server.stats.copied_bytes() < RESPONSES * HEAD_ALLOWANCE,
+        "{:?}",
+        server.stats
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_default_threshold_copies_small_files() {
     let dir = fixture("h1thr");
     let server = spawn(ServeDir::new(dir.path()), Mode::Sendfile).await;
