@@ -162,7 +162,8 @@ impl AsRef<[u8]> for MappedSlice {
 
 // ===== cachestat =====
 
-/// `cachestat(2)` (Linux 6.5): 451 on every architecture with the unified system call table.
+/// `cachestat(2)` (Linux 6.5): 451 on every architecture with the unified system call table;
+/// elsewhere the residency check goes straight to `mincore(2)`.
 #[cfg(any(
     target_arch = "x86_64",
     target_arch = "x86",
@@ -175,22 +176,23 @@ impl AsRef<[u8]> for MappedSlice {
     target_arch = "powerpc",
     target_arch = "s390x"
 ))]
-const SYS_CACHESTAT: libc::c_long = 451;
+const SYS_CACHESTAT: Option<libc::c_long> = Some(451);
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "riscv32",
+    target_arch = "loongarch64",
+    target_arch = "powerpc64",
+    target_arch = "powerpc",
+    target_arch = "s390x"
+)))]
+const SYS_CACHESTAT: Option<libc::c_long> = None;
 
 /// Pages of `range` (page-aligned file offsets) of `file` in the page cache, or `None` if the
 /// kernel cannot tell cheaply.
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "riscv32",
-    target_arch = "loongarch64",
-    target_arch = "powerpc64",
-    target_arch = "powerpc",
-    target_arch = "s390x"
-))]
 fn cached_pages(file: &File, range: Range<u64>) -> Option<u64> {
     use std::os::fd::AsRawFd;
     use std::sync::atomic::Ordering;
@@ -210,6 +212,7 @@ fn cached_pages(file: &File, range: Range<u64>) -> Option<u64> {
     }
     /// Set once `cachestat(2)` turned out to be missing (older kernel, or refused by a filter).
     static NO_CACHESTAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let nr = SYS_CACHESTAT?;
     if NO_CACHESTAT.load(Ordering::Relaxed) || range.start >= range.end {
         return None;
     }
@@ -223,7 +226,7 @@ fn cached_pages(file: &File, range: Range<u64>) -> Option<u64> {
     // with the kernel's layout (two and five `__u64`). `file` keeps the descriptor open.
     let rc = unsafe {
         libc::syscall(
-            SYS_CACHESTAT,
+            nr,
             file.as_raw_fd(),
             &req as *const CachestatRange,
             &mut out as *mut Cachestat,
@@ -240,22 +243,6 @@ fn cached_pages(file: &File, range: Range<u64>) -> Option<u64> {
         return None;
     }
     Some(out.nr_cache)
-}
-
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "riscv32",
-    target_arch = "loongarch64",
-    target_arch = "powerpc64",
-    target_arch = "powerpc",
-    target_arch = "s390x"
-)))]
-fn cached_pages(_file: &File, _range: Range<u64>) -> Option<u64> {
-    None
 }
 
 // ===== socket queue =====
