@@ -620,6 +620,27 @@ mod tests {
     /// Tests drive the stack with an empty body: hyper's `Incoming` cannot be built.
     type TestBody = Empty<Bytes>;
 
+    fn request(uri: &str) -> Request<TestBody> {
+        Request::get(uri).body(TestBody::new()).unwrap()
+    }
+
+    /// `n` concurrent `GET uri` through `svc`, each on its own task.
+    fn spawn_gets<S>(
+        svc: &S,
+        uri: &str,
+        n: usize,
+    ) -> Vec<tokio::task::JoinHandle<Result<S::Response, S::Error>>>
+    where
+        S: Service<Request<TestBody>> + Clone + Send + 'static,
+        S::Future: Send,
+        S::Response: Send + 'static,
+        S::Error: Send + 'static,
+    {
+        (0..n)
+            .map(|_| tokio::spawn(svc.clone().oneshot(request(uri))))
+            .collect()
+    }
+
     fn config(max_sleep: Duration) -> RouteConfig {
         RouteConfig {
             max_sleep,
@@ -724,9 +745,7 @@ mod tests {
         let root = tower_abort::AbortRoot::new();
         let cancelled = Counter::default();
         let svc = stack(&root, &cancelled);
-        let req = Request::get("/sleep?ms=10000")
-            .body(TestBody::new())
-            .unwrap();
+        let req = request("/sleep?ms=10000");
         let call = tokio::spawn(svc.oneshot(req));
         tokio::time::sleep(Duration::from_millis(100)).await;
         root.shutdown();
@@ -758,9 +777,7 @@ mod tests {
         let root = tower_abort::AbortRoot::new();
         let cancelled = Counter::default();
         let mut svc = stack(&root, &cancelled);
-        let req = Request::get("/sleep?ms=10000")
-            .body(TestBody::new())
-            .unwrap();
+        let req = request("/sleep?ms=10000");
         let fut = ServiceExt::<Request<TestBody>>::ready(&mut svc)
             .await
             .unwrap()
@@ -776,7 +793,7 @@ mod tests {
     async fn completed_sleep_is_not_counted() {
         let root = tower_abort::AbortRoot::new();
         let cancelled = Counter::default();
-        let req = Request::get("/sleep?ms=10").body(TestBody::new()).unwrap();
+        let req = request("/sleep?ms=10");
         let res = stack(&root, &cancelled).oneshot(req).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
         let body = res.into_body().collect().await.unwrap().to_bytes();
@@ -823,14 +840,7 @@ mod tests {
         let layer = singleflight_if(false);
         let stats = layer.stats();
         let svc = expensive_stack(&root, &calls, &cancelled, layer);
-        let tasks: Vec<_> = (0..20)
-            .map(|_| {
-                let req = Request::get("/expensive/report-7?ms=500")
-                    .body(TestBody::new())
-                    .unwrap();
-                tokio::spawn(svc.clone().oneshot(req))
-            })
-            .collect();
+        let tasks = spawn_gets(&svc, "/expensive/report-7?ms=500", 20);
         let mut generations = Vec::new();
         for t in tasks {
             let res = t.await.unwrap().unwrap();
@@ -858,14 +868,7 @@ mod tests {
         let stats = layer.stats();
         let svc = expensive_stack(&root, &calls, &cancelled, layer);
         let start = tokio::time::Instant::now();
-        let tasks: Vec<_> = (0..20)
-            .map(|_| {
-                let req = Request::get("/expensive/report-7?ms=500")
-                    .body(TestBody::new())
-                    .unwrap();
-                tokio::spawn(svc.clone().oneshot(req))
-            })
-            .collect();
+        let tasks = spawn_gets(&svc, "/expensive/report-7?ms=500", 20);
         let mut roles = Vec::new();
         for t in tasks {
             let res = t.await.unwrap().unwrap();
@@ -881,9 +884,7 @@ mod tests {
         assert_eq!((stats.leaders(), stats.followers()), (1, 19));
         assert_eq!(stats.in_flight(), 0);
         // A different key is a different call.
-        let req = Request::get("/expensive/other?ms=1")
-            .body(TestBody::new())
-            .unwrap();
+        let req = request("/expensive/other?ms=1");
         let body = svc
             .oneshot(req)
             .await
@@ -906,11 +907,7 @@ mod tests {
         let layer = singleflight();
         let stats = layer.stats();
         let svc = expensive_stack(&root, &calls, &cancelled, layer);
-        let get = || {
-            Request::get("/expensive/k?ms=1000")
-                .body(TestBody::new())
-                .unwrap()
-        };
+        let get = || request("/expensive/k?ms=1000");
         let leader = tokio::spawn(svc.clone().oneshot(get()));
         until(|| stats.leaders() == 1).await;
         let followers: Vec<_> = (0..3)
@@ -938,24 +935,14 @@ mod tests {
         let layer = singleflight();
         let stats = layer.stats();
         let svc = expensive_stack(&root, &calls, &cancelled, layer);
-        let a = tokio::spawn(
-            svc.clone()
-                .oneshot(Request::get("/sleep?ms=100").body(TestBody::new()).unwrap()),
-        );
-        let b = tokio::spawn(
-            svc.clone()
-                .oneshot(Request::get("/sleep?ms=100").body(TestBody::new()).unwrap()),
-        );
+        let a = tokio::spawn(svc.clone().oneshot(request("/sleep?ms=100")));
+        let b = tokio::spawn(svc.clone().oneshot(request("/sleep?ms=100")));
         assert_eq!(a.await.unwrap().unwrap().status(), StatusCode::OK);
         assert_eq!(b.await.unwrap().unwrap().status(), StatusCode::OK);
         assert_eq!((stats.leaders(), stats.followers()), (0, 0));
         assert_eq!(stats.bypassed(tower_singleflight::BypassReason::NoKey), 0);
         // A rejected `/expensive` request is answered before the layer too.
-        let res = svc.clone().oneshot(
-            Request::get("/expensive/a?ms=x")
-                .body(TestBody::new())
-                .unwrap(),
-        );
+        let res = svc.clone().oneshot(request("/expensive/a?ms=x"));
         assert_eq!(res.await.unwrap().status(), StatusCode::BAD_REQUEST);
         assert_eq!(stats.bypassed(tower_singleflight::BypassReason::NoKey), 0);
         assert_eq!(calls.get(), 0);
@@ -967,9 +954,7 @@ mod tests {
         let (calls, cancelled) = (Counter::default(), Counter::default());
         let svc = expensive_stack(&root, &calls, &cancelled, singleflight());
         let start = tokio::time::Instant::now();
-        let res = svc
-            .clone()
-            .oneshot(Request::get("/expensive/a").body(TestBody::new()).unwrap());
+        let res = svc.clone().oneshot(request("/expensive/a"));
         assert_eq!(res.await.unwrap().status(), StatusCode::OK);
         assert_eq!(start.elapsed(), Duration::from_millis(200));
         for uri in [
@@ -979,10 +964,7 @@ mod tests {
             "/expensive/a?ms=x",
             "/expensive/a?ms=999999",
         ] {
-            let res = svc
-                .clone()
-                .oneshot(Request::get(uri).body(TestBody::new()).unwrap())
-                .await;
+            let res = svc.clone().oneshot(request(uri)).await;
             assert_eq!(res.unwrap().status(), StatusCode::BAD_REQUEST, "{uri}");
         }
         assert_eq!(calls.get(), 1);
