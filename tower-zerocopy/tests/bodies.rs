@@ -94,13 +94,14 @@ async fn http1_sendfile_is_byte_exact_and_uses_sendfile() {
     )
     .await;
     let body_bytes = fetch_all(server.addr, Version::HTTP_11, false).await;
-    assert_sendfile_bytes(&server.stats, body_bytes);
+    let stats = server.settled().await;
+    assert_sendfile_bytes(stats, body_bytes);
     assert!(
-        server.stats.copied_bytes() < RESPONSES * HEAD_ALLOWANCE,
+        stats.copied_bytes() < RESPONSES * HEAD_ALLOWANCE,
         "{:?}",
-        server.stats
+        stats
     );
-    assert_eq!(server.stats.truncations(), 0);
+    assert_eq!(stats.truncations(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,17 +115,13 @@ async fn without_the_truncation_check_every_file_byte_goes_through_sendfile() {
     )
     .await;
     let body_bytes = fetch_all(server.addr, Version::HTTP_11, false).await;
-    assert_eq!(server.stats.checked_ends(), 0, "{:?}", server.stats);
-    assert_eq!(
-        server.stats.sendfile_bytes(),
-        body_bytes,
-        "{:?}",
-        server.stats
-    );
+    let stats = server.settled().await;
+    assert_eq!(stats.checked_ends(), 0, "{:?}", stats);
+    assert_eq!(stats.sendfile_bytes(), body_bytes, "{:?}", stats);
     assert!(
-        server.stats.copied_bytes() < RESPONSES * HEAD_ALLOWANCE,
+        stats.copied_bytes() < RESPONSES * HEAD_ALLOWANCE,
         "{:?}",
-        server.stats
+        stats
     );
 }
 
@@ -138,8 +135,9 @@ async fn http1_default_threshold_copies_small_files() {
         .iter()
         .filter(|&&s| s < tower_zerocopy::DEFAULT_SENDFILE_MIN_LEN)
         .sum();
-    assert_sendfile_bytes(&server.stats, body_bytes - small);
-    assert!(server.stats.copied_bytes() >= small);
+    let stats = server.settled().await;
+    assert_sendfile_bytes(stats, body_bytes - small);
+    assert!(stats.copied_bytes() >= small);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,12 +145,13 @@ async fn http1_chunked_is_byte_exact_and_uses_sendfile() {
     let dir = fixture("h1ch");
     let server = spawn(ServeDir::new(dir.path()).sendfile_min_len(1), Mode::Chunked).await;
     let body_bytes = fetch_all(server.addr, Version::HTTP_11, true).await;
-    assert_sendfile_bytes(&server.stats, body_bytes);
+    let stats = server.settled().await;
+    assert_sendfile_bytes(stats, body_bytes);
     // Heads plus chunk framing only.
     assert!(
-        server.stats.copied_bytes() < RESPONSES * HEAD_ALLOWANCE + 4096,
+        stats.copied_bytes() < RESPONSES * HEAD_ALLOWANCE + 4096,
         "{:?}",
-        server.stats
+        stats
     );
 }
 
@@ -165,8 +164,9 @@ async fn http2_is_byte_exact_and_never_uses_sendfile() {
     )
     .await;
     let body_bytes = fetch_all(server.addr, Version::HTTP_2, false).await;
-    assert_eq!(server.stats.sendfile_bytes(), 0, "{:?}", server.stats);
-    assert!(server.stats.copied_bytes() >= body_bytes);
+    let stats = server.settled().await;
+    assert_eq!(stats.sendfile_bytes(), 0, "{:?}", stats);
+    assert!(stats.copied_bytes() >= body_bytes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,8 +178,9 @@ async fn portable_path_is_byte_exact_and_never_uses_sendfile() {
     )
     .await;
     let body_bytes = fetch_all(server.addr, Version::HTTP_11, false).await;
-    assert_eq!(server.stats.sendfile_bytes(), 0, "{:?}", server.stats);
-    assert!(server.stats.copied_bytes() >= body_bytes);
+    let stats = server.settled().await;
+    assert_eq!(stats.sendfile_bytes(), 0, "{:?}", stats);
+    assert!(stats.copied_bytes() >= body_bytes);
     // Small read chunks exercise the read-ahead across many chunks.
     let server = spawn(ServeDir::new(dir.path()).read_chunk(4096), Mode::Portable).await;
     fetch_all(server.addr, Version::HTTP_11, false).await;
@@ -221,14 +222,10 @@ async fn multipart_parts_go_through_sendfile() {
     // Every file byte of every part went through sendfile but the response's last one (checked,
     // then copied); boundaries were copied.
     let file_bytes: u64 = ranges.iter().map(|(a, b)| b - a).sum();
-    assert_eq!(server.stats.checked_ends(), 1, "{:?}", server.stats);
-    assert_eq!(
-        server.stats.sendfile_bytes(),
-        file_bytes - 1,
-        "{:?}",
-        server.stats
-    );
-    assert!(server.stats.copied_bytes() < 1024, "{:?}", server.stats);
+    let stats = server.settled().await;
+    assert_eq!(stats.checked_ends(), 1, "{:?}", stats);
+    assert_eq!(stats.sendfile_bytes(), file_bytes - 1, "{:?}", stats);
+    assert!(stats.copied_bytes() < 1024, "{:?}", stats);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,5 +248,6 @@ async fn head_over_http1_has_length_and_no_body() {
         "{text}"
     );
     assert!(text.ends_with("\r\n\r\n"), "no body after the head: {text}");
-    assert_eq!(server.stats.sendfile_bytes(), 0);
+    let stats = server.settled().await;
+    assert_eq!(stats.sendfile_bytes(), 0);
 }

@@ -27,8 +27,9 @@ async fn cold_file_is_warmed_then_sent_with_sendfile() {
     assert_eq!(res.status, StatusCode::OK);
     let want: Vec<u8> = (0..len).map(pattern).collect();
     assert_eq!(hash(&res.body), hash(&want));
-    assert_eq!(server.stats.sendfile_bytes(), len - 1, "{:?}", server.stats);
-    assert_eq!(server.stats.checked_ends(), 1);
+    let stats = server.settled().await;
+    assert_eq!(stats.sendfile_bytes(), len - 1, "{:?}", stats);
+    assert_eq!(stats.checked_ends(), 1);
     let warmed = warmed_bytes() - before;
     assert!(
         warmed > 0,

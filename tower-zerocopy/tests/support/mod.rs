@@ -6,6 +6,8 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -32,7 +34,42 @@ pub enum Mode {
 pub struct Server {
     pub addr: SocketAddr,
     pub stats: SendfileStats,
+    live_connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Waits (bounded) until every accepted connection has ended. The counters are bumped
+    /// after each write returns, so a client can hold the whole body before the server has
+    /// counted its last bytes; once the connection task has ended, everything is counted.
+    pub async fn settled(&self) -> &SendfileStats {
+        for _ in 0..400 {
+            if self.live_connections.load(Ordering::SeqCst) == 0 {
+                return &self.stats;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!(
+            "{} connections still open after 10 s",
+            self.live_connections.load(Ordering::SeqCst)
+        );
+    }
+}
+
+/// Counts a connection task as live until it ends (or is dropped with the server).
+struct LiveConnection(Arc<AtomicUsize>);
+
+impl LiveConnection {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        LiveConnection(count.clone())
+    }
+}
+
+impl Drop for LiveConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Server {
@@ -60,6 +97,8 @@ pub async fn spawn(svc: ServeDir, mode: Mode) -> Server {
     let addr = listener.local_addr().unwrap();
     let stats = SendfileStats::new();
     let st = stats.clone();
+    let live_connections = Arc::new(AtomicUsize::new(0));
+    let live = live_connections.clone();
     let task = tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();
         loop {
@@ -71,7 +110,9 @@ pub async fn spawn(svc: ServeDir, mode: Mode) -> Server {
             let stream = SendfileStream::with_stats(tcp, st.clone());
             let cap = stream.capability();
             let svc = svc.clone();
+            let live = LiveConnection::new(&live);
             conns.spawn(async move {
+                let _live = live;
                 let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                 let io = TokioIo::new(stream);
                 let _ = match mode {
@@ -102,7 +143,12 @@ pub async fn spawn(svc: ServeDir, mode: Mode) -> Server {
             });
         }
     });
-    Server { addr, stats, task }
+    Server {
+        addr,
+        stats,
+        live_connections,
+        task,
+    }
 }
 
 pub struct Fetched {
