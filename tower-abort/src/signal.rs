@@ -131,7 +131,9 @@ impl AbortSignal {
         Self::build(Parent::None, None, None, None)
     }
 
-    #[inline]
+    /// A signal on a pooled node if this thread has one (the request fast path, inlined),
+    /// otherwise on a new one.
+    #[inline(always)]
     fn build(
         parent: Parent,
         deadline: Option<Instant>,
@@ -160,6 +162,16 @@ impl AbortSignal {
                 // Somebody waited on it after all: drop it normally (unlinking it).
             }
         }
+        Self::fresh(parent, deadline, request, layer)
+    }
+
+    #[inline(never)]
+    fn fresh(
+        parent: Parent,
+        deadline: Option<Instant>,
+        request: Option<RequestInfo>,
+        layer: Option<&std::sync::Arc<Shared>>,
+    ) -> Self {
         AbortSignal {
             node: Arc::new(Node {
                 state: AtomicU64::new(0),
@@ -184,14 +196,14 @@ impl AbortSignal {
 
     /// The layer's per-request signal: a child of `outer` when an outer layer already put
     /// a signal in the request, otherwise of the layer's root.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn for_request(
         layer: &std::sync::Arc<Shared>,
         outer: Option<&AbortSignal>,
         deadline: Option<Instant>,
         started: Option<Instant>,
         method: Method,
-        uri: Option<Uri>,
+        uri: Option<Box<Uri>>,
     ) -> Self {
         let (parent, deadline) = match outer {
             Some(outer) => (
@@ -203,7 +215,7 @@ impl AbortSignal {
         let request = RequestInfo {
             started,
             method,
-            uri: uri.map(Box::new),
+            uri,
             reported: AtomicBool::new(false),
         };
         Self::build(parent, deadline, Some(request), Some(layer))
@@ -818,29 +830,48 @@ mod pool {
     #[cfg_attr(all(test, loom), allow(dead_code))]
     pub(super) const CAPACITY: usize = 64;
 
+    /// The last node recycled, then the others: a thread serving one request at a time
+    /// takes and returns the same node through `last` alone.
+    #[cfg(not(all(test, loom)))]
+    struct Free {
+        last: std::cell::Cell<Option<Arc<Node>>>,
+        rest: std::cell::RefCell<Vec<Arc<Node>>>,
+    }
+
     #[cfg(not(all(test, loom)))]
     thread_local! {
-        static FREE: std::cell::RefCell<Vec<Arc<Node>>> = const {
-            std::cell::RefCell::new(Vec::new())
+        static FREE: Free = const {
+            Free {
+                last: std::cell::Cell::new(None),
+                rest: std::cell::RefCell::new(Vec::new()),
+            }
         };
     }
 
     /// A free node, if this thread has one.
     #[cfg(not(all(test, loom)))]
+    #[inline]
     pub(super) fn take() -> Option<Arc<Node>> {
-        FREE.try_with(|free| free.try_borrow_mut().ok().and_then(|mut f| f.pop()))
-            .ok()
-            .flatten()
+        FREE.try_with(|free| {
+            free.last
+                .take()
+                .or_else(|| free.rest.try_borrow_mut().ok().and_then(|mut f| f.pop()))
+        })
+        .ok()
+        .flatten()
     }
 
     /// Keeps `node` for reuse if this thread's pool has room (otherwise it is dropped).
+    #[inline]
     pub(super) fn recycle(node: Arc<Node>) {
         #[cfg(not(all(test, loom)))]
         {
             let _ = FREE.try_with(move |free| {
-                if let Ok(mut free) = free.try_borrow_mut() {
-                    if free.len() < CAPACITY {
-                        free.push(node);
+                if let Some(older) = free.last.replace(Some(node)) {
+                    if let Ok(mut rest) = free.rest.try_borrow_mut() {
+                        if rest.len() < CAPACITY - 1 {
+                            rest.push(older);
+                        }
                     }
                 }
             });
