@@ -111,8 +111,8 @@ where
             |req: &Request<ReqBody>| config.on_abort.as_ref().map(|_| req.uri().clone().into());
         // One map operation on the fast path: the signal goes in as a child of the root. If
         // an outer layer's signal was there, ours becomes a child of it instead and replaces
-        // it (the first one, never fired nor handed out, is dropped).
-        let signal = AbortSignal::for_request(
+        // it; the first one, never fired nor handed out, goes back to the pool.
+        let first = AbortSignal::for_request(
             &self.shared,
             None,
             deadline,
@@ -120,10 +120,9 @@ where
             req.method().clone(),
             uri(&req),
         );
-        let signal = match req.extensions_mut().insert(signal.clone()) {
-            None => signal,
+        let signal = match req.extensions_mut().insert(first.clone()) {
+            None => first,
             Some(outer) => {
-                drop(signal);
                 let signal = AbortSignal::for_request(
                     &self.shared,
                     Some(&outer),
@@ -132,7 +131,9 @@ where
                     req.method().clone(),
                     uri(&req),
                 );
+                // Replaces (and drops) the clone of `first`.
                 req.extensions_mut().insert(signal.clone());
+                first.release();
                 signal
             }
         };
