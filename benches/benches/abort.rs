@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::Criterion;
 use http::{HeaderValue, Request, Response};
-use http_body_util::Empty;
+use http_body_util::{Empty, Full};
+use hyper::body::Body;
 use tower::layer::util::Identity;
 use tower::{service_fn, Layer, Service};
 use tower_abort::{AbortLayer, AbortSignal};
@@ -90,6 +91,20 @@ fn ready_service() -> impl Service<
     service_fn(|_req: Request<()>| std::future::ready(Ok(Response::new(Empty::new()))))
 }
 
+/// A handler that answers at once with a small body, which the caller reads to its end.
+fn body_service() -> impl Service<
+    Request<()>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>,
+> + Clone {
+    service_fn(|_req: Request<()>| {
+        std::future::ready(Ok(Response::new(Full::new(Bytes::from_static(
+            b"hello, world",
+        )))))
+    })
+}
+
 fn pending_once_service() -> impl Service<
     Request<()>,
     Response = Response<Empty<Bytes>>,
@@ -142,6 +157,36 @@ where
     }
 }
 
+/// One request through `svc` whose response body is then read to its end the way hyper
+/// does: frames until `is_end_stream` (or the end), then the body is dropped.
+fn one_request_read<S, B>(svc: &mut S, req: Request<()>, cx: &mut Context<'_>)
+where
+    S: Service<Request<()>, Response = Response<B>>,
+    B: Body,
+{
+    assert!(svc.poll_ready(cx).is_ready());
+    let mut fut = pin!(svc.call(req));
+    let response = loop {
+        if let Poll::Ready(response) = fut.as_mut().poll(cx) {
+            break response;
+        }
+    };
+    let Ok(response) = response else {
+        panic!("the service failed");
+    };
+    let mut body = pin!(response.into_body());
+    while !body.is_end_stream() {
+        match body.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                black_box(frame);
+            }
+            Poll::Ready(None) => break,
+            Poll::Ready(Some(Err(_))) => panic!("the body failed"),
+            Poll::Pending => {}
+        }
+    }
+}
+
 fn waker() -> Waker {
     Waker::from(Arc::new(NoopWake))
 }
@@ -161,6 +206,26 @@ where
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     for _ in 0..N {
         one_request(&mut svc, request(kind), &mut cx);
+    }
+    let per_request = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / N as f64;
+    println!("allocations per request: {name:<45} {per_request:.2}");
+}
+
+/// [`allocations_per_request`] with the response body read to its end.
+fn allocations_per_request_read<S, B>(name: &str, mut svc: S, kind: Req)
+where
+    S: Service<Request<()>, Response = Response<B>>,
+    B: Body,
+{
+    const N: u64 = 10_000;
+    let waker = waker();
+    let mut cx = Context::from_waker(&waker);
+    for _ in 0..100 {
+        one_request_read(&mut svc, request(kind), &mut cx);
+    }
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..N {
+        one_request_read(&mut svc, request(kind), &mut cx);
     }
     let per_request = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / N as f64;
     println!("allocations per request: {name:<45} {per_request:.2}");
@@ -198,6 +263,10 @@ fn report_allocations() {
         allocations_per_request("identity / pending once", svc, kind);
         let svc = timeout.clone().layer(pending_once_service());
         allocations_per_request("abort+timeout / pending once (timer armed)", svc, kind);
+        let svc = identity.layer(body_service());
+        allocations_per_request_read("identity / body read to its end", svc, kind);
+        let svc = timeout.clone().layer(body_service());
+        allocations_per_request_read("abort+timeout / body read to its end", svc, kind);
     }
 }
 
@@ -246,6 +315,27 @@ fn bench_single_thread(c: &mut Criterion) {
     );
     let svc = timeout.clone().layer(ready_service());
     case!("abort+timeout/ready+extension", svc, Req::WithExtension);
+    macro_rules! case_read {
+        ($name:expr, $svc:expr, $kind:expr) => {{
+            let mut svc = $svc;
+            group.bench_function($name, |b| {
+                let mut cx = Context::from_waker(&waker);
+                b.iter(|| one_request_read(&mut svc, request($kind), &mut cx))
+            });
+        }};
+    }
+    case_read!(
+        "identity/body+extension",
+        identity.layer(body_service()),
+        Req::WithExtension
+    );
+    case_read!(
+        "abort/body+extension",
+        AbortLayer::new().layer(body_service()),
+        Req::WithExtension
+    );
+    let svc = timeout.clone().layer(body_service());
+    case_read!("abort+timeout/body+extension", svc, Req::WithExtension);
     case!(
         "identity/ready+grpc-timeout",
         identity.layer(ready_service()),
@@ -485,7 +575,8 @@ fn bench_multi_thread(c: &mut Criterion) {
 /// Cases: `identity`, `abort`, `abort+timeout`, each on a request that already has an
 /// extension (as requests from hyper and axum do), with a handler that is ready at once;
 /// the same with `/pending` appended for a handler that is pending once (so a deadline's
-/// timer is armed).
+/// timer is armed), and with `/body` for a response with a small body that is read to its
+/// end.
 fn run_only(case: &str, n: u64) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -502,6 +593,15 @@ fn run_only(case: &str, n: u64) {
             one_request(&mut svc, request(Req::WithExtension), cx);
         }
     }
+    fn drive_read<S, B>(mut svc: S, n: u64, cx: &mut Context<'_>)
+    where
+        S: Service<Request<()>, Response = Response<B>>,
+        B: Body,
+    {
+        for _ in 0..n {
+            one_request_read(&mut svc, request(Req::WithExtension), cx);
+        }
+    }
     let timeout = AbortLayer::new().with_timeout(Duration::from_secs(10));
     match case {
         "identity" => drive(Identity::new().layer(ready_service()), n, &mut cx),
@@ -510,6 +610,9 @@ fn run_only(case: &str, n: u64) {
         "identity/pending" => drive(Identity::new().layer(pending_once_service()), n, &mut cx),
         "abort/pending" => drive(AbortLayer::new().layer(pending_once_service()), n, &mut cx),
         "abort+timeout/pending" => drive(timeout.layer(pending_once_service()), n, &mut cx),
+        "identity/body" => drive_read(Identity::new().layer(body_service()), n, &mut cx),
+        "abort/body" => drive_read(AbortLayer::new().layer(body_service()), n, &mut cx),
+        "abort+timeout/body" => drive_read(timeout.layer(body_service()), n, &mut cx),
         other => panic!("unknown case {other:?}"),
     }
 }
