@@ -48,22 +48,15 @@ pin_project! {
 }
 
 impl<B> AbortBody<B> {
-    pub(crate) fn new(inner: B, guard: ClientGoneGuard) -> Self
-    where
-        B: Body,
-    {
-        let mut body = AbortBody {
-            inner: None,
+    /// Wraps `inner`, guarded by `guard` until its end. The caller disarms the guard of a
+    /// body that is already at its end (the server may drop it without a poll).
+    pub(crate) fn new(inner: B, guard: ClientGoneGuard) -> Self {
+        AbortBody {
+            guard,
+            inner: Some(inner),
             sleep: None,
             phase: Phase::Streaming,
-            guard,
-        };
-        if inner.is_end_stream() {
-            // Nothing to send: the server may drop it without a poll.
-            body.guard.disarm();
         }
-        body.inner = Some(inner);
-        body
     }
 
     /// The empty body of the timeout response.
@@ -94,15 +87,16 @@ where
             return Poll::Ready(None);
         }
         let deadline = this.guard.signal().and_then(|s| s.deadline());
-        let grace = this
-            .guard
-            .signal()
-            .map_or(std::time::Duration::ZERO, |s| s.mode().grace());
         loop {
             // The deadline first, once its timer is armed (below): a body whose frames are
             // always ready never returns `Pending`, and must still end at its deadline.
             if let (Some(deadline), Some(sleep)) = (deadline, this.sleep.as_mut()) {
                 while sleep.as_mut().poll(cx).is_ready() {
+                    // Looked up only now: most bodies never reach their deadline.
+                    let grace = this
+                        .guard
+                        .signal()
+                        .map_or(std::time::Duration::ZERO, |s| s.mode().grace());
                     if let Some(signal) = this.guard.signal() {
                         signal.fire(AbortReason::DeadlineExceeded);
                     }

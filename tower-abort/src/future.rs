@@ -174,7 +174,8 @@ fn wrap_response<B: http_body::Body>(
         || response.status().is_informational()
         || response.status() == StatusCode::NO_CONTENT
         || response.status() == StatusCode::NOT_MODIFIED;
-    let guard = if bodiless {
+    // A body with nothing to send may be dropped unpolled: the request is complete.
+    let guard = if bodiless || response.body().is_end_stream() {
         signal.release();
         ClientGoneGuard::disarmed()
     } else {

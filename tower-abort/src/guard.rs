@@ -41,9 +41,16 @@ impl ClientGoneGuard {
 impl Drop for ClientGoneGuard {
     #[inline]
     fn drop(&mut self) {
+        // Only the check is inlined: a completed request drops a disarmed guard.
         if let Some(signal) = self.signal.take() {
-            signal.fire(AbortReason::ClientGone);
-            signal.release();
+            client_gone(signal);
         }
     }
+}
+
+#[cold]
+#[inline(never)]
+fn client_gone(signal: AbortSignal) {
+    signal.fire(AbortReason::ClientGone);
+    signal.release();
 }

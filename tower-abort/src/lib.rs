@@ -46,6 +46,26 @@
 //! [`with_grpc_timeout`](AbortLayer::with_grpc_timeout) is on. If the response headers were
 //! already sent, the body is ended with an [`error::Aborted`] instead.
 //!
+//! # How the signal relates to tokio-util's `CancellationToken`
+//!
+//! An [`AbortSignal`] is not a [`CancellationToken`](tokio_util::sync::CancellationToken),
+//! and does not contain one: per request it is a single pooled node, which is what keeps the
+//! layer's cost at one allocation (see [Cost](#cost)); a token per request would add an
+//! allocation, and a lock shared by every request. The server-wide [`AbortRoot`] does hold a
+//! token ([`AbortRoot::from_token`], [`AbortRoot::child_token`]). The two meet in both
+//! directions, with no task per request:
+//!
+//! - [`AbortSignal::cancellation_token`] gives a `CancellationToken` that is cancelled when
+//!   the signal fires (for any reason), for code and libraries that take one
+//!   (`run_until_cancelled`, `with_cancellation_token`). It is made on first use and kept
+//!   with the signal, so requests that never ask pay nothing.
+//! - [`AbortSignal::from_token`] gives a signal that fires when a token of yours is
+//!   cancelled; combine it with the request's signal through [`AbortSignal::any`].
+//!
+//! What a token lacks, and the signal adds: the [reason](AbortSignal::reason), the
+//! [deadline](AbortSignal::deadline), several parents ([`any`](AbortSignal::any)),
+//! [`detached`](AbortSignal::detached), and waiters woken exactly once.
+//!
 //! # What hyper lets us see
 //!
 //! A client disconnect reaches the signal only when the server drops the request's future

@@ -1,5 +1,6 @@
 //! Loom models of the signal tree: firing racing with the first wait (which creates and
-//! links the wait cells), through a parent, an `any` and the root. Run with
+//! links the wait cells), through a parent, an `any` and the root; and with the lazy
+//! creation of a signal's `CancellationToken`. Run with
 //! `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 CARGO_TARGET_DIR=target/loom cargo test -p tower-abort --lib --release -- loom`.
 //!
 //! `block_on` parks until woken: a lost wake-up is reported by loom as a deadlock.
@@ -85,5 +86,43 @@ fn loom_a_waiter_leaves_while_the_signal_fires() {
         assert_eq!(block_on(child.aborted()), AbortReason::Explicit);
         dropper.join().unwrap();
         firer.join().unwrap();
+    });
+}
+
+#[test]
+fn loom_fire_races_with_the_token_being_made() {
+    loom::model(|| {
+        let parent = AbortSignal::new();
+        let signal = parent.child();
+        let firer = {
+            let parent = parent.clone();
+            thread::spawn(move || parent.abort())
+        };
+        let token = signal.cancellation_token();
+        // A lost cancellation parks this thread for good: loom reports the deadlock.
+        block_on(token.cancelled());
+        assert!(firer.join().unwrap());
+        assert_eq!(signal.reason(), Some(AbortReason::Explicit));
+        assert_eq!(signal.cancellation_token(), token);
+    });
+}
+
+#[test]
+fn loom_two_threads_ask_for_the_token_while_it_fires() {
+    loom::model(|| {
+        let signal = AbortSignal::new();
+        let other = {
+            let signal = signal.clone();
+            thread::spawn(move || signal.cancellation_token())
+        };
+        let firer = {
+            let signal = signal.clone();
+            thread::spawn(move || signal.abort())
+        };
+        let token = signal.cancellation_token();
+        let theirs = other.join().unwrap();
+        assert!(firer.join().unwrap());
+        assert_eq!(token, theirs, "one token per signal");
+        assert!(token.is_cancelled());
     });
 }

@@ -101,25 +101,46 @@ where
             }
             _ => None,
         };
-        let uri = config.on_abort.as_ref().map(|_| req.uri().clone());
-        let signal = AbortSignal::for_request(
-            &self.shared,
-            req.extensions().get::<AbortSignal>(),
-            deadline,
-            started,
-            req.method().clone(),
-            uri,
-        );
-        // The deadline is the server's timeout from now (not shortened by a client header or
-        // an outer layer): it can share the per-thread timer lists (see `timer.rs`).
-        let server_deadline =
-            deadline.is_some() && timeout == config.timeout && signal.deadline() == deadline;
         let answer = if config.grpc_timeout && is_grpc(&req) {
             TimeoutAnswer::Grpc
         } else {
             TimeoutAnswer::Status(config.timeout_status)
         };
-        req.extensions_mut().insert(signal.clone());
+        // Boxed at once: an `Option<Uri>` is large to move around.
+        let uri =
+            |req: &Request<ReqBody>| config.on_abort.as_ref().map(|_| req.uri().clone().into());
+        // One map operation on the fast path: the signal goes in as a child of the root. If
+        // an outer layer's signal was there, ours becomes a child of it instead and replaces
+        // it; the first one, never fired nor handed out, goes back to the pool.
+        let first = AbortSignal::for_request(
+            &self.shared,
+            None,
+            deadline,
+            started,
+            req.method().clone(),
+            uri(&req),
+        );
+        let signal = match req.extensions_mut().insert(first.clone()) {
+            None => first,
+            Some(outer) => {
+                let signal = AbortSignal::for_request(
+                    &self.shared,
+                    Some(&outer),
+                    deadline,
+                    started,
+                    req.method().clone(),
+                    uri(&req),
+                );
+                // Replaces (and drops) the clone of `first`.
+                req.extensions_mut().insert(signal.clone());
+                first.release();
+                signal
+            }
+        };
+        // The deadline is the server's timeout from now (not shortened by a client header or
+        // an outer layer): it can share the per-thread timer lists (see `timer.rs`).
+        let server_deadline =
+            deadline.is_some() && timeout == config.timeout && signal.deadline() == deadline;
         ResponseFuture::new(self.inner.call(req), signal, server_deadline, answer)
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::{Method, Uri};
 use tokio::time::Instant;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::event::{self, AbortEvent};
 use crate::future::UntilAborted;
@@ -105,6 +105,10 @@ enum Parent {
     /// [`AbortSignal::detached`]: only this root (if any) and the node's own deadline,
     /// which the node enforces itself.
     Detached(Option<AbortRoot>),
+    /// [`AbortSignal::from_token`]: fires (`Explicit`) when the token is cancelled. Nothing
+    /// in this crate cancels it, so it is checked when the signal is looked at, and waiters
+    /// watch it themselves.
+    Token(CancellationToken),
 }
 
 /// Present on signals the layer created: where to count and report the firing.
@@ -127,7 +131,9 @@ impl AbortSignal {
         Self::build(Parent::None, None, None, None)
     }
 
-    #[inline]
+    /// A signal on a pooled node if this thread has one (the request fast path, inlined),
+    /// otherwise on a new one.
+    #[inline(always)]
     fn build(
         parent: Parent,
         deadline: Option<Instant>,
@@ -156,6 +162,16 @@ impl AbortSignal {
                 // Somebody waited on it after all: drop it normally (unlinking it).
             }
         }
+        Self::fresh(parent, deadline, request, layer)
+    }
+
+    #[inline(never)]
+    fn fresh(
+        parent: Parent,
+        deadline: Option<Instant>,
+        request: Option<RequestInfo>,
+        layer: Option<&std::sync::Arc<Shared>>,
+    ) -> Self {
         AbortSignal {
             node: Arc::new(Node {
                 state: AtomicU64::new(0),
@@ -180,14 +196,14 @@ impl AbortSignal {
 
     /// The layer's per-request signal: a child of `outer` when an outer layer already put
     /// a signal in the request, otherwise of the layer's root.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn for_request(
         layer: &std::sync::Arc<Shared>,
         outer: Option<&AbortSignal>,
         deadline: Option<Instant>,
         started: Option<Instant>,
         method: Method,
-        uri: Option<Uri>,
+        uri: Option<Box<Uri>>,
     ) -> Self {
         let (parent, deadline) = match outer {
             Some(outer) => (
@@ -199,7 +215,7 @@ impl AbortSignal {
         let request = RequestInfo {
             started,
             method,
-            uri: uri.map(Box::new),
+            uri,
             reported: AtomicBool::new(false),
         };
         Self::build(parent, deadline, Some(request), Some(layer))
@@ -357,6 +373,81 @@ impl AbortSignal {
         Self::build(Parent::Any(sources), deadline, None, None)
     }
 
+    /// A [`CancellationToken`] that is cancelled when this signal fires, for any reason,
+    /// for code that takes a token: tokio-util's `run_until_cancelled` and
+    /// `with_cancellation_token`, and libraries built on them.
+    ///
+    /// The signal itself is not a `CancellationToken` (its per-request state is a pooled
+    /// node; see the [crate docs](crate#cost)), so the token is made on the first call and
+    /// kept with the signal: every later call, on any clone, returns a clone of the same
+    /// token. It is cancelled by whatever fires the signal (the client going away, the
+    /// deadline, the root's shutdown, [`abort`](Self::abort), a parent or a source of
+    /// [`any`](Self::any)), at the moment it fires, by the code that fires it: no task
+    /// watches it. Cancelling the token does **not** fire the signal: it is an observer
+    /// (use [`from_token`](Self::from_token) for the other direction). If the signal has
+    /// already fired, the token returned is already cancelled.
+    ///
+    /// A request that never calls this pays nothing. The first call costs what the first
+    /// wait on [`aborted`](Self::aborted) costs (the signal's wait cell, linked into the
+    /// root) plus the token; the token is dropped with the signal, so it leaves nothing
+    /// behind once the request and your clones of the token are gone.
+    ///
+    /// When the signal descends from a token that can be cancelled without this crate
+    /// seeing it (a root made with [`AbortRoot::from_token`], or a signal made with
+    /// [`from_token`](Self::from_token)), the token is a child of that token, so
+    /// cancelling it directly reaches this one at once. If it descends from several (an
+    /// [`any`](Self::any) over signals with different such sources), it is a child of the
+    /// first, and the others reach it when the signal is next looked at
+    /// ([`is_aborted`](Self::is_aborted), a waiter): a token has only one parent. Likewise
+    /// the deadline of a [`detached`](Self::detached) signal, which nothing watches, cancels
+    /// the token when the signal is looked at after it passed.
+    ///
+    /// ```
+    /// # use tower_abort::AbortSignal;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let signal = AbortSignal::new(); // in a handler: the request's signal
+    /// let token = signal.cancellation_token();
+    /// assert!(!token.is_cancelled());
+    /// signal.abort();
+    /// assert!(token.is_cancelled());
+    /// let r = token.run_until_cancelled(std::future::pending::<()>()).await;
+    /// assert_eq!(r, None);
+    /// # }
+    /// ```
+    pub fn cancellation_token(&self) -> CancellationToken {
+        self.cell().token(|| match self.external_token() {
+            Some(parent) => parent.child_token(),
+            None => CancellationToken::new(),
+        })
+    }
+
+    /// A signal that fires with [`AbortReason::Explicit`] when `token` is cancelled (or
+    /// through [`abort`](Self::abort)), for work that is already cancelled by a
+    /// [`CancellationToken`] of your own. Combine it with a request's signal through
+    /// [`any`](Self::any) to stop work when either fires.
+    ///
+    /// No task watches the token: [`is_aborted`](Self::is_aborted) checks it (which locks
+    /// the token, where checking other signals is an atomic load), and each waiter on
+    /// [`aborted`](Self::aborted) (or on a child or an `any` of it) also waits on the token.
+    /// [`cancellation_token`](Self::cancellation_token) of such a signal is a child of
+    /// `token`. Firing the signal does not cancel `token`.
+    ///
+    /// ```
+    /// # use tower_abort::{AbortReason, AbortSignal};
+    /// # use tokio_util::sync::CancellationToken;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let job = CancellationToken::new();
+    /// let request = AbortSignal::new(); // in a handler: the request's signal
+    /// let either = AbortSignal::any([request.clone(), AbortSignal::from_token(job.clone())]);
+    /// job.cancel();
+    /// assert_eq!(either.aborted().await, AbortReason::Explicit);
+    /// assert!(!request.is_aborted());
+    /// # }
+    /// ```
+    pub fn from_token(token: CancellationToken) -> AbortSignal {
+        Self::build(Parent::Token(token), None, None, None)
+    }
+
     /// Runs `future` until it completes or the signal fires, whichever comes first.
     ///
     /// Resolves to `Ok(output)` or `Err(reason)`; on `Err` the future is abandoned at its
@@ -452,6 +543,9 @@ impl AbortSignal {
                     (Instant::now() >= deadline)
                         .then(|| (AbortReason::DeadlineExceeded, next_firing()))
                 }),
+            Parent::Token(token) => token
+                .is_cancelled()
+                .then(|| (AbortReason::Explicit, next_firing())),
         }?;
         Some(match self.set(inherited.0, inherited.1) {
             Ok(()) => inherited,
@@ -475,7 +569,7 @@ impl AbortSignal {
     /// The root shutdown reaches this signal through, searching up its parents.
     fn find_root(&self) -> Option<AbortRoot> {
         match &self.node.parent {
-            Parent::None => None,
+            Parent::None | Parent::Token(_) => None,
             Parent::Root | Parent::Detached(_) => self.parent_root().cloned(),
             Parent::Signal(parent) => parent.find_root(),
             Parent::Any(sources) => sources.iter().find_map(AbortSignal::find_root),
@@ -486,7 +580,7 @@ impl AbortSignal {
     /// (no layer watches it), so a waiter needs its own timer.
     fn self_timed_deadline(&self) -> Option<Instant> {
         match &self.node.parent {
-            Parent::None | Parent::Root => None,
+            Parent::None | Parent::Root | Parent::Token(_) => None,
             Parent::Detached(_) => self.node.deadline,
             Parent::Signal(parent) => parent.self_timed_deadline(),
             Parent::Any(sources) => sources
@@ -567,7 +661,7 @@ impl AbortSignal {
         // The parents' cells first, with no lock held: creating one may find its signal
         // fired and report it, which runs the `on_abort` callback.
         let above: Vec<Arc<WaitCell>> = match &self.node.parent {
-            Parent::None | Parent::Root | Parent::Detached(_) => Vec::new(),
+            Parent::None | Parent::Root | Parent::Detached(_) | Parent::Token(_) => Vec::new(),
             Parent::Signal(parent) => vec![parent.cell()],
             Parent::Any(sources) => sources.iter().map(AbortSignal::cell).collect(),
         };
@@ -580,7 +674,7 @@ impl AbortSignal {
             let cell = WaitCell::new();
             // Cells' and root shards' locks are never held while taking another lock.
             let up = match &self.node.parent {
-                Parent::None | Parent::Detached(None) => Up::Nothing,
+                Parent::None | Parent::Detached(None) | Parent::Token(_) => Up::Nothing,
                 Parent::Root | Parent::Detached(Some(_)) => {
                     let root = self.parent_root().expect("a root parent");
                     match root.inner.link(&cell) {
@@ -615,22 +709,81 @@ impl AbortSignal {
         cell
     }
 
-    /// The roots made from an external token that this signal descends from: their token
-    /// can be cancelled without `shutdown`, so waiters watch it themselves.
-    fn external_roots(&self, found: &mut Vec<AbortRoot>) {
+    /// The tokens this signal descends from that can be cancelled without this crate
+    /// seeing it (roots made with [`AbortRoot::from_token`], signals made with
+    /// [`from_token`](Self::from_token)): waiters watch them themselves.
+    fn external_sources(&self, found: &mut Vec<External>) {
         match &self.node.parent {
             Parent::None => {}
             Parent::Root | Parent::Detached(_) => {
                 if let Some(root) = self.parent_root() {
                     if root.inner.external_token().is_some()
-                        && !found.iter().any(|r| Arc::ptr_eq(&r.inner, &root.inner))
+                        && !found.iter().any(|f| match f {
+                            External::Root(r) => Arc::ptr_eq(&r.inner, &root.inner),
+                            External::Signal(_) => false,
+                        })
                     {
-                        found.push(root.clone());
+                        found.push(External::Root(root.clone()));
                     }
                 }
             }
-            Parent::Signal(parent) => parent.external_roots(found),
-            Parent::Any(sources) => sources.iter().for_each(|s| s.external_roots(found)),
+            Parent::Token(_) => {
+                if !found.iter().any(|f| match f {
+                    External::Signal(s) => s.same_signal(self),
+                    External::Root(_) => false,
+                }) {
+                    found.push(External::Signal(self.clone()));
+                }
+            }
+            Parent::Signal(parent) => parent.external_sources(found),
+            Parent::Any(sources) => sources.iter().for_each(|s| s.external_sources(found)),
+        }
+    }
+
+    /// The first token found up this signal's parents that can be cancelled from outside
+    /// this crate (see [`external_sources`](Self::external_sources)).
+    fn external_token(&self) -> Option<CancellationToken> {
+        match &self.node.parent {
+            Parent::None => None,
+            Parent::Root | Parent::Detached(_) => self
+                .parent_root()
+                .and_then(|root| root.inner.external_token().cloned()),
+            Parent::Token(token) => Some(token.clone()),
+            Parent::Signal(parent) => parent.external_token(),
+            Parent::Any(sources) => sources.iter().find_map(AbortSignal::external_token),
+        }
+    }
+
+    /// The token's cancellation, for a waiter to watch.
+    fn external_wait(source: &External) -> Option<Pin<Box<WaitForCancellationFutureOwned>>> {
+        let token = match source {
+            External::Root(root) => root.inner.external_token()?.clone(),
+            External::Signal(signal) => match &signal.node.parent {
+                Parent::Token(token) => token.clone(),
+                _ => return None,
+            },
+        };
+        Some(Box::pin(token.cancelled_owned()))
+    }
+}
+
+/// A source of firing that a waiter watches itself (see `AbortSignal::external_sources`).
+enum External {
+    /// A root made with [`AbortRoot::from_token`]: on cancellation its waiters are fired.
+    Root(AbortRoot),
+    /// A signal made with [`AbortSignal::from_token`]: on cancellation it is fired.
+    Signal(AbortSignal),
+}
+
+impl External {
+    /// The token was cancelled: fire what hangs below it (which wakes every waiter).
+    fn fire(&self) {
+        match self {
+            External::Root(root) => root.inner.fire_waiters(),
+            External::Signal(signal) => {
+                let fired = signal.observe();
+                debug_assert!(fired.is_some(), "a cancelled token's signal did not fire");
+            }
         }
     }
 }
@@ -677,29 +830,48 @@ mod pool {
     #[cfg_attr(all(test, loom), allow(dead_code))]
     pub(super) const CAPACITY: usize = 64;
 
+    /// The last node recycled, then the others: a thread serving one request at a time
+    /// takes and returns the same node through `last` alone.
+    #[cfg(not(all(test, loom)))]
+    struct Free {
+        last: std::cell::Cell<Option<Arc<Node>>>,
+        rest: std::cell::RefCell<Vec<Arc<Node>>>,
+    }
+
     #[cfg(not(all(test, loom)))]
     thread_local! {
-        static FREE: std::cell::RefCell<Vec<Arc<Node>>> = const {
-            std::cell::RefCell::new(Vec::new())
+        static FREE: Free = const {
+            Free {
+                last: std::cell::Cell::new(None),
+                rest: std::cell::RefCell::new(Vec::new()),
+            }
         };
     }
 
     /// A free node, if this thread has one.
     #[cfg(not(all(test, loom)))]
+    #[inline]
     pub(super) fn take() -> Option<Arc<Node>> {
-        FREE.try_with(|free| free.try_borrow_mut().ok().and_then(|mut f| f.pop()))
-            .ok()
-            .flatten()
+        FREE.try_with(|free| {
+            free.last
+                .take()
+                .or_else(|| free.rest.try_borrow_mut().ok().and_then(|mut f| f.pop()))
+        })
+        .ok()
+        .flatten()
     }
 
     /// Keeps `node` for reuse if this thread's pool has room (otherwise it is dropped).
+    #[inline]
     pub(super) fn recycle(node: Arc<Node>) {
         #[cfg(not(all(test, loom)))]
         {
             let _ = FREE.try_with(move |free| {
-                if let Ok(mut free) = free.try_borrow_mut() {
-                    if free.len() < CAPACITY {
-                        free.push(node);
+                if let Some(older) = free.last.replace(Some(node)) {
+                    if let Ok(mut rest) = free.rest.try_borrow_mut() {
+                        if rest.len() < CAPACITY - 1 {
+                            rest.push(older);
+                        }
                     }
                 }
             });
@@ -761,9 +933,10 @@ struct Waiting {
     key: usize,
     /// The registered waker, to skip re-registering an unchanged one.
     waker: Waker,
-    /// Tokens of roots made with [`AbortRoot::from_token`]: cancelling one directly does
-    /// not go through `shutdown`, so we watch it (boxed: rare, and not `Unpin`).
-    external: Vec<(AbortRoot, Pin<Box<WaitForCancellationFutureOwned>>)>,
+    /// Tokens of roots made with [`AbortRoot::from_token`] and of signals made with
+    /// [`AbortSignal::from_token`]: cancelling one directly does not go through this
+    /// crate, so we watch it (boxed: rare, and not `Unpin`).
+    external: Vec<(External, Pin<Box<WaitForCancellationFutureOwned>>)>,
     /// The deadline of a detached signal above us, which only its waiters watch.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -794,13 +967,13 @@ impl Future for Aborted {
                     debug_assert!(reason.is_some(), "a wait cell fired without a reason");
                     return this.finish(reason.unwrap_or(AbortReason::Explicit));
                 };
-                let mut roots = Vec::new();
-                this.signal.external_roots(&mut roots);
-                let external = roots
+                let mut sources = Vec::new();
+                this.signal.external_sources(&mut sources);
+                let external = sources
                     .into_iter()
-                    .filter_map(|root| {
-                        let token = root.inner.external_token()?.clone();
-                        Some((root, Box::pin(token.cancelled_owned())))
+                    .filter_map(|source| {
+                        let wait = AbortSignal::external_wait(&source)?;
+                        Some((source, wait))
                     })
                     .collect();
                 let deadline = this
@@ -824,9 +997,9 @@ impl Future for Aborted {
         }
         let waiting = this.waiting.as_mut().expect("registered above");
         let mut external_fired = false;
-        for (root, cancelled) in waiting.external.iter_mut() {
+        for (source, cancelled) in waiting.external.iter_mut() {
             if cancelled.as_mut().poll(cx).is_ready() {
-                root.inner.fire_waiters();
+                source.fire();
                 external_fired = true;
             }
         }
@@ -1036,6 +1209,55 @@ mod tests {
         root.shutdown();
         assert_eq!(request().reason(), Some(AbortReason::Shutdown));
         assert_eq!(root.stats().get(AbortReason::ClientGone), 100);
+    }
+
+    // `Weak` (to see the node and cell freed) does not exist under loom.
+    #[cfg(not(loom))]
+    #[test]
+    fn tokens_leave_nothing_behind() {
+        for external in [false, true] {
+            let server = CancellationToken::new();
+            let layer = if external {
+                crate::AbortLayer::with_root(AbortRoot::from_token(server.clone()))
+            } else {
+                crate::AbortLayer::new()
+            };
+            let shared = layer.shared();
+            let root = layer.root();
+            for i in 0..300 {
+                let signal = AbortSignal::for_request(&shared, None, None, None, Method::GET, None);
+                let token = signal.cancellation_token();
+                assert!(!token.is_cancelled(), "a reused node starts armed");
+                let node = Arc::downgrade(&signal.node);
+                let cell = Arc::downgrade(&signal.cell());
+                assert_eq!(root.inner.linked(), 1);
+                match i % 3 {
+                    0 => {}
+                    1 => assert!(signal.fire(AbortReason::ClientGone)),
+                    // The handler cancels the token: that does not fire the signal.
+                    _ => token.cancel(),
+                }
+                assert_eq!(token.is_cancelled(), i % 3 != 0, "request {i}");
+                assert_eq!(signal.is_aborted(), i % 3 == 1, "request {i}");
+                signal.release();
+                drop(token);
+                // The node is not pooled (it has a cell) but freed, with its cell and token.
+                assert_eq!(node.strong_count(), 0);
+                assert_eq!(cell.strong_count(), 0);
+                assert_eq!(root.inner.linked(), 0);
+            }
+            // Shutdown still reaches the tokens of the requests in flight.
+            let signal = AbortSignal::for_request(&shared, None, None, None, Method::GET, None);
+            let token = signal.cancellation_token();
+            if external {
+                server.cancel();
+            } else {
+                root.shutdown();
+            }
+            assert!(token.is_cancelled());
+            assert_eq!(signal.reason(), Some(AbortReason::Shutdown));
+            assert_eq!(root.stats().get(AbortReason::ClientGone), 100);
+        }
     }
 
     #[test]

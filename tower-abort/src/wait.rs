@@ -13,6 +13,7 @@
 use std::task::Waker;
 
 use slab::Slab;
+use tokio_util::sync::CancellationToken;
 
 use crate::sync::{lock, Arc, Mutex};
 
@@ -28,6 +29,10 @@ struct CellState {
     wakers: Slots<Waker>,
     /// The cells of signals below this one (children, `any` signals) that have waiters.
     below: Slots<Arc<WaitCell>>,
+    /// The signal's [`CancellationToken`], made by the first
+    /// [`AbortSignal::cancellation_token`](crate::AbortSignal::cancellation_token) call and
+    /// cancelled when the cell fires. Kept after firing, so later calls get the same token.
+    token: Option<CancellationToken>,
 }
 
 /// A slab whose first entry lives inline: most signals have one waiter and at most one
@@ -143,18 +148,61 @@ impl WaitCell {
         fire_all(Arc::clone(this), Vec::new());
     }
 
+    /// The token stored in this cell, storing one made by `make` first if there is none yet.
+    /// `make` runs with no lock held (it may lock a parent token); if another call stored a
+    /// token meanwhile, the one made is dropped unused. If the cell has already fired, the
+    /// token is cancelled before it is returned; otherwise [`fire`](Self::fire) cancels it.
+    pub(crate) fn token(&self, make: impl FnOnce() -> CancellationToken) -> CancellationToken {
+        let stored = {
+            let state = lock(&self.state);
+            state.token.clone().map(|token| (token, state.fired))
+        };
+        let mut unused = None;
+        let (token, fired) = match stored {
+            Some(stored) => stored,
+            None => {
+                let fresh = make();
+                let mut state = lock(&self.state);
+                let fired = state.fired;
+                let token = match &state.token {
+                    Some(token) => {
+                        unused = Some(fresh);
+                        token.clone()
+                    }
+                    None => state.token.insert(fresh).clone(),
+                };
+                (token, fired)
+            }
+        };
+        // Outside the lock: dropping a child token locks its parent, and cancelling one
+        // wakes its waiters.
+        drop(unused);
+        if fired {
+            token.cancel();
+        }
+        token
+    }
+
     /// Takes the wakers and the cells below, marking the cell fired; `None` if it already was.
-    fn take(&self) -> Option<(Slots<Waker>, Slots<Arc<WaitCell>>)> {
+    fn take(&self) -> Option<Fired> {
         let mut state = lock(&self.state);
         if state.fired {
             return None;
         }
         state.fired = true;
-        Some((
-            std::mem::take(&mut state.wakers),
-            std::mem::take(&mut state.below),
-        ))
+        Some(Fired {
+            wakers: std::mem::take(&mut state.wakers),
+            below: std::mem::take(&mut state.below),
+            token: state.token.clone(),
+        })
     }
+}
+
+/// What a cell's firing has to reach, taken out under its lock and used after.
+struct Fired {
+    wakers: Slots<Waker>,
+    below: Slots<Arc<WaitCell>>,
+    token: Option<CancellationToken>,
 }
 
 /// Fires `first`, the cells in `rest` and everything below them, without recursion (a chain
@@ -162,9 +210,17 @@ impl WaitCell {
 pub(crate) fn fire_all(first: Arc<WaitCell>, mut rest: Vec<Arc<WaitCell>>) {
     let mut next = Some(first);
     while let Some(cell) = next.take().or_else(|| rest.pop()) {
-        let Some((wakers, below)) = cell.take() else {
+        let Some(Fired {
+            wakers,
+            below,
+            token,
+        }) = cell.take()
+        else {
             continue;
         };
+        if let Some(token) = token {
+            token.cancel();
+        }
         for waker in wakers.into_values() {
             waker.wake();
         }
