@@ -149,26 +149,97 @@ pub(crate) fn from_headers(
     custom: Option<&(HeaderName, TimeoutFormat)>,
 ) -> Option<Duration> {
     let mut best: Option<Duration> = None;
-    let mut consider = |name: &HeaderName, format: TimeoutFormat| {
-        for value in headers.get_all(name) {
-            match format.parse(value.as_bytes()) {
-                Ok(d) => best = Some(best.map_or(d, |b| b.min(d))),
-                Err(err) => crate::event::bad_deadline_header(name, value, err.why()),
+    let mut consider = |name: &HeaderName, value: &HeaderValue, format: TimeoutFormat| match format
+        .parse(value.as_bytes())
+    {
+        Ok(d) => best = Some(best.map_or(d, |b| b.min(d))),
+        Err(err) => crate::event::bad_deadline_header(name, value, err.why()),
+    };
+    if headers.len() <= SCAN_HEADERS {
+        // One pass comparing names: for the few headers most requests carry this is cheaper
+        // than hashing each configured name for the map's index (about 300 instructions
+        // per request under callgrind in the example server).
+        for (name, value) in headers {
+            if grpc && *name == GRPC_TIMEOUT {
+                consider(name, value, TimeoutFormat::Grpc);
+            }
+            if let Some((custom, format)) = custom {
+                if name == custom {
+                    consider(name, value, *format);
+                }
             }
         }
-    };
-    if grpc {
-        consider(&GRPC_TIMEOUT, TimeoutFormat::Grpc);
-    }
-    if let Some((name, format)) = custom {
-        consider(name, *format);
+    } else {
+        if grpc {
+            for value in headers.get_all(&GRPC_TIMEOUT) {
+                consider(&GRPC_TIMEOUT, value, TimeoutFormat::Grpc);
+            }
+        }
+        if let Some((name, format)) = custom {
+            for value in headers.get_all(name) {
+                consider(name, value, *format);
+            }
+        }
     }
     best
 }
 
+/// Up to this many header values [`from_headers`] scans them instead of looking names up.
+const SCAN_HEADERS: usize = 8;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A map with `filler` unrelated headers first, then the deadline headers.
+    fn headers(filler: usize, deadlines: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for i in 0..filler {
+            let name = HeaderName::try_from(format!("x-filler-{i}")).unwrap();
+            map.insert(name, HeaderValue::from_static("1"));
+        }
+        for (name, value) in deadlines {
+            map.append(
+                HeaderName::try_from(*name).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn from_headers_takes_the_shortest_valid_value_by_scan_and_by_index() {
+        let custom = (
+            HeaderName::from_static("request-timeout"),
+            TimeoutFormat::Milliseconds,
+        );
+        let deadlines = [
+            ("grpc-timeout", "3S"),
+            ("request-timeout", "2500"),
+            ("grpc-timeout", "garbage"),
+            ("grpc-timeout", "2S"),
+            ("request-timeout", "-1"),
+        ];
+        // 0 and 3 filler headers are scanned (at most SCAN_HEADERS values); 20 use the index.
+        for filler in [0, SCAN_HEADERS - deadlines.len(), 20] {
+            let map = headers(filler, &deadlines);
+            let ms = Duration::from_millis;
+            assert_eq!(
+                from_headers(&map, true, Some(&custom)),
+                Some(ms(2000)),
+                "{filler}"
+            );
+            assert_eq!(
+                from_headers(&map, false, Some(&custom)),
+                Some(ms(2500)),
+                "{filler}"
+            );
+            assert_eq!(from_headers(&map, true, None), Some(ms(2000)), "{filler}");
+            assert_eq!(from_headers(&map, false, None), None, "{filler}");
+            let none = headers(filler, &[]);
+            assert_eq!(from_headers(&none, true, Some(&custom)), None, "{filler}");
+        }
+    }
 
     #[test]
     fn grpc_units() {
