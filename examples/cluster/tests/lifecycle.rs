@@ -32,10 +32,11 @@ fn kill_9_of_a_worker_is_replaced_and_requests_still_succeed() {
             && metric(t, "cluster_worker_restarts_total") == Some(1.0)
     });
     assert!(text.contains(WORKERS_2));
-    // Restarted after 100 ms by design; the bound is generous for a loaded machine.
+    // Restarted after 100 ms by design; the bound is generous for a loaded machine (it also
+    // covers the 50 requests above, each on a fresh connection, and a debug build starting).
     let restored = killed.elapsed();
     assert!(
-        restored < Duration::from_secs(5),
+        restored < Duration::from_secs(10),
         "restored after {restored:?}"
     );
     let after = server.workers();
