@@ -325,9 +325,12 @@ fn a_client_that_disconnects_frees_its_work_at_once() {
     wait_request_in_handler(&server);
     let left = Instant::now();
     drop(stream);
-    let text = server.wait_metrics("work cancelled", |t| {
+    // The connection's gauge drops when its task ends, after the request's future (and
+    // with it the work) was dropped: wait for all three, not just the counters.
+    let text = server.wait_metrics("work cancelled and connection closed", |t| {
         metric(t, "demo_work_cancelled_total") == Some(1.0)
             && metric(t, "abort_total{reason=\"client_gone\"}") == Some(1.0)
+            && metric(t, "http_connections_open") == Some(0.0)
     });
     assert!(
         left.elapsed() < Duration::from_secs(10),
