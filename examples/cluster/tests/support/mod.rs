@@ -123,6 +123,24 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Polls the captured log (the supervisor's and the workers' stderr) until `cond` holds,
+    /// at most `PATIENCE`.
+    pub fn wait_log(&self, what: &str, cond: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let log = self.log();
+            if cond(&log) {
+                return log;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         for pid in children_of(self.pid) {
