@@ -32,27 +32,35 @@ async fn thousand_concurrent_callers_run_once() {
     let group: Group<&'static str, Arc<Vec<u8>>> = Group::new();
     let calls = Arc::new(AtomicUsize::new(0));
     let (release, gate) = tokio::sync::watch::channel(false);
+    // Callers whose `run` has registered them with the flight (as leader or follower).
+    let joined = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..1000 {
         let group = group.clone();
         let calls = Arc::clone(&calls);
+        let joined = Arc::clone(&joined);
         let mut gate = gate.clone();
         tasks.push(tokio::spawn(async move {
-            group
-                .run("k", move || async move {
-                    calls.fetch_add(1, SeqCst);
-                    gate.wait_for(|open| *open).await.unwrap();
-                    Arc::new(vec![7u8; 4096])
-                })
-                .await
-                .unwrap()
+            let run = group.run("k", move || async move {
+                calls.fetch_add(1, SeqCst);
+                gate.wait_for(|open| *open).await.unwrap();
+                Arc::new(vec![7u8; 4096])
+            });
+            joined.fetch_add(1, SeqCst);
+            run.await.unwrap()
         }));
     }
-    // Every caller has registered before the work may finish.
-    while tasks.iter().any(|t| !t.is_finished()) && group.is_empty() {
-        tokio::task::yield_now().await;
+    // Every caller has registered before the work may finish: a caller arriving after it
+    // would rightly start a second flight. Bounded, however slowly the workers run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while joined.load(SeqCst) < 1000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of 1000 callers joined",
+            joined.load(SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
     release.send(true).unwrap();
     let first = tasks.pop().unwrap().await.unwrap();
     for task in tasks {
@@ -354,8 +362,10 @@ async fn followers_keep_the_work_alive_across_tasks() {
         let group = group.clone();
         async move { group.run(1, || async move { rx.await.unwrap() }).await }
     });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while group.is_empty() {
-        tokio::task::yield_now().await;
+        assert!(std::time::Instant::now() < deadline, "the leader never ran");
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let (joined_tx, joined) = oneshot::channel();
     let follower = tokio::spawn({

@@ -13,7 +13,20 @@ use tokio::net::TcpStream;
 use tower_zerocopy::{live_mappings, ServeDir};
 
 /// These tests count process-wide descriptors and mappings: run them one at a time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `test` alone, on a runtime of its own built and dropped under [`SERIAL`]: a runtime
+/// holds descriptors too (its epoll instance and waker), so another test's runtime starting
+/// or stopping between a baseline and its check would move the count.
+fn serial<F: std::future::Future<Output = ()>>(test: F) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(test);
+}
 
 const BIG: u64 = 64 << 20;
 
@@ -79,7 +92,6 @@ async fn settles(fds: usize) {
 }
 
 async fn truncate_mid_response(mode: Mode) {
-    let _serial = SERIAL.lock().await;
     let dir = TempDir::new(&format!("trunc-{mode:?}"));
     let path = dir.path().join("big.bin");
     write_pattern(&path, BIG);
@@ -120,18 +132,17 @@ async fn truncate_mid_response(mode: Mode) {
     settles(baseline).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn truncation_on_the_sendfile_path_closes_the_connection() {
-    truncate_mid_response(Mode::Sendfile).await;
+#[test]
+fn truncation_on_the_sendfile_path_closes_the_connection() {
+    serial(truncate_mid_response(Mode::Sendfile));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn truncation_on_the_portable_path_closes_the_connection() {
-    truncate_mid_response(Mode::Portable).await;
+#[test]
+fn truncation_on_the_portable_path_closes_the_connection() {
+    serial(truncate_mid_response(Mode::Portable));
 }
 
 async fn disconnect_mid_body(mode: Mode, cache: bool) {
-    let _serial = SERIAL.lock().await;
     let dir = TempDir::new(&format!("disc-{mode:?}-{cache}"));
     write_pattern(&dir.path().join("big.bin"), BIG);
     let svc = ServeDir::new(dir.path()).cache_capacity(if cache { 64 } else { 0 });
@@ -151,13 +162,15 @@ async fn disconnect_mid_body(mode: Mode, cache: bool) {
     settles(baseline).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disconnect_releases_fds_and_mappings_sendfile() {
-    disconnect_mid_body(Mode::Sendfile, false).await;
-    disconnect_mid_body(Mode::Sendfile, true).await;
+#[test]
+fn disconnect_releases_fds_and_mappings_sendfile() {
+    serial(async {
+        disconnect_mid_body(Mode::Sendfile, false).await;
+        disconnect_mid_body(Mode::Sendfile, true).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disconnect_releases_fds_portable() {
-    disconnect_mid_body(Mode::Portable, false).await;
+#[test]
+fn disconnect_releases_fds_portable() {
+    serial(disconnect_mid_body(Mode::Portable, false));
 }

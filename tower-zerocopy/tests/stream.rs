@@ -17,8 +17,14 @@ use tokio::net::UnixStream;
 use tower::ServiceExt;
 use tower_zerocopy::{MarkSendfile, SendfileStream, ServeDir};
 
+/// `live_mappings()` counts the maps of the whole process, and the tests of this file run on
+/// parallel threads: every test that maps a file holds this lock shared, and the test that
+/// checks the count holds it alone, so no other test's maps are alive while it looks.
+static MAPS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 #[tokio::test]
 async fn partial_writes_pending_and_cap_are_exact() {
+    let _maps = MAPS.read().await;
     let dir = TempDir::new("stream");
     let len = 6u64 << 20;
     write_pattern(&dir.path().join("f.bin"), len);
@@ -103,6 +109,7 @@ async fn partial_writes_pending_and_cap_are_exact() {
 
 #[tokio::test]
 async fn truncated_file_is_an_error_not_a_hang() {
+    let _maps = MAPS.read().await;
     let dir = TempDir::new("stream-trunc");
     let path = dir.path().join("f.bin");
     write_pattern(&path, 1 << 20);
@@ -156,6 +163,7 @@ async fn truncated_file_is_an_error_not_a_hang() {
 
 #[tokio::test]
 async fn for_request_picks_the_path_by_capability_and_version() {
+    let _maps = MAPS.write().await;
     let dir = TempDir::new("forreq");
     let path = dir.path().join("f.bin");
     write_pattern(&path, 300_000);
@@ -286,12 +294,14 @@ async fn truncation_after_queueing<S: tower_zerocopy::SendfileSocket + Send + 's
 
 #[tokio::test]
 async fn truncation_after_queueing_is_caught_before_the_last_byte_unix() {
+    let _maps = MAPS.read().await;
     let (server, client) = UnixStream::pair().unwrap();
     truncation_after_queueing(server, client, "queued-unix").await;
 }
 
 #[tokio::test]
 async fn truncation_after_queueing_is_caught_before_the_last_byte_tcp() {
+    let _maps = MAPS.read().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
         .await
@@ -303,6 +313,7 @@ async fn truncation_after_queueing_is_caught_before_the_last_byte_tcp() {
 /// A peer that goes away while the last byte waits for it ends the wait with an error.
 #[tokio::test]
 async fn peer_gone_during_the_wait_is_an_error_not_a_hang() {
+    let _maps = MAPS.read().await;
     let dir = TempDir::new("gone");
     write_pattern(&dir.path().join("f.bin"), 160 * 1024);
     let (server, client) = UnixStream::pair().unwrap();
@@ -331,6 +342,7 @@ async fn peer_gone_during_the_wait_is_an_error_not_a_hang() {
 /// `tcp_nopush`), and the cork is gone once the response is written, so nothing is held back.
 #[tokio::test]
 async fn tcp_cork_spans_the_file_data_and_is_removed_at_the_end() {
+    let _maps = MAPS.read().await;
     let dir = TempDir::new("cork");
     // More than the socket buffers hold while the client does not read.
     let len = 24u64 << 20;

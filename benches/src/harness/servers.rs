@@ -162,10 +162,34 @@ impl ServerSpec {
     }
 
     /// Starts the server and waits until it answers.
+    ///
+    /// Its ports are free when picked, but the server binds them a moment later, so another
+    /// process on the machine may take one first: a server that exits because its address is
+    /// in use is started again on fresh ports, up to [`START_ATTEMPTS`] times in all.
     pub fn start(&self, env: &Env) -> Result<Running> {
+        let log_path = env.work.join(format!("{}.log", self.id));
+        let mut attempt = 1;
+        loop {
+            match self.start_once(env, &log_path) {
+                Err(e)
+                    if attempt < START_ATTEMPTS
+                        && lost_port_race(&fs::read_to_string(&log_path).unwrap_or_default()) =>
+                {
+                    eprintln!(
+                        "{}: a port was taken before the server bound it; retrying on fresh ports ({e:#})",
+                        self.id
+                    );
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn start_once(&self, env: &Env, log_path: &Path) -> Result<Running> {
+        let log_path = log_path.to_path_buf();
         let addr = env.ports.addr()?;
         let admin = env.ports.addr()?;
-        let log_path = env.work.join(format!("{}.log", self.id));
         let log = fs::File::create(&log_path)?;
         let mut cmd = self.command(env, addr, admin)?;
         cmd.stdin(Stdio::null())
@@ -289,6 +313,16 @@ pub fn render_nginx_conf(template: &str, addr: SocketAddr, root: &Path, prefix: 
         .replace("{{PREFIX}}", &prefix.display().to_string())
 }
 
+/// How many times [`ServerSpec::start`] tries when a port is taken under it.
+const START_ATTEMPTS: u32 = 3;
+
+/// Whether the server's log says it could not bind its address: "Address already in use"
+/// (the OS error, as Rust and nginx print it), cluster's "... is already in use", Node's
+/// `EADDRINUSE`.
+fn lost_port_race(log: &str) -> bool {
+    log.contains("already in use") || log.contains("EADDRINUSE")
+}
+
 fn tail(path: &Path, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -357,6 +391,20 @@ impl Running {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recognises_a_lost_port_race_in_each_servers_words() {
+        for log in [
+            "Error: 127.0.0.1:4000 is already in use (another server, or another cluster, listens there)",
+            "Error: Address already in use (os error 98)",
+            "nginx: [emerg] bind() to 127.0.0.1:4000 failed (98: Address already in use)",
+            "Error: listen EADDRINUSE: address already in use 127.0.0.1:4000",
+        ] {
+            assert!(lost_port_race(log), "{log}");
+        }
+        assert!(!lost_port_race(""));
+        assert!(!lost_port_race("Error: Permission denied (os error 13)"));
+    }
 
     #[test]
     fn finds_missing_flags_in_help() {

@@ -32,17 +32,22 @@ fn kill_9_of_a_worker_is_replaced_and_requests_still_succeed() {
             && metric(t, "cluster_worker_restarts_total") == Some(1.0)
     });
     assert!(text.contains(WORKERS_2));
-    // Restarted after 100 ms by design; the bound is generous for a loaded machine.
+    // Restarted after 100 ms by design; the bound is generous for a loaded machine (it also
+    // covers the 50 requests above, each on a fresh connection, and a debug build starting).
     let restored = killed.elapsed();
     assert!(
-        restored < Duration::from_secs(5),
+        restored < Duration::from_secs(10),
         "restored after {restored:?}"
     );
     let after = server.workers();
     assert_eq!(after.len(), 2, "{after:?}");
     assert!(!after.contains(&before[0]));
     assert!(after.contains(&before[1]));
-    assert!(server.log().contains("worker exited unexpectedly"));
+    // Logged by the supervisor; read from its stderr by a thread of ours, maybe a moment
+    // after the metrics above.
+    server.wait_log("the crash logged", |log| {
+        log.contains("worker exited unexpectedly")
+    });
 }
 
 #[test]
@@ -203,23 +208,29 @@ async fn sighup_under_constant_load_fails_no_request() {
     );
 }
 
+/// Waits until a request is inside the handler: admitted by tower-backpressure, which
+/// `/sleep` passes through. An open connection is not enough: its request may not have
+/// been read yet when the test acts.
+fn wait_request_in_handler(server: &Server) {
+    server.wait_metrics("request in the handler", |t| {
+        metric(t, "backpressure_in_flight").unwrap_or(0.0) >= 1.0
+    });
+}
+
 #[test]
 fn sigterm_lets_the_in_flight_request_finish_and_exits_0() {
-    let mut server = Server::start(&["--workers", "2", "--shutdown-grace", "5s"]);
+    let mut server = Server::start(&["--workers", "2", "--shutdown-grace", "10s"]);
     let addr = server.addr;
     let slow = std::thread::spawn(move || {
         let start = Instant::now();
         let res = get(addr, "/sleep?ms=1000");
         (res, start.elapsed())
     });
-    // Let the request reach a worker.
-    server.wait_metrics("request in flight", |t| {
-        metric(t, "http_connections_open").unwrap_or(0.0) >= 1.0
-    });
+    wait_request_in_handler(&server);
     let signalled = Instant::now();
     server.signal("TERM");
     let status = server
-        .wait_exit(Duration::from_secs(5 + 3))
+        .wait_exit(Duration::from_secs(10 + 3))
         .expect("exited within the grace");
     let took = signalled.elapsed();
     assert_eq!(status.code(), Some(0), "{}", server.log());
@@ -229,7 +240,8 @@ fn sigterm_lets_the_in_flight_request_finish_and_exits_0() {
     assert_eq!(res.body, b"slept\n");
     assert_eq!(res.header("connection"), Some("close"));
     assert!(elapsed >= Duration::from_millis(1000));
-    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // Once the request is done, not at the end of the 10 s grace.
+    assert!(took < Duration::from_secs(8), "took {took:?}");
     // New connections are refused once it is gone.
     assert!(get(addr, "/").is_err());
 }
@@ -247,7 +259,7 @@ fn sigterm_answers_a_returning_keep_alive_client_with_close_and_closes_idle_conn
         "--shutdown-grace",
         "20s",
         "--shutdown-idle-timeout",
-        "2s",
+        "5s",
     ]);
     let mut returning = support::connect(server.addr);
     let mut idle = support::connect(server.addr);
@@ -259,7 +271,14 @@ fn sigterm_answers_a_returning_keep_alive_client_with_close_and_closes_idle_conn
     }
     let signalled = Instant::now();
     server.signal("TERM");
-    std::thread::sleep(Duration::from_millis(300));
+    // Come back once both workers are draining (whichever holds `returning`), well within
+    // the idle allowance, which counts from when the connection went idle, before the signal.
+    server.wait_log("both workers draining", |log| {
+        log.lines()
+            .filter(|l| l.contains("draining") && l.contains("level=Immediate"))
+            .count()
+            == 2
+    });
     std::io::Write::write_all(&mut returning, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
     let res = support::read_response(&mut returning).expect("answered while draining");
     assert_eq!(res.status, 200);
@@ -267,9 +286,10 @@ fn sigterm_answers_a_returning_keep_alive_client_with_close_and_closes_idle_conn
     assert_eq!(res.header("keep-alive"), None);
     support::time_until_closed(&mut returning);
     support::time_until_closed(&mut idle);
+    // Closed once idle for the 5 s allowance, not at the end of the 20 s grace.
     let t = signalled.elapsed();
     assert!(
-        t < Duration::from_secs(10),
+        t < Duration::from_secs(15),
         "idle connection closed after {t:?}"
     );
     let status = server.wait_exit(PATIENCE).expect("exited");
@@ -280,16 +300,15 @@ fn sigterm_answers_a_returning_keep_alive_client_with_close_and_closes_idle_conn
 fn sigterm_aborts_what_exceeds_the_grace_period() {
     let mut server = Server::start(&["--workers", "1", "--shutdown-grace", "500ms"]);
     let addr = server.addr;
-    let slow = std::thread::spawn(move || get(addr, "/sleep?ms=10000"));
-    server.wait_metrics("request in flight", |t| {
-        metric(t, "http_connections_open").unwrap_or(0.0) >= 1.0
-    });
+    let slow = std::thread::spawn(move || get(addr, "/sleep?ms=30000"));
+    wait_request_in_handler(&server);
     let signalled = Instant::now();
     server.signal("TERM");
     let status = server.wait_exit(PATIENCE).expect("exited");
     assert_eq!(status.code(), Some(0));
+    // At the grace (500 ms, plus the abort grace), far before the request's 30 s.
     assert!(
-        signalled.elapsed() < Duration::from_secs(4),
+        signalled.elapsed() < Duration::from_secs(10),
         "{:?}",
         signalled.elapsed()
     );
@@ -315,13 +334,15 @@ fn a_client_that_disconnects_frees_its_work_at_once() {
     stream
         .write_all(b"GET /sleep?ms=30000 HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
-    // The head is parsed as soon as it arrives; leave it a moment to reach the handler.
-    std::thread::sleep(Duration::from_millis(500));
+    wait_request_in_handler(&server);
     let left = Instant::now();
     drop(stream);
-    let text = server.wait_metrics("work cancelled", |t| {
+    // The connection's gauge drops when its task ends, after the request's future (and
+    // with it the work) was dropped: wait for all three, not just the counters.
+    let text = server.wait_metrics("work cancelled and connection closed", |t| {
         metric(t, "demo_work_cancelled_total") == Some(1.0)
             && metric(t, "abort_total{reason=\"client_gone\"}") == Some(1.0)
+            && metric(t, "http_connections_open") == Some(0.0)
     });
     assert!(
         left.elapsed() < Duration::from_secs(10),

@@ -88,13 +88,29 @@ pub fn payload(len: usize) -> Bytes {
         .into()
 }
 
-/// Yields until `cond` holds; panics (instead of hanging) after many rounds.
+/// Waits until `cond` holds; panics (instead of hanging) if it never does.
+///
+/// On a current-thread runtime every other task runs between two yields, so a bounded
+/// number of rounds is deterministic (and works under paused time). On a multi-thread
+/// runtime the tasks run on worker threads the OS may not schedule for a while on a loaded
+/// machine, so the bound there is wall-clock time, not a number of rounds.
 pub async fn until(mut cond: impl FnMut() -> bool) {
-    for _ in 0..100_000 {
-        if cond() {
-            return;
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread {
+        for _ in 0..100_000 {
+            if cond() {
+                return;
+            }
+            tokio::task::yield_now().await;
         }
-        tokio::task::yield_now().await;
+        panic!("condition not reached");
     }
-    panic!("condition not reached");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not reached within 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
 }

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,9 @@ pub struct Server {
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
     log: Arc<Mutex<Vec<String>>>,
+    /// Set once stderr reached EOF: every line the process (and its workers, which share
+    /// the pipe) wrote is in `log`.
+    log_complete: Arc<AtomicBool>,
 }
 
 impl Server {
@@ -39,9 +43,10 @@ impl Server {
         let pid = child.id();
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
+        let log_complete = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         {
-            let log = log.clone();
+            let (log, log_complete) = (log.clone(), log_complete.clone());
             // Keeps draining stderr so the server never blocks on a full pipe.
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines() {
@@ -51,6 +56,7 @@ impl Server {
                     }
                     log.lock().unwrap().push(line);
                 }
+                log_complete.store(true, Ordering::SeqCst);
             });
         }
         let mut server = Server {
@@ -59,6 +65,7 @@ impl Server {
             addr: "127.0.0.1:0".parse().unwrap(),
             admin: None,
             log,
+            log_complete,
         };
         let line = match rx.recv_timeout(PATIENCE) {
             Ok(line) => line,
@@ -80,12 +87,18 @@ impl Server {
         signal(self.pid, sig);
     }
 
-    /// Waits for the process to exit, at most `limit`.
+    /// Waits for the process to exit, at most `limit`. Once it has, also waits (at most
+    /// `PATIENCE`, for workers still holding the pipe) until its last stderr lines have been
+    /// read into [`Server::log`]: the reader thread may still be behind when the process ends.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         let child = self.child.as_mut().unwrap();
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(status) = child.try_wait().unwrap() {
+                let deadline = Instant::now() + PATIENCE;
+                while !self.log_complete.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -119,6 +132,24 @@ impl Server {
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Server {
+    /// Polls the captured log (the supervisor's and the workers' stderr) until `cond` holds,
+    /// at most `PATIENCE`.
+    pub fn wait_log(&self, what: &str, cond: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let log = self.log();
+            if cond(&log) {
+                return log;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
