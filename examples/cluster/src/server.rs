@@ -104,8 +104,9 @@ pub(crate) async fn accept_loop<S, B>(
     let serve = |stream: tokio::net::TcpStream, peer: SocketAddr| {
         // Every task of `tracker` is a connection.
         if tracker.len() >= max_connections {
-            refuse(stream);
+            // Counted first: a client that has read the 503 finds it in the metrics.
             settings.metrics().connections_refused.inc();
+            refuse(stream);
             tracing::debug!(%peer, max_connections, "connection refused: at capacity");
             return;
         }
