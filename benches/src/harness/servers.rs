@@ -165,7 +165,7 @@ impl ServerSpec {
     ///
     /// Its ports are free when picked, but the server binds them a moment later, so another
     /// process on the machine may take one first: a server that exits because its address is
-    /// in use is started again on fresh ports, up to [`START_ATTEMPTS`] times in all.
+    /// in use is started again on fresh ports, up to `START_ATTEMPTS` times in all.
     pub fn start(&self, env: &Env) -> Result<Running> {
         let log_path = env.work.join(format!("{}.log", self.id));
         let mut attempt = 1;
