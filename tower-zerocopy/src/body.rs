@@ -30,9 +30,9 @@ pub const DEFAULT_READ_CHUNK: usize = 256 * 1024;
 /// Each window is checked for page-cache residency before it is yielded.
 pub const DEFAULT_MAP_WINDOW: usize = 8 * 1024 * 1024;
 
-/// Default of [`ServeDir::residency_recheck`](crate::ServeDir::residency_recheck): a file
-/// found wholly in the page cache is not asked about again for 100 ms.
-pub const DEFAULT_RESIDENCY_RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
+/// Default of [`ServeDir::residency_recheck`](crate::ServeDir::residency_recheck): a file's
+/// map window found wholly in the page cache is not asked about again for 1 s.
+pub const DEFAULT_RESIDENCY_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One piece of a body: literal bytes (e.g. a multipart boundary) or a region of the file.
 #[derive(Debug, Clone)]
@@ -306,7 +306,7 @@ impl FileState {
                 } else {
                     mapping.slice(win.clone())
                 };
-                match mapping.non_resident(win, *recheck) {
+                match mapping.non_resident(win, *window as u64, *recheck) {
                     Ok(None) => Some(bytes),
                     Ok(Some(cold)) => {
                         let file = self.file.clone();
