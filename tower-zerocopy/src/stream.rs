@@ -182,22 +182,23 @@ impl_socket!(tokio::net::UnixStream);
 /// well would cost a timer tick per response and not shrink the same-host window described
 /// below) — or, while the socket is still corked, that less than one segment is unsent: the
 /// tail the cork holds back, which then leaves in the same write call together with the last
-/// byte (one segment and one wake-up of the peer fewer per response); for any other TCP peer, that every byte is
-/// acknowledged (`SIOCOUTQ` is 0), which costs the response one more round trip; for a Unix
-/// socket, that the peer has read every byte. Waiting for the send queue to empty needs no
-/// timer: `TCP_NOTSENT_LOWAT` is lowered to 1 for the wait, so the socket polls writable
-/// exactly when nothing is unsent, and restored afterwards. Acknowledgements and Unix-socket
-/// reads are polled on tokio's timer (first at the next tick, then at doubling intervals up to
-/// [`drain_poll_max`](Self::drain_poll_max)), so the runtime must have timers enabled.
+/// byte (one segment and one wake-up of the peer fewer per response); for any other TCP peer,
+/// that every byte is acknowledged (`SIOCOUTQ` is 0), which costs the response one more round
+/// trip; for a Unix socket, that the peer has read every byte. Waiting for the send queue to
+/// empty needs no timer: `TCP_NOTSENT_LOWAT` is lowered to 1 for the wait, so the socket polls
+/// writable exactly when nothing is unsent, and restored afterwards. Acknowledgements and
+/// Unix-socket reads are polled on tokio's timer (first at the next tick, then at doubling
+/// intervals up to [`drain_poll_max`](Self::drain_poll_max)), so the runtime must have timers
+/// enabled.
 ///
 /// What remains: a peer on the **same host** (loopback, a veth pair between containers) holds
 /// received bytes in its receive queue, where they still reference the same pages until the
 /// peer application reads them. A truncation after the check and before that read can still
 /// zero them (at most the peer's receive buffer, and on loopback the segment that left with
-/// the last byte); no sender-side call can observe the peer's
-/// reads, and a reset does not retract them (Linux keeps queued data readable after an RST).
-/// Over a real network an acknowledged byte is a copy in the peer's memory, and over a Unix
-/// socket the check waits for the reads themselves, so there the guarantee is complete.
+/// the last byte); no sender-side call can observe the peer's reads, and a reset does not
+/// retract them (Linux keeps queued data readable after an RST). Over a real network an
+/// acknowledged byte is a copy in the peer's memory, and over a Unix socket the check waits
+/// for the reads themselves, so there the guarantee is complete.
 ///
 /// Reads, flushes and shutdown pass through. On targets other than Linux it is a plain
 /// pass-through and [`ServeDir`](crate::ServeDir) never maps files.
@@ -622,11 +623,8 @@ fn write_slices<S: SendfileSocket>(
             if unchecked.passed != Some(end_addr) {
                 // Loopback with only the corked tail unsent: check now, and the byte leaves
                 // with that tail when the socket is uncorked at the end of this call.
-                let tail_only = match unchecked.tail_only(fd) {
-                    Ok(t) => t,
-                    Err(e) if total > 0 => return partial(total, e),
-                    Err(e) => return Err(e),
-                };
+                // (If the socket cannot be queried, the wait below meets the error again.)
+                let tail_only = unchecked.tail_only(fd).unwrap_or(false);
                 if !tail_only {
                     if total > 0 {
                         return Ok(Written::Bytes(total));
