@@ -30,6 +30,10 @@ pub const DEFAULT_READ_CHUNK: usize = 256 * 1024;
 /// Each window is checked for page-cache residency before it is yielded.
 pub const DEFAULT_MAP_WINDOW: usize = 8 * 1024 * 1024;
 
+/// Default of [`ServeDir::residency_recheck`](crate::ServeDir::residency_recheck): a file's
+/// map window found wholly in the page cache is not asked about again for 1 s.
+pub const DEFAULT_RESIDENCY_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One piece of a body: literal bytes (e.g. a multipart boundary) or a region of the file.
 #[derive(Debug, Clone)]
 pub(crate) enum Part {
@@ -59,6 +63,8 @@ pub(crate) enum Strategy {
         /// Whether the response's last byte waits for the file check (see
         /// [`ServeDir::check_truncation`](crate::ServeDir::check_truncation)).
         fence_end: bool,
+        /// See [`ServeDir::residency_recheck`](crate::ServeDir::residency_recheck).
+        recheck: std::time::Duration,
     },
 }
 
@@ -203,6 +209,7 @@ impl FileBody {
                     mapping,
                     window: DEFAULT_MAP_WINDOW,
                     fence_end: true,
+                    recheck: DEFAULT_RESIDENCY_RECHECK,
                 },
             ));
         }
@@ -283,6 +290,7 @@ impl FileState {
                 mapping,
                 window,
                 fence_end,
+                recheck,
             } => {
                 let end = range.end.min(range.start + *window as u64);
                 let win = range.start..end;
@@ -298,7 +306,7 @@ impl FileState {
                 } else {
                     mapping.slice(win.clone())
                 };
-                match mapping.non_resident(win) {
+                match mapping.non_resident(win, *window as u64, *recheck) {
                     Ok(None) => Some(bytes),
                     Ok(Some(cold)) => {
                         let file = self.file.clone();

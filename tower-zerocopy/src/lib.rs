@@ -19,7 +19,10 @@ mod serve;
 mod stream;
 mod sys;
 
-pub use body::{live_mappings, warmed_bytes, FileBody, DEFAULT_MAP_WINDOW, DEFAULT_READ_CHUNK};
+pub use body::{
+    live_mappings, warmed_bytes, FileBody, DEFAULT_MAP_WINDOW, DEFAULT_READ_CHUNK,
+    DEFAULT_RESIDENCY_RECHECK,
+};
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use listener::{MakeFuture, SendfileListener, WithSendfile};

@@ -19,7 +19,9 @@
 use std::fs::File;
 use std::io;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use memmap2::{Mmap, MmapOptions};
@@ -31,6 +33,16 @@ use crate::registry::{self, Target};
 pub(crate) struct Mapping {
     map: Mmap,
     target: Arc<Target>,
+    /// Per map window (of the size fixed at the first check): when a check last found all of
+    /// it in the page cache ([`now`]; 0: never).
+    resident_at: std::sync::OnceLock<(u64, Box<[AtomicU64]>)>,
+}
+
+/// Nanoseconds since the first call in this process, plus one (so never 0).
+fn now() -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let nanos = BASE.get_or_init(Instant::now).elapsed().as_nanos();
+    u64::try_from(nanos).unwrap_or(u64::MAX - 1) + 1
 }
 
 impl Mapping {
@@ -46,7 +58,11 @@ impl Mapping {
         let map = unsafe { MmapOptions::new().len(len).map(&*file)? };
         let target = Target::new(file);
         registry::insert(map.as_ptr() as usize, map.len(), target.clone(), 0);
-        Ok(Arc::new(Mapping { map, target }))
+        Ok(Arc::new(Mapping {
+            map,
+            target,
+            resident_at: std::sync::OnceLock::new(),
+        }))
     }
 
     /// Length of the mapping in bytes.
@@ -90,14 +106,37 @@ impl Mapping {
     /// on to `mincore(2)`, which looks every page of an untouched mapping up on its own (a
     /// quarter of the worker's CPU on 256 MiB files) but says which pages are missing. Neither
     /// touches the pages.
-    pub(crate) fn non_resident(&self, range: Range<u64>) -> io::Result<Option<Range<u64>>> {
+    ///
+    /// A range that is one whole `window` of the file (`[k * window, (k + 1) * window)`, the
+    /// last one cut at the end of the file) is not checked again within `recheck` of a check
+    /// that found all of it cached (see
+    /// [`ServeDir::residency_recheck`](crate::ServeDir::residency_recheck)).
+    pub(crate) fn non_resident(
+        &self,
+        range: Range<u64>,
+        window: u64,
+        recheck: Duration,
+    ) -> io::Result<Option<Range<u64>>> {
         if range.start >= range.end {
             return Ok(None);
+        }
+        let slot = self.window_slot(&range, window);
+        if let Some(slot) = slot {
+            let at = slot.load(Ordering::Relaxed);
+            if !recheck.is_zero()
+                && at != 0
+                && u128::from(now().saturating_sub(at)) < recheck.as_nanos()
+            {
+                return Ok(None);
+            }
         }
         let page = rustix::param::page_size() as u64;
         let first = range.start / page * page;
         let last = (range.end - 1) / page * page;
         if cached_pages(&self.target.file, first..last + page) == Some((last - first) / page + 1) {
+            if let Some(slot) = slot {
+                slot.store(now(), Ordering::Relaxed);
+            }
             return Ok(None);
         }
         let len = (range.end - first) as usize;
@@ -118,13 +157,37 @@ impl Mapping {
         }
         let lo = vec.iter().position(|b| b & 1 == 0);
         let hi = vec.iter().rposition(|b| b & 1 == 0);
-        Ok(match (lo, hi) {
+        let missing = match (lo, hi) {
             (Some(lo), Some(hi)) => Some(
                 (first + lo as u64 * page).max(range.start)
                     ..(first + (hi as u64 + 1) * page).min(range.end),
             ),
             _ => None,
-        })
+        };
+        if let Some(slot) = slot {
+            // Trusted from now if all of it is cached; a miss ends the trust.
+            slot.store(if missing.is_none() { now() } else { 0 }, Ordering::Relaxed);
+        }
+        Ok(missing)
+    }
+
+    /// The residency slot of `range` if it is exactly one window of `window` bytes (the window
+    /// size of the first call fixes the slots; other sizes get none).
+    fn window_slot(&self, range: &Range<u64>, window: u64) -> Option<&AtomicU64> {
+        if window == 0 || range.start % window != 0 {
+            return None;
+        }
+        if range.end != (range.start + window).min(self.len()) {
+            return None;
+        }
+        let (size, slots) = self.resident_at.get_or_init(|| {
+            let n = usize::try_from(self.len().div_ceil(window)).unwrap_or(0);
+            (window, (0..n).map(|_| AtomicU64::new(0)).collect())
+        });
+        if *size != window {
+            return None;
+        }
+        slots.get(usize::try_from(range.start / window).ok()?)
     }
 }
 
@@ -297,14 +360,18 @@ mod tests {
         let file = Arc::new(File::open(&path).unwrap());
         let map = Mapping::new(file.clone(), len).unwrap();
         // Just written: cached (cachestat, where the kernel has it, agrees with mincore).
-        assert_eq!(map.non_resident(100..len - 100).unwrap(), None);
+        assert_eq!(
+            map.non_resident(100..len - 100, len, Duration::ZERO)
+                .unwrap(),
+            None
+        );
         let pages = len / rustix::param::page_size() as u64;
         if let Some(n) = cached_pages(&file, 0..len) {
             assert_eq!(n, pages);
         }
         rustix::fs::fadvise(&*file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
         let cold = map
-            .non_resident(0..len)
+            .non_resident(0..len, len, Duration::ZERO)
             .unwrap()
             .expect("evicted pages are found");
         assert!(cold.end > cold.start, "{cold:?}");
@@ -312,8 +379,75 @@ mod tests {
         rustix::fs::fadvise(&*file, 0, None, rustix::fs::Advice::Random).unwrap();
         let mut buf = vec![0u8; 1 << 20];
         std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, 0).unwrap();
-        assert_eq!(map.non_resident(0..1 << 20).unwrap(), None);
-        assert!(map.non_resident(len - 4096..len).unwrap().is_some());
+        assert_eq!(
+            map.non_resident(0..1 << 20, len, Duration::ZERO).unwrap(),
+            None
+        );
+        assert!(map
+            .non_resident(len - 4096..len, len, Duration::ZERO)
+            .unwrap()
+            .is_some());
+        drop(map);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_window_found_resident_is_trusted_for_the_recheck_interval() {
+        let path = std::env::temp_dir().join(format!("tzc-recheck-{}", std::process::id()));
+        let len = 1u64 << 20;
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&vec![3u8; len as usize]).unwrap();
+        f.sync_all().unwrap();
+        let file = Arc::new(File::open(&path).unwrap());
+        let map = Mapping::new(file.clone(), len).unwrap();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(map.non_resident(0..len, len, hour).unwrap(), None);
+        rustix::fs::fadvise(&*file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        // Within the interval the whole file is not asked about again ...
+        assert_eq!(map.non_resident(0..len, len, hour).unwrap(), None);
+        // ... but a part of it is, and so is the whole file without an interval.
+        assert!(map.non_resident(0..len / 2, len, hour).unwrap().is_some());
+        assert!(map
+            .non_resident(0..len, len, Duration::ZERO)
+            .unwrap()
+            .is_some());
+        // A check of the whole file that found pages missing ends the trust.
+        assert!(map.non_resident(0..len, len, hour).unwrap().is_some());
+        // Read back in: found resident again, and trusted until the interval expires.
+        let mut buf = vec![0u8; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, 0).unwrap();
+        let ms = Duration::from_millis(1);
+        assert_eq!(map.non_resident(0..len, len, ms).unwrap(), None);
+        rustix::fs::fadvise(&*file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(
+            map.non_resident(0..len, len, ms).unwrap().is_some(),
+            "expired"
+        );
+        // Windows of a larger file each have their own trust; other ranges are always checked.
+        // (The first check of a map fixes its window size.)
+        let map = Mapping::new(file.clone(), len).unwrap();
+        let w = len / 4;
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, 0).unwrap();
+        assert_eq!(map.non_resident(w..2 * w, w, hour).unwrap(), None);
+        rustix::fs::fadvise(&*file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        assert_eq!(
+            map.non_resident(w..2 * w, w, hour).unwrap(),
+            None,
+            "trusted"
+        );
+        assert!(
+            map.non_resident(0..w, w, hour).unwrap().is_some(),
+            "never checked"
+        );
+        assert!(map
+            .non_resident(w..2 * w - 4096, w, hour)
+            .unwrap()
+            .is_some());
+        assert!(
+            map.non_resident(w..2 * w, w / 2, hour).unwrap().is_some(),
+            "other size"
+        );
         drop(map);
         std::fs::remove_file(&path).unwrap();
     }

@@ -88,6 +88,7 @@ struct Config {
     sendfile_min_len: u64,
     read_chunk: usize,
     map_window: usize,
+    residency_recheck: Duration,
     check_truncation: bool,
     cache_capacity: usize,
     cache_validity: Duration,
@@ -106,6 +107,7 @@ impl Default for Config {
             sendfile_min_len: DEFAULT_SENDFILE_MIN_LEN,
             read_chunk: DEFAULT_READ_CHUNK,
             map_window: DEFAULT_MAP_WINDOW,
+            residency_recheck: crate::DEFAULT_RESIDENCY_RECHECK,
             check_truncation: true,
             cache_capacity: 1024,
             cache_validity: Duration::from_secs(2),
@@ -291,6 +293,25 @@ impl ServeDir {
         self.with(|c| c.map_window = bytes.max(4096))
     }
 
+    /// How long a map window found wholly in the page cache is trusted to stay there before
+    /// the sendfile path asks the kernel again (default
+    /// [`DEFAULT_RESIDENCY_RECHECK`](crate::DEFAULT_RESIDENCY_RECHECK), 1 s).
+    ///
+    /// Before `sendfile` each map window ([`map_window`](Self::map_window) bytes, or the whole
+    /// of a smaller file) is checked for pages missing from the page cache (`cachestat(2)`,
+    /// then `mincore(2)`), and missing pages are read in on the blocking pool first, so a
+    /// worker thread never waits for the disk. That check walks every cached page: measured
+    /// here 4–5 µs for 1 MiB (more than any other system call of a response but `sendfile`)
+    /// and 14–58 µs per 8 MiB window (2–7 ms of CPU per GB sent, 4–14% of nginx's). Within
+    /// this interval after a check found a whole window (from a multiple of the window size)
+    /// resident, responses skip that window's check; a check that finds pages missing ends
+    /// the trust, and other ranges are always checked. Pages evicted inside the interval are
+    /// read by `sendfile` on the worker, as nginx always does without `aio`.
+    /// `Duration::ZERO` checks every window of every response.
+    pub fn residency_recheck(self, interval: Duration) -> Self {
+        self.with(|c| c.residency_recheck = interval)
+    }
+
     /// Whether a sendfile response holds its last byte back until the peer has the rest and
     /// the file is checked to still hold every byte sent (default `true`; see
     /// [`SendfileStream`](crate::SendfileStream)). That check is what turns a file truncated
@@ -441,6 +462,11 @@ impl ServeFile {
     /// See [`ServeDir::read_chunk`].
     pub fn read_chunk(self, bytes: usize) -> Self {
         self.map(|d| d.read_chunk(bytes))
+    }
+
+    /// See [`ServeDir::residency_recheck`].
+    pub fn residency_recheck(self, interval: Duration) -> Self {
+        self.map(|d| d.residency_recheck(interval))
     }
 
     /// See [`ServeDir::cache_capacity`].
@@ -761,6 +787,7 @@ fn choose_strategy(ctx: &Ctx, cfg: &Config, file: &OpenFile, file_bytes: u64) ->
                 mapping,
                 window: cfg.map_window,
                 fence_end: cfg.check_truncation,
+                recheck: cfg.residency_recheck,
             };
         }
     }

@@ -180,21 +180,25 @@ impl_socket!(tokio::net::UnixStream);
 /// "Received" means, for a TCP peer on a loopback address, that nothing is left unsent (sent
 /// bytes are then in the same kernel, queued for the peer: waiting for their acknowledgement as
 /// well would cost a timer tick per response and not shrink the same-host window described
-/// below); for any other TCP peer, that every byte is
-/// acknowledged (`SIOCOUTQ` is 0), which costs the response one more round trip; for a Unix
-/// socket, that the peer has read every byte. Waiting for the send queue to empty needs no
-/// timer: `TCP_NOTSENT_LOWAT` is lowered to 1 for the wait, so the socket polls writable
-/// exactly when nothing is unsent, and restored afterwards. Acknowledgements and Unix-socket
-/// reads are polled on tokio's timer (first at the next tick, then at doubling intervals up to
-/// [`drain_poll_max`](Self::drain_poll_max)), so the runtime must have timers enabled.
+/// below) — or, while the socket is still corked, that less than one segment is unsent: the
+/// tail the cork holds back, which then leaves in the same write call together with the last
+/// byte (one segment and one wake-up of the peer fewer per response); for any other TCP peer,
+/// that every byte is acknowledged (`SIOCOUTQ` is 0), which costs the response one more round
+/// trip; for a Unix socket, that the peer has read every byte. Waiting for the send queue to
+/// empty needs no timer: `TCP_NOTSENT_LOWAT` is lowered to 1 for the wait, so the socket polls
+/// writable exactly when nothing is unsent, and restored afterwards. Acknowledgements and
+/// Unix-socket reads are polled on tokio's timer (first at the next tick, then at doubling
+/// intervals up to [`drain_poll_max`](Self::drain_poll_max)), so the runtime must have timers
+/// enabled.
 ///
 /// What remains: a peer on the **same host** (loopback, a veth pair between containers) holds
 /// received bytes in its receive queue, where they still reference the same pages until the
 /// peer application reads them. A truncation after the check and before that read can still
-/// zero them (at most the peer's receive buffer); no sender-side call can observe the peer's
-/// reads, and a reset does not retract them (Linux keeps queued data readable after an RST).
-/// Over a real network an acknowledged byte is a copy in the peer's memory, and over a Unix
-/// socket the check waits for the reads themselves, so there the guarantee is complete.
+/// zero them (at most the peer's receive buffer, and on loopback the segment that left with
+/// the last byte); no sender-side call can observe the peer's reads, and a reset does not
+/// retract them (Linux keeps queued data readable after an RST). Over a real network an
+/// acknowledged byte is a copy in the peer's memory, and over a Unix socket the check waits
+/// for the reads themselves, so there the guarantee is complete.
 ///
 /// Reads, flushes and shutdown pass through. On targets other than Linux it is a plain
 /// pass-through and [`ServeDir`](crate::ServeDir) never maps files.
@@ -381,6 +385,8 @@ struct Unchecked {
     lowered: bool,
     /// Whether this stream has set `TCP_CORK` (from a response's first file bytes to its end).
     corked: bool,
+    /// The connection's maximum segment size (`TCP_MAXSEG`), read at the first response end.
+    mss: Option<u32>,
 }
 
 /// Whether a response's last byte may be checked and sent now.
@@ -417,6 +423,22 @@ impl Unchecked {
             rustix::net::sockopt::set_tcp_cork(fd, false)?;
         }
         Ok(())
+    }
+
+    /// Loopback TCP, corked: whether all that is unsent is less than one segment — the tail
+    /// the cork holds back, which leaves together with the held-back byte when the caller
+    /// uncorks right after sending it. Then the peer has received everything before that tail,
+    /// and the check may run now: the byte joins the tail's segment instead of following it in
+    /// a segment of its own (one packet, one wake-up of the peer less per response).
+    fn tail_only(&mut self, fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
+        if !self.corked || self.peer != Some(crate::sys::Peer::TcpLoopback) {
+            return Ok(false);
+        }
+        let mss = match self.mss {
+            Some(mss) => mss,
+            None => *self.mss.insert(crate::sys::tcp_mss(fd).unwrap_or(0)),
+        };
+        Ok(crate::mapping::socket_unsent(fd)? < mss as usize)
     }
 
     /// Whether the peer has received everything sent so far.
@@ -534,7 +556,14 @@ fn write_slices<S: SendfileSocket>(
             }
             i += 1;
         }
-        if file_slice.is_some() {
+        // A slice that ends a response keeps its last byte back for the check.
+        let held = match &file_slice {
+            Some((target, offset)) if target.is_fence(offset + bufs[i].len() as u64) => {
+                bufs[i].len().min(HELD_BACK)
+            }
+            _ => 0,
+        };
+        if file_slice.is_some() && bufs[i].len() > held {
             unchecked.cork(fd);
         }
         let run = &bufs[run_start..i];
@@ -559,12 +588,6 @@ fn write_slices<S: SendfileSocket>(
         };
         let len = bufs[i].len();
         let end = offset + len as u64;
-        // A slice that ends a response keeps its last byte back for the check.
-        let held = if target.is_fence(end) {
-            len.min(HELD_BACK)
-        } else {
-            0
-        };
         let direct = len - held;
         let mut sent = 0;
         while sent < direct && total < cap {
@@ -598,16 +621,22 @@ fn write_slices<S: SendfileSocket>(
         if held > 0 {
             let end_addr = bufs[i].as_ptr() as usize + len;
             if unchecked.passed != Some(end_addr) {
-                if total > 0 {
-                    return Ok(Written::Bytes(total));
-                }
-                // The response's file data is in the socket: let its last segment go.
-                unchecked.uncork(fd)?;
-                match unchecked.gate(fd)? {
-                    Gate::Open => {}
-                    // Inside `try_io`, `WouldBlock` clears the readiness: wait for `EPOLLOUT`.
-                    Gate::Writable => return Err(io::ErrorKind::WouldBlock.into()),
-                    Gate::Later => return Ok(Written::Drain),
+                // Loopback with only the corked tail unsent: check now, and the byte leaves
+                // with that tail when the socket is uncorked at the end of this call.
+                // (If the socket cannot be queried, the wait below meets the error again.)
+                let tail_only = unchecked.tail_only(fd).unwrap_or(false);
+                if !tail_only {
+                    if total > 0 {
+                        return Ok(Written::Bytes(total));
+                    }
+                    // The response's file data is in the socket: let its last segment go.
+                    unchecked.uncork(fd)?;
+                    match unchecked.gate(fd)? {
+                        Gate::Open => {}
+                        // Inside `try_io`, `WouldBlock` clears the readiness: wait for `EPOLLOUT`.
+                        Gate::Writable => return Err(io::ErrorKind::WouldBlock.into()),
+                        Gate::Later => return Ok(Written::Drain),
+                    }
                 }
                 if !unchecked.check(&target, end)? {
                     return Err(truncated(fd, stats));
@@ -637,6 +666,13 @@ fn write_slices<S: SendfileSocket>(
             unchecked.passed = None;
         }
         i += 1;
+    }
+    if i == bufs.len() && unchecked.corked {
+        // Everything hyper has queued is in the socket: nothing follows at once, so let the
+        // last partial segment go (with the check off, a response ends here too).
+        if let Err(e) = unchecked.uncork(fd) {
+            return partial(total, e);
+        }
     }
     Ok(Written::Bytes(total))
 }

@@ -203,7 +203,11 @@ async fn for_request_picks_the_path_by_capability_and_version() {
 
 /// The mapped chunks of a sendfile-path response for `/f.bin`, for a stream's capability.
 async fn sendfile_chunks(dir: &TempDir, cap: tower_zerocopy::SendfileCapability) -> Vec<Bytes> {
-    let svc = MarkSendfile::new(ServeDir::new(dir.path()).cache_capacity(0), cap);
+    sendfile_chunks_of(ServeDir::new(dir.path()).cache_capacity(0), cap).await
+}
+
+async fn sendfile_chunks_of(svc: ServeDir, cap: tower_zerocopy::SendfileCapability) -> Vec<Bytes> {
+    let svc = MarkSendfile::new(svc, cap);
     let res = svc
         .oneshot(Request::get("/f.bin").body(()).unwrap())
         .await
@@ -342,8 +346,20 @@ async fn peer_gone_during_the_wait_is_an_error_not_a_hang() {
 /// `tcp_nopush`), and the cork is gone once the response is written, so nothing is held back.
 #[tokio::test]
 async fn tcp_cork_spans_the_file_data_and_is_removed_at_the_end() {
+    cork_spans_the_file_data(true).await;
+}
+
+/// The same without the truncation check: no byte is held back, and the cork still goes
+/// once the response is written (it used to stay, holding each response's last partial
+/// segment until the kernel's 200 ms cork timer).
+#[tokio::test]
+async fn tcp_cork_is_removed_without_the_truncation_check_too() {
+    cork_spans_the_file_data(false).await;
+}
+
+async fn cork_spans_the_file_data(check: bool) {
     let _maps = MAPS.read().await;
-    let dir = TempDir::new("cork");
+    let dir = TempDir::new(if check { "cork" } else { "cork-nocheck" });
     // More than the socket buffers hold while the client does not read.
     let len = 24u64 << 20;
     write_pattern(&dir.path().join("f.bin"), len);
@@ -355,7 +371,10 @@ async fn tcp_cork_spans_the_file_data_and_is_removed_at_the_end() {
     server.set_nodelay(true).unwrap();
     let mut stream = SendfileStream::new(server);
     let mut queue = vec![Bytes::from_static(b"HEAD\r\n")];
-    queue.extend(sendfile_chunks(&dir, stream.capability()).await);
+    let svc = ServeDir::new(dir.path())
+        .cache_capacity(0)
+        .check_truncation(check);
+    queue.extend(sendfile_chunks_of(svc, stream.capability()).await);
     let corked = |s: &SendfileStream<tokio::net::TcpStream>| {
         rustix::net::sockopt::tcp_cork(s.get_ref()).unwrap()
     };
@@ -380,7 +399,57 @@ async fn tcp_cork_spans_the_file_data_and_is_removed_at_the_end() {
     assert!(err.is_none() && queue.is_empty(), "{err:?}");
     assert_eq!((written + more) as u64, 6 + len);
     assert!(!corked(&stream), "uncorked at the end of the response");
+    assert_eq!(stream.stats().checked_ends(), u64::from(check));
     let got = reader.await.unwrap();
+    let mut want = b"HEAD\r\n".to_vec();
+    want.extend((0..len).map(pattern));
+    assert_eq!(hash(&got), hash(&want));
+}
+
+/// Loopback TCP whose peer window takes the whole response: when only the corked tail (less
+/// than a segment) is unsent after the file data, the file is checked at once and the last
+/// byte goes out in the same write call, joining that tail's segment instead of waiting for
+/// the send queue to drain and following in a segment of its own.
+#[tokio::test]
+async fn loopback_last_byte_joins_the_corked_tail_in_the_same_call() {
+    let _maps = MAPS.read().await;
+    let dir = TempDir::new("tail");
+    let len = 160u64 * 1024;
+    write_pattern(&dir.path().join("f.bin"), len);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // A receive buffer set before connecting opens a window (about ten segments at first) that
+    // takes the whole response while the client does not read yet.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4 << 20).unwrap();
+    let mut client = socket
+        .connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    server.set_nodelay(true).unwrap();
+    let mss = socket2::SockRef::from(&server).tcp_mss().unwrap() as u64;
+    assert!(
+        len < 10 * mss,
+        "the test needs a window of {len} bytes (mss {mss})"
+    );
+    let mut stream = SendfileStream::new(server);
+    let mut queue = vec![Bytes::from_static(b"HEAD\r\n")];
+    queue.extend(sendfile_chunks(&dir, stream.capability()).await);
+    assert_eq!(queue.len(), 2);
+    let slices: Vec<IoSlice<'_>> = queue.iter().map(|b| IoSlice::new(b)).collect();
+    let n = poll_fn(|cx| Pin::new(&mut stream).poll_write_vectored(cx, &slices))
+        .await
+        .unwrap();
+    assert_eq!(
+        n as u64,
+        6 + len,
+        "head, file data and last byte in one call"
+    );
+    assert_eq!(stream.stats().checked_ends(), 1);
+    assert_eq!(stream.stats().sendfile_bytes(), len - 1);
+    assert!(!rustix::net::sockopt::tcp_cork(stream.get_ref()).unwrap());
+    let mut got = vec![0u8; 6 + len as usize];
+    client.read_exact(&mut got).await.unwrap();
     let mut want = b"HEAD\r\n".to_vec();
     want.extend((0..len).map(pattern));
     assert_eq!(hash(&got), hash(&want));
