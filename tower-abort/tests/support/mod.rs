@@ -14,16 +14,54 @@ use http_body::{Body, Frame};
 use tower::service_fn;
 use tower_abort::AbortSignal;
 
-/// Installs a `tracing` subscriber for this thread and returns what it wrote.
-pub fn capture_logs() -> (tracing::subscriber::DefaultGuard, Logs) {
+/// Captures what `tracing` writes on this thread until the guard is dropped.
+///
+/// One global subscriber writes to the buffer of the thread an event happens on. A scoped
+/// subscriber per test (`set_default`) is not enough: tracing caches each callsite's
+/// interest process-wide, and a test on another thread that reaches a callsite while no
+/// subscriber wants it can leave it disabled for this one (CI saw the abort event missing).
+pub fn capture_logs() -> (CaptureGuard, Logs) {
+    static GLOBAL: std::sync::Once = std::sync::Once::new();
+    GLOBAL.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(|| ThisThread)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other global subscriber in the integration tests");
+    });
     let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    (tracing::subscriber::set_default(subscriber), logs)
+    CAPTURE.with(|c| *c.borrow_mut() = Some(logs.clone()));
+    (CaptureGuard(()), logs)
+}
+
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<Logs>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Stops this thread's capture when dropped.
+pub struct CaptureGuard(());
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        CAPTURE.with(|c| *c.borrow_mut() = None);
+    }
+}
+
+/// The global subscriber's writer: this thread's capture buffer, if any.
+struct ThisThread;
+
+impl std::io::Write for ThisThread {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        CAPTURE.with(|c| match &mut *c.borrow_mut() {
+            Some(logs) => logs.write(buf),
+            None => Ok(buf.len()),
+        })
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A shared log buffer.
