@@ -197,39 +197,21 @@ fn waker() -> Waker {
 
 // ===== allocations per request =====
 
-fn allocations_per_request<S, B>(name: &str, mut svc: S, kind: Req)
-where
-    S: Service<Request<()>, Response = Response<B>>,
-{
+fn allocations_per_request<S>(
+    name: &str,
+    mut svc: S,
+    kind: Req,
+    mut one: impl FnMut(&mut S, Request<()>, &mut Context<'_>),
+) {
     const N: u64 = 10_000;
     let waker = waker();
     let mut cx = Context::from_waker(&waker);
     for _ in 0..100 {
-        one_request(&mut svc, request(kind), &mut cx);
+        one(&mut svc, request(kind), &mut cx);
     }
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     for _ in 0..N {
-        one_request(&mut svc, request(kind), &mut cx);
-    }
-    let per_request = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / N as f64;
-    println!("allocations per request: {name:<45} {per_request:.2}");
-}
-
-/// [`allocations_per_request`] with the response body read to its end.
-fn allocations_per_request_read<S, B>(name: &str, mut svc: S, kind: Req)
-where
-    S: Service<Request<()>, Response = Response<B>>,
-    B: Body,
-{
-    const N: u64 = 10_000;
-    let waker = waker();
-    let mut cx = Context::from_waker(&waker);
-    for _ in 0..100 {
-        one_request_read(&mut svc, request(kind), &mut cx);
-    }
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
-    for _ in 0..N {
-        one_request_read(&mut svc, request(kind), &mut cx);
+        one(&mut svc, request(kind), &mut cx);
     }
     let per_request = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / N as f64;
     println!("allocations per request: {name:<45} {per_request:.2}");
@@ -250,27 +232,48 @@ fn report_allocations() {
     for (what, kind) in kinds {
         println!("-- {what}");
         let identity = Identity::new();
-        allocations_per_request("identity / ready", identity.layer(ready_service()), kind);
+        allocations_per_request(
+            "identity / ready",
+            identity.layer(ready_service()),
+            kind,
+            one_request,
+        );
         allocations_per_request(
             "abort / ready",
             AbortLayer::new().layer(ready_service()),
             kind,
+            one_request,
         );
         let svc = timeout.clone().layer(ready_service());
-        allocations_per_request("abort+timeout / ready", svc, kind);
+        allocations_per_request("abort+timeout / ready", svc, kind, one_request);
         let svc = timeout
             .clone()
             .with_grpc_timeout(true)
             .layer(ready_service());
-        allocations_per_request("abort+timeout+grpc-timeout / ready", svc, kind);
+        allocations_per_request("abort+timeout+grpc-timeout / ready", svc, kind, one_request);
         let svc = identity.layer(pending_once_service());
-        allocations_per_request("identity / pending once", svc, kind);
+        allocations_per_request("identity / pending once", svc, kind, one_request);
         let svc = timeout.clone().layer(pending_once_service());
-        allocations_per_request("abort+timeout / pending once (timer armed)", svc, kind);
+        allocations_per_request(
+            "abort+timeout / pending once (timer armed)",
+            svc,
+            kind,
+            one_request,
+        );
         let svc = identity.layer(body_service());
-        allocations_per_request_read("identity / body read to its end", svc, kind);
+        allocations_per_request(
+            "identity / body read to its end",
+            svc,
+            kind,
+            one_request_read,
+        );
         let svc = timeout.clone().layer(body_service());
-        allocations_per_request_read("abort+timeout / body read to its end", svc, kind);
+        allocations_per_request(
+            "abort+timeout / body read to its end",
+            svc,
+            kind,
+            one_request_read,
+        );
     }
 }
 
