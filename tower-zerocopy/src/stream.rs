@@ -180,9 +180,7 @@ impl_socket!(tokio::net::UnixStream);
 /// "Received" means, for a TCP peer on a loopback address, that nothing is left unsent (sent
 /// bytes are then in the same kernel, queued for the peer: waiting for their acknowledgement as
 /// well would cost a timer tick per response and not shrink the same-host window described
-/// below) — or, while the socket is still corked, that less than one segment is unsent: the
-/// tail the cork holds back, which then leaves in the same write call together with the last
-/// byte (one segment and one wake-up of the peer fewer per response); for any other TCP peer,
+/// below); for any other TCP peer,
 /// that every byte is acknowledged (`SIOCOUTQ` is 0), which costs the response one more round
 /// trip; for a Unix socket, that the peer has read every byte. Waiting for the send queue to
 /// empty needs no timer: `TCP_NOTSENT_LOWAT` is lowered to 1 for the wait, so the socket polls
@@ -385,8 +383,6 @@ struct Unchecked {
     lowered: bool,
     /// Whether this stream has set `TCP_CORK` (from a response's first file bytes to its end).
     corked: bool,
-    /// The connection's maximum segment size (`TCP_MAXSEG`), read at the first response end.
-    mss: Option<u32>,
 }
 
 /// Whether a response's last byte may be checked and sent now.
@@ -423,22 +419,6 @@ impl Unchecked {
             rustix::net::sockopt::set_tcp_cork(fd, false)?;
         }
         Ok(())
-    }
-
-    /// Loopback TCP, corked: whether all that is unsent is less than one segment — the tail
-    /// the cork holds back, which leaves together with the held-back byte when the caller
-    /// uncorks right after sending it. Then the peer has received everything before that tail,
-    /// and the check may run now: the byte joins the tail's segment instead of following it in
-    /// a segment of its own (one packet, one wake-up of the peer less per response).
-    fn tail_only(&mut self, fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
-        if !self.corked || self.peer != Some(crate::sys::Peer::TcpLoopback) {
-            return Ok(false);
-        }
-        let mss = match self.mss {
-            Some(mss) => mss,
-            None => *self.mss.insert(crate::sys::tcp_mss(fd).unwrap_or(0)),
-        };
-        Ok(crate::mapping::socket_unsent(fd)? < mss as usize)
     }
 
     /// Whether the peer has received everything sent so far.
@@ -621,22 +601,20 @@ fn write_slices<S: SendfileSocket>(
         if held > 0 {
             let end_addr = bufs[i].as_ptr() as usize + len;
             if unchecked.passed != Some(end_addr) {
-                // Loopback with only the corked tail unsent: check now, and the byte leaves
-                // with that tail when the socket is uncorked at the end of this call.
-                // (If the socket cannot be queried, the wait below meets the error again.)
-                let tail_only = unchecked.tail_only(fd).unwrap_or(false);
-                if !tail_only {
-                    if total > 0 {
-                        return Ok(Written::Bytes(total));
-                    }
-                    // The response's file data is in the socket: let its last segment go.
-                    unchecked.uncork(fd)?;
-                    match unchecked.gate(fd)? {
-                        Gate::Open => {}
-                        // Inside `try_io`, `WouldBlock` clears the readiness: wait for `EPOLLOUT`.
-                        Gate::Writable => return Err(io::ErrorKind::WouldBlock.into()),
-                        Gate::Later => return Ok(Written::Drain),
-                    }
+                // Only once every byte before it has left the send queue: bytes still in it
+                // (held by the cork, or by a peer window that is closed) are page-cache pages
+                // a truncation would zero. A byte count alone cannot tell the cork's tail from
+                // bytes the window holds, so the wait is taken even when little is unsent.
+                if total > 0 {
+                    return Ok(Written::Bytes(total));
+                }
+                // The response's file data is in the socket: let its last segment go.
+                unchecked.uncork(fd)?;
+                match unchecked.gate(fd)? {
+                    Gate::Open => {}
+                    // Inside `try_io`, `WouldBlock` clears the readiness: wait for `EPOLLOUT`.
+                    Gate::Writable => return Err(io::ErrorKind::WouldBlock.into()),
+                    Gate::Later => return Ok(Written::Drain),
                 }
                 if !unchecked.check(&target, end)? {
                     return Err(truncated(fd, stats));

@@ -7,6 +7,7 @@ mod support;
 use std::future::poll_fn;
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
@@ -406,51 +407,85 @@ async fn cork_spans_the_file_data(check: bool) {
     assert_eq!(hash(&got), hash(&want));
 }
 
-/// Loopback TCP whose peer window takes the whole response: when only the corked tail (less
-/// than a segment) is unsent after the file data, the file is checked at once and the last
-/// byte goes out in the same write call, joining that tail's segment instead of waiting for
-/// the send queue to drain and following in a segment of its own.
+/// A loopback client with a small window that does not read yet: after the file data, a few
+/// bytes (less than a segment) are still in the server's send queue because the window is
+/// closed, not because of the cork. The file is truncated then. Those queued bytes are page-cache
+/// pages the truncation zeroes, so the check must wait until they have left: the client gets a
+/// reset, never a response complete by `Content-Length` with zeros in it. (A shortcut that
+/// checked at once when less than a segment was unsent delivered such responses.)
 #[tokio::test]
-async fn loopback_last_byte_joins_the_corked_tail_in_the_same_call() {
-    let _maps = MAPS.read().await;
-    let dir = TempDir::new("tail");
-    let len = 160u64 * 1024;
-    write_pattern(&dir.path().join("f.bin"), len);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    // A receive buffer set before connecting opens a window (about ten segments at first) that
-    // takes the whole response while the client does not read yet.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4 << 20).unwrap();
-    let mut client = socket
-        .connect(listener.local_addr().unwrap())
-        .await
-        .unwrap();
-    let (server, _) = listener.accept().await.unwrap();
-    server.set_nodelay(true).unwrap();
-    let mss = socket2::SockRef::from(&server).tcp_mss().unwrap() as u64;
-    assert!(
-        len < 10 * mss,
-        "the test needs a window of {len} bytes (mss {mss})"
-    );
-    let mut stream = SendfileStream::new(server);
-    let mut queue = vec![Bytes::from_static(b"HEAD\r\n")];
-    queue.extend(sendfile_chunks(&dir, stream.capability()).await);
-    assert_eq!(queue.len(), 2);
-    let slices: Vec<IoSlice<'_>> = queue.iter().map(|b| IoSlice::new(b)).collect();
-    let n = poll_fn(|cx| Pin::new(&mut stream).poll_write_vectored(cx, &slices))
-        .await
-        .unwrap();
-    assert_eq!(
-        n as u64,
-        6 + len,
-        "head, file data and last byte in one call"
-    );
-    assert_eq!(stream.stats().checked_ends(), 1);
-    assert_eq!(stream.stats().sendfile_bytes(), len - 1);
-    assert!(!rustix::net::sockopt::tcp_cork(stream.get_ref()).unwrap());
-    let mut got = vec![0u8; 6 + len as usize];
-    client.read_exact(&mut got).await.unwrap();
-    let mut want = b"HEAD\r\n".to_vec();
-    want.extend((0..len).map(pattern));
-    assert_eq!(hash(&got), hash(&want));
+async fn truncation_while_a_closed_window_holds_the_tail_is_caught() {
+    for (receive_buffer, len) in [(4096u32, 6000u64), (16384, 30000)] {
+        let _maps = MAPS.read().await;
+        let dir = TempDir::new(&format!("window-{len}"));
+        let path = dir.path().join("f.bin");
+        write_pattern(&path, len);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(receive_buffer).unwrap();
+        let mut client = socket
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        server.set_nodelay(true).unwrap();
+        let mut stream = SendfileStream::new(server);
+        let mut queue = vec![Bytes::from_static(b"HEAD\r\n")];
+        let svc = ServeDir::new(dir.path())
+            .cache_capacity(0)
+            .sendfile_min_len(1);
+        queue.extend(sendfile_chunks_of(svc, stream.capability()).await);
+        let slices: Vec<IoSlice<'_>> = queue.iter().map(|b| IoSlice::new(b)).collect();
+        let n = poll_fn(|cx| Pin::new(&mut stream).poll_write_vectored(cx, &slices))
+            .await
+            .unwrap();
+        drop(slices);
+        assert_eq!(stream.stats().checked_ends(), 0, "{len}: checked too early");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 1000)
+            .unwrap();
+        // The rest of the response, written as hyper would, while the client reads.
+        // The same `Bytes` (the stream knows file data by its address), advanced past what
+        // was written.
+        let writer = tokio::spawn(async move {
+            let mut rest = queue;
+            let mut written = n;
+            loop {
+                while written > 0 {
+                    let k = rest[0].len().min(written);
+                    bytes::Buf::advance(&mut rest[0], k);
+                    written -= k;
+                    if rest[0].is_empty() {
+                        rest.remove(0);
+                    }
+                }
+                if rest.is_empty() {
+                    return Ok::<_, std::io::Error>(());
+                }
+                let slices: Vec<IoSlice<'_>> = rest.iter().map(|b| IoSlice::new(b)).collect();
+                written =
+                    poll_fn(|cx| Pin::new(&mut stream).poll_write_vectored(cx, &slices)).await?;
+            }
+        });
+        let mut got = vec![0u8; 6 + len as usize];
+        let read = tokio::time::timeout(Duration::from_secs(20), client.read_exact(&mut got))
+            .await
+            .expect("the client must not hang");
+        assert!(
+            read.is_err(),
+            "{len}: the client read a complete response from a truncated file"
+        );
+        let written = tokio::time::timeout(Duration::from_secs(20), writer)
+            .await
+            .expect("the writer must not hang")
+            .unwrap();
+        assert_eq!(
+            written.unwrap_err().kind(),
+            std::io::ErrorKind::UnexpectedEof,
+            "{len}"
+        );
+    }
 }

@@ -242,11 +242,6 @@ pub(crate) fn peer(sock: BorrowedFd<'_>) -> Peer {
     }
 }
 
-/// The maximum segment size of the TCP connection `sock` (`TCP_MAXSEG`).
-pub(crate) fn tcp_mss(sock: BorrowedFd<'_>) -> io::Result<u32> {
-    socket2::SockRef::from(&sock).tcp_mss()
-}
-
 /// `TCP_NOTSENT_LOWAT` of `sock` (0: the system default).
 pub(crate) fn notsent_lowat(sock: BorrowedFd<'_>) -> io::Result<u32> {
     socket2::SockRef::from(&sock).tcp_notsent_lowat()
