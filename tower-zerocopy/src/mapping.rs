@@ -28,6 +28,11 @@ use memmap2::{Mmap, MmapOptions};
 
 use crate::registry::{self, Target};
 
+/// At most this many windows of one mapping have a residency slot (8 bytes each): the first
+/// 8 GiB of a file at the default 8 MiB window. Windows past them are checked every time, so
+/// a huge file or a tiny window cannot make a cached file's slots grow with its length.
+const RESIDENCY_SLOTS: usize = 1024;
+
 /// A read-only shared mapping of a whole file, registered for sendfile while it lives.
 #[derive(Debug)]
 pub(crate) struct Mapping {
@@ -181,7 +186,9 @@ impl Mapping {
             return None;
         }
         let (size, slots) = self.resident_at.get_or_init(|| {
-            let n = usize::try_from(self.len().div_ceil(window)).unwrap_or(0);
+            let n = usize::try_from(self.len().div_ceil(window))
+                .unwrap_or(usize::MAX)
+                .min(RESIDENCY_SLOTS);
             (window, (0..n).map(|_| AtomicU64::new(0)).collect())
         });
         if *size != window {
@@ -448,6 +455,30 @@ mod tests {
             map.non_resident(w..2 * w, w / 2, hour).unwrap().is_some(),
             "other size"
         );
+        drop(map);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn residency_slots_are_capped_whatever_the_file_and_window() {
+        let path = std::env::temp_dir().join(format!("tzc-slots-{}", std::process::id()));
+        // Sparse: 1 GiB of holes, 262,144 windows of 4 KiB.
+        let len = 1u64 << 30;
+        File::create(&path).unwrap().set_len(len).unwrap();
+        let file = Arc::new(File::open(&path).unwrap());
+        let map = Mapping::new(file, len).unwrap();
+        let hour = Duration::from_secs(3600);
+        // A hole is not in the page cache either way; what matters is the slots it sets up.
+        let _ = map.non_resident(0..4096, 4096, hour).unwrap();
+        let (window, slots) = map
+            .resident_at
+            .get()
+            .expect("the first check fixes the slots");
+        assert_eq!((*window, slots.len()), (4096, RESIDENCY_SLOTS));
+        // A window past the last slot has none (it is checked every time), and no panic.
+        let past = len - 4096;
+        assert!(map.window_slot(&(past..len), 4096).is_none());
+        assert!(map.non_resident(past..len, 4096, hour).unwrap().is_some());
         drop(map);
         std::fs::remove_file(&path).unwrap();
     }

@@ -305,7 +305,8 @@ impl ServeDir {
     /// and 14–58 µs per 8 MiB window (2–7 ms of CPU per GB sent, 4–14% of nginx's). Within
     /// this interval after a check found a whole window (from a multiple of the window size)
     /// resident, responses skip that window's check; a check that finds pages missing ends
-    /// the trust, and other ranges are always checked. Pages evicted inside the interval are
+    /// the trust, and other ranges are always checked, as are windows past the first 1,024 of
+    /// a file (the trust costs 8 bytes per window of a cached file). Pages evicted inside the interval are
     /// read by `sendfile` on the worker, as nginx always does without `aio`.
     /// `Duration::ZERO` checks every window of every response.
     pub fn residency_recheck(self, interval: Duration) -> Self {
