@@ -149,8 +149,8 @@ fn connections_beyond_the_cap_are_refused_at_once_and_descriptors_come_back() {
         let res = read_response(s).unwrap();
         assert_eq!((res.status, &res.body[..]), (200, &b"ok"[..]));
     }
-    // A refusal is counted just after its connection is closed, so the client can see the
-    // close first: wait for the count rather than read it once.
+    // A refusal is counted before its connection is closed; waiting for the count rather
+    // than reading it once keeps the test independent of that order.
     server.wait_metrics("every over-cap connection counted as refused", |m| {
         metric(m, "http_connections_refused_total") == Some(EXTRA as f64)
     });
