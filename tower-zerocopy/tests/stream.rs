@@ -23,6 +23,35 @@ use tower_zerocopy::{MarkSendfile, SendfileStream, ServeDir};
 /// checks the count holds it alone, so no other test's maps are alive while it looks.
 static MAPS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
+/// A connected loopback TCP pair: (server side with `TCP_NODELAY`, client side), the client's
+/// receive buffer set before connecting when given (it sizes the window the server sees).
+async fn tcp_pair(
+    client_receive_buffer: Option<u32>,
+) -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(bytes) = client_receive_buffer {
+        socket.set_recv_buffer_size(bytes).unwrap();
+    }
+    let client = socket
+        .connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    server.set_nodelay(true).unwrap();
+    (server, client)
+}
+
+/// A response as hyper hands it over: a head, then the file chunks `svc` makes for `stream`.
+async fn head_and_file<S: tower_zerocopy::SendfileSocket>(
+    svc: ServeDir,
+    stream: &SendfileStream<S>,
+) -> Vec<Bytes> {
+    let mut queue = vec![Bytes::from_static(b"HEAD\r\n")];
+    queue.extend(sendfile_chunks_of(svc, stream.capability()).await);
+    queue
+}
+
 #[tokio::test]
 async fn partial_writes_pending_and_cap_are_exact() {
     let _maps = MAPS.read().await;
@@ -307,11 +336,7 @@ async fn truncation_after_queueing_is_caught_before_the_last_byte_unix() {
 #[tokio::test]
 async fn truncation_after_queueing_is_caught_before_the_last_byte_tcp() {
     let _maps = MAPS.read().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-        .await
-        .unwrap();
-    let (server, _) = listener.accept().await.unwrap();
+    let (server, client) = tcp_pair(None).await;
     truncation_after_queueing(server, client, "queued-tcp").await;
 }
 
@@ -364,18 +389,12 @@ async fn cork_spans_the_file_data(check: bool) {
     // More than the socket buffers hold while the client does not read.
     let len = 24u64 << 20;
     write_pattern(&dir.path().join("f.bin"), len);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-        .await
-        .unwrap();
-    let (server, _) = listener.accept().await.unwrap();
-    server.set_nodelay(true).unwrap();
+    let (server, mut client) = tcp_pair(None).await;
     let mut stream = SendfileStream::new(server);
-    let mut queue = vec![Bytes::from_static(b"HEAD\r\n")];
     let svc = ServeDir::new(dir.path())
         .cache_capacity(0)
         .check_truncation(check);
-    queue.extend(sendfile_chunks_of(svc, stream.capability()).await);
+    let mut queue = head_and_file(svc, &stream).await;
     let corked = |s: &SendfileStream<tokio::net::TcpStream>| {
         rustix::net::sockopt::tcp_cork(s.get_ref()).unwrap()
     };
@@ -420,21 +439,12 @@ async fn truncation_while_a_closed_window_holds_the_tail_is_caught() {
         let dir = TempDir::new(&format!("window-{len}"));
         let path = dir.path().join("f.bin");
         write_pattern(&path, len);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(receive_buffer).unwrap();
-        let mut client = socket
-            .connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        server.set_nodelay(true).unwrap();
+        let (server, mut client) = tcp_pair(Some(receive_buffer)).await;
         let mut stream = SendfileStream::new(server);
-        let mut queue = vec![Bytes::from_static(b"HEAD\r\n")];
         let svc = ServeDir::new(dir.path())
             .cache_capacity(0)
             .sendfile_min_len(1);
-        queue.extend(sendfile_chunks_of(svc, stream.capability()).await);
+        let queue = head_and_file(svc, &stream).await;
         let slices: Vec<IoSlice<'_>> = queue.iter().map(|b| IoSlice::new(b)).collect();
         let n = poll_fn(|cx| Pin::new(&mut stream).poll_write_vectored(cx, &slices))
             .await
