@@ -357,14 +357,21 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    #[test]
-    fn residency_of_cached_and_evicted_ranges() {
-        let path = std::env::temp_dir().join(format!("tzc-resident-{}", std::process::id()));
-        let len = 4u64 << 20;
+    /// A file of `len` bytes under the temp dir, written and synced (so its pages are cached
+    /// and clean), opened again for reading; the caller removes `path`.
+    fn cached_file(name: &str, len: u64) -> (std::path::PathBuf, Arc<File>) {
+        let path = std::env::temp_dir().join(format!("tzc-{name}-{}", std::process::id()));
         let mut f = File::create(&path).unwrap();
         f.write_all(&vec![7u8; len as usize]).unwrap();
         f.sync_all().unwrap();
         let file = Arc::new(File::open(&path).unwrap());
+        (path, file)
+    }
+
+    #[test]
+    fn residency_of_cached_and_evicted_ranges() {
+        let len = 4u64 << 20;
+        let (path, file) = cached_file("resident", len);
         let map = Mapping::new(file.clone(), len).unwrap();
         // Just written: cached (cachestat, where the kernel has it, agrees with mincore).
         assert_eq!(
@@ -400,12 +407,8 @@ mod tests {
 
     #[test]
     fn a_window_found_resident_is_trusted_for_the_recheck_interval() {
-        let path = std::env::temp_dir().join(format!("tzc-recheck-{}", std::process::id()));
         let len = 1u64 << 20;
-        let mut f = File::create(&path).unwrap();
-        f.write_all(&vec![3u8; len as usize]).unwrap();
-        f.sync_all().unwrap();
-        let file = Arc::new(File::open(&path).unwrap());
+        let (path, file) = cached_file("recheck", len);
         let map = Mapping::new(file.clone(), len).unwrap();
         let hour = Duration::from_secs(3600);
         assert_eq!(map.non_resident(0..len, len, hour).unwrap(), None);
