@@ -1416,18 +1416,7 @@ mod tests {
         tokio::task::JoinHandle<(Outcome, Duration)>,
     ) {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        let app = crate::routes::app(
-            crate::routes::RouteConfig {
-                max_sleep: Duration::from_secs(60),
-                static_files: None,
-                max_body_size: 1024,
-            },
-            tower_abort::AbortLayer::new(),
-            prometheus_client::metrics::counter::Counter::default(),
-            crate::routes::backpressure(64, 64, Duration::from_secs(1)),
-            crate::routes::singleflight(),
-            prometheus_client::metrics::counter::Counter::default(),
-        );
+        let app = crate::routes::test_app(Duration::from_secs(60));
         let task = tokio::spawn(async move {
             let start = Instant::now();
             let outcome = serve_connection(server, app, settings).await;

@@ -167,6 +167,34 @@ pub(crate) fn app(
         ))
 }
 
+/// The application with test defaults (no static files, 1 KiB bodies, 64 in flight and 64
+/// queued, a fresh abort root and counters) and `/sleep` up to `max_sleep`.
+#[cfg(test)]
+pub(crate) fn test_app(
+    max_sleep: Duration,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<impl Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static>,
+    Error: Into<BoxError>,
+    Future: Send + 'static,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    app(
+        RouteConfig {
+            max_sleep,
+            static_files: None,
+            max_body_size: 1024,
+        },
+        AbortLayer::new(),
+        Counter::default(),
+        backpressure(64, 64, Duration::from_secs(1)),
+        singleflight(),
+        Counter::default(),
+    )
+}
+
 /// The abort layer's settings: clients may shorten their own requests with `grpc-timeout`
 /// or `request-timeout` (milliseconds). There is no server-wide default deadline: `/sleep`
 /// is bounded by `--max-sleep`.

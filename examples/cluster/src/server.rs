@@ -415,18 +415,7 @@ mod tests {
             signal.clone(),
             Arc::new(WorkerMetrics::new()),
         )));
-        let app = crate::routes::app(
-            crate::routes::RouteConfig {
-                max_sleep: Duration::from_secs(1),
-                static_files: None,
-                max_body_size: 1024,
-            },
-            tower_abort::AbortLayer::new(),
-            prometheus_client::metrics::counter::Counter::default(),
-            crate::routes::backpressure(64, 64, Duration::from_secs(1)),
-            crate::routes::singleflight(),
-            prometheus_client::metrics::counter::Counter::default(),
-        );
+        let app = crate::routes::test_app(Duration::from_secs(1));
         let listener =
             into_tokio(bind_listener("127.0.0.1:0".parse().unwrap(), 64).unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
