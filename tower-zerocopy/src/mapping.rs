@@ -234,7 +234,7 @@ impl AsRef<[u8]> for MappedSlice {
 
 /// `cachestat(2)` (Linux 6.5): 451 on every architecture with the unified system call table;
 /// elsewhere the residency check goes straight to `mincore(2)`.
-#[cfg(any(
+const SYS_CACHESTAT: Option<libc::c_long> = if cfg!(any(
     target_arch = "x86_64",
     target_arch = "x86",
     target_arch = "aarch64",
@@ -245,21 +245,11 @@ impl AsRef<[u8]> for MappedSlice {
     target_arch = "powerpc64",
     target_arch = "powerpc",
     target_arch = "s390x"
-))]
-const SYS_CACHESTAT: Option<libc::c_long> = Some(451);
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "riscv32",
-    target_arch = "loongarch64",
-    target_arch = "powerpc64",
-    target_arch = "powerpc",
-    target_arch = "s390x"
-)))]
-const SYS_CACHESTAT: Option<libc::c_long> = None;
+)) {
+    Some(451)
+} else {
+    None
+};
 
 /// Pages of `range` (page-aligned file offsets) of `file` in the page cache, or `None` if the
 /// kernel cannot tell cheaply.
