@@ -518,13 +518,23 @@ fn write_slices<S: SendfileSocket>(
     let fd = io.fd();
     let mut total = 0usize;
     let mut i = 0;
-    // Any error after progress is reported as that progress; the error recurs on the next call.
+    // `WouldBlock` after progress is reported as that progress (the next call waits); any
+    // other error ends the connection anyway, so it is returned at once.
     let partial = |total: usize, e: io::Error| {
         if total > 0 && e.kind() == io::ErrorKind::WouldBlock {
             Ok(Written::Bytes(total))
         } else {
             Err(e)
         }
+    };
+    // Bytes sent from user-space buffers: counted as copied.
+    let send_copied = |bufs: &[IoSlice<'_>], more: bool| {
+        let n = sys::send_vectored(fd, bufs, more)?;
+        stats
+            .inner
+            .copied_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok::<usize, io::Error>(n)
     };
     while i < bufs.len() && total < cap {
         let run_start = i;
@@ -549,12 +559,8 @@ fn write_slices<S: SendfileSocket>(
         let run = &bufs[run_start..i];
         let run_len: usize = run.iter().map(|b| b.len()).sum();
         if run_len > 0 {
-            match sys::send_vectored(fd, run, file_slice.is_some()) {
+            match send_copied(run, file_slice.is_some()) {
                 Ok(n) => {
-                    stats
-                        .inner
-                        .copied_bytes
-                        .fetch_add(n as u64, Ordering::Relaxed);
                     total += n;
                     if n < run_len {
                         return Ok(Written::Bytes(total));
@@ -627,12 +633,8 @@ fn write_slices<S: SendfileSocket>(
             if sys::read_at(&target.file, last, end - held as u64)? < held {
                 return Err(truncated(fd, stats));
             }
-            match sys::send_vectored(fd, &[IoSlice::new(last)], false) {
+            match send_copied(&[IoSlice::new(last)], false) {
                 Ok(n) => {
-                    stats
-                        .inner
-                        .copied_bytes
-                        .fetch_add(n as u64, Ordering::Relaxed);
                     total += n;
                     if n < held {
                         return Ok(Written::Bytes(total));
