@@ -10,9 +10,20 @@ use support::{collect, full, get, Backend};
 use tower::{service_fn, Layer, ServiceExt};
 use tower_singleflight::{MicroCache, SingleflightLayer};
 
+/// What a test backend answers with.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// `generation N`, N the number of calls so far: tells apart a cached answer.
+    Generation,
+    /// `len` bytes of `support::payload`.
+    Sized(usize),
+}
+
+/// A backend answering every path with `answer` and the given headers.
 fn backend_with(
     backend: &Arc<Backend>,
     headers: &'static [(&'static str, &'static str)],
+    answer: Answer,
 ) -> impl tower::Service<
     Request<()>,
     Response = Response<support::Body>,
@@ -28,8 +39,11 @@ fn backend_with(
             for (name, value) in headers {
                 response = response.header(*name, *value);
             }
-            let body = format!("generation {}", backend.calls());
-            Ok::<_, Infallible>(response.body(full(body)).unwrap())
+            let body = match answer {
+                Answer::Generation => full(format!("generation {}", backend.calls())),
+                Answer::Sized(len) => full(support::payload(len)),
+            };
+            Ok::<_, Infallible>(response.body(body).unwrap())
         }
     })
 }
@@ -41,7 +55,7 @@ async fn a_burst_just_after_a_flight_is_served_from_the_cache_until_linger_ends(
         .micro_cache(MicroCache::new(Duration::from_secs(1)))
         .debug_header(true);
     let stats = layer.stats();
-    let svc = layer.layer(backend_with(&backend, &[]));
+    let svc = layer.layer(backend_with(&backend, &[], Answer::Generation));
     let first = svc.clone().oneshot(get("/c")).await.unwrap();
     assert_eq!(collect(first).await.unwrap(), "generation 1");
     for _ in 0..3 {
@@ -74,7 +88,7 @@ async fn max_age_caps_the_linger_and_zero_disables_it() {
             &[("cache-control", "public, max-age=1")]
         };
         let layer = SingleflightLayer::new().micro_cache(MicroCache::new(Duration::from_secs(10)));
-        let svc = layer.layer(backend_with(&backend, headers));
+        let svc = layer.layer(backend_with(&backend, headers, Answer::Generation));
         collect(svc.clone().oneshot(get("/m")).await.unwrap())
             .await
             .unwrap();
@@ -95,7 +109,11 @@ async fn max_age_caps_the_linger_and_zero_disables_it() {
 async fn unshareable_or_vary_mismatched_responses_are_not_served_from_the_cache() {
     let backend = Backend::new();
     let layer = SingleflightLayer::new().micro_cache(MicroCache::new(Duration::from_secs(1)));
-    let svc = layer.layer(backend_with(&backend, &[("set-cookie", "sid=1")]));
+    let svc = layer.layer(backend_with(
+        &backend,
+        &[("set-cookie", "sid=1")],
+        Answer::Generation,
+    ));
     collect(svc.clone().oneshot(get("/s")).await.unwrap())
         .await
         .unwrap();
@@ -106,7 +124,11 @@ async fn unshareable_or_vary_mismatched_responses_are_not_served_from_the_cache(
 
     let backend = Backend::new();
     let layer = SingleflightLayer::new().micro_cache(MicroCache::new(Duration::from_secs(1)));
-    let svc = layer.layer(backend_with(&backend, &[("vary", "accept-language")]));
+    let svc = layer.layer(backend_with(
+        &backend,
+        &[("vary", "accept-language")],
+        Answer::Generation,
+    ));
     let lang = |l: &str| {
         Request::get("/v")
             .header("host", "example.com")
@@ -125,31 +147,6 @@ async fn unshareable_or_vary_mismatched_responses_are_not_served_from_the_cache(
         .await
         .unwrap();
     assert_eq!(backend.calls(), 2, "a different one is a miss");
-}
-
-/// A backend answering every path with `len` bytes of `payload` and the given headers.
-fn sized_backend(
-    backend: &Arc<Backend>,
-    len: usize,
-    headers: &'static [(&'static str, &'static str)],
-) -> impl tower::Service<
-    Request<()>,
-    Response = Response<support::Body>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone {
-    let backend = Arc::clone(backend);
-    service_fn(move |_req: Request<()>| {
-        let backend = Arc::clone(&backend);
-        async move {
-            let _active = backend.enter();
-            let mut response = Response::builder();
-            for (name, value) in headers {
-                response = response.header(*name, *value);
-            }
-            Ok::<_, Infallible>(response.body(full(support::payload(len))).unwrap())
-        }
-    })
 }
 
 /// Requests `/k/{i}` for each `i` in `keys`, reading each body; returns how many were served
@@ -178,7 +175,7 @@ async fn many_keys_never_hold_more_than_max_entries() {
         .micro_cache(MicroCache::new(Duration::from_secs(60)).max_entries(10))
         .debug_header(true);
     let stats = layer.stats();
-    let svc = layer.layer(sized_backend(&backend, 100, &[]));
+    let svc = layer.layer(backend_with(&backend, &[], Answer::Sized(100)));
     assert_eq!(fetch_all(&svc, 0..500).await, 0);
     assert_eq!(backend.calls(), 500);
     // Whatever the eviction order, at most ten of the 500 can still be there.
@@ -200,7 +197,7 @@ async fn large_bodies_never_hold_more_than_max_bytes() {
                 .max_bytes(100 * 1024),
         )
         .debug_header(true);
-    let svc = layer.layer(sized_backend(&backend, 30 * 1024, &[]));
+    let svc = layer.layer(backend_with(&backend, &[], Answer::Sized(30 * 1024)));
     fetch_all(&svc, 0..200).await;
     let hits = fetch_all(&svc, 0..200).await;
     assert!(hits <= 3, "{hits} hits of 30 KiB with 100 KiB");
@@ -215,7 +212,7 @@ async fn a_body_larger_than_max_bytes_is_not_cached() {
     let layer = SingleflightLayer::new()
         .micro_cache(MicroCache::new(Duration::from_secs(60)).max_bytes(10 * 1024))
         .debug_header(true);
-    let svc = layer.layer(sized_backend(&backend, 64 * 1024, &[]));
+    let svc = layer.layer(backend_with(&backend, &[], Answer::Sized(64 * 1024)));
     let hits = fetch_all(&svc, 0..1).await + fetch_all(&svc, 0..1).await;
     assert_eq!(hits, 0);
     assert_eq!(backend.calls(), 2);
@@ -240,7 +237,7 @@ async fn no_store_and_s_maxage_are_honoured() {
             .micro_cache(MicroCache::new(Duration::from_secs(1)))
             .debug_header(true);
         let headers: &'static [(&'static str, &'static str)] = headers;
-        let svc = layer.layer(sized_backend(&backend, 10, headers));
+        let svc = layer.layer(backend_with(&backend, headers, Answer::Sized(10)));
         let hits = fetch_all(&svc, 0..1).await + fetch_all(&svc, 0..1).await;
         assert_eq!(hits == 1, cached, "{headers:?}");
         assert_eq!(backend.calls(), if cached { 1 } else { 2 }, "{headers:?}");
