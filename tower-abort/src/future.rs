@@ -66,6 +66,7 @@ where
 {
     type Output = Result<Response<AbortBody<B>>, E>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {

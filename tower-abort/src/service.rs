@@ -74,6 +74,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let config = &self.shared.config;
         // Client deadline headers first: they are relative, so the clock is read only when

@@ -75,6 +75,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         req.extensions_mut().insert(self.capability);
         self.inner.call(req)

@@ -458,6 +458,7 @@ where
         Poll::Ready(Ok(()))
     }
 
+    #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let state = match self.work.route(&req) {
             Route::Respond(res) => State::Ready { res: Some(res) },
@@ -515,6 +516,7 @@ impl std::fmt::Debug for RouteFuture {
 impl Future for RouteFuture {
     type Output = Result<Response<RouteBody>, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let res = match self.project().state.project() {
             StateProj::Ready { res } => res.take().expect("RouteFuture polled after completion"),

@@ -114,6 +114,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let (status, why) = match check(&req, self.max_body_size) {
             None => {
@@ -153,6 +154,7 @@ where
 {
     type Output = Result<Response<StrictBody<B>>, E>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             StrictProj::Inner { fut } => {
