@@ -14,9 +14,19 @@ use crate::service::{Backpressure, TypedBackpressure};
 pub(crate) struct HttpShared {
     pub(crate) limiter: Limiter,
     pub(crate) policy: HttpPolicy,
-    /// Whether a request can be admitted without looking at it: no bypass, priority or
-    /// deadline function, and no bytes to count.
-    pub(crate) blind: bool,
+    /// How much of a request the lock-free path must look at.
+    pub(crate) fast: FastPath,
+}
+
+/// What a request needs before the lock-free path may admit it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FastPath {
+    /// Nothing: no bypass, priority or deadline function, and no bytes to count.
+    Blind,
+    /// Only the bypass function (the common health-check setup), asked once.
+    Bypass,
+    /// A priority or deadline function, or byte counting: the locked path decides.
+    Slow,
 }
 
 /// Applies [`Backpressure`] to HTTP services; see the [crate docs](crate) for semantics and
@@ -43,12 +53,21 @@ impl BackpressureLayer {
     }
 
     pub(crate) fn from_parts(limiter: Limiter, policy: HttpPolicy) -> Self {
-        let blind = !policy.reads_head() && !limiter.config().track_bytes;
+        let fast = if limiter.config().track_bytes
+            || policy.priority.is_some()
+            || policy.deadline.is_some()
+        {
+            FastPath::Slow
+        } else if policy.bypass.is_some() {
+            FastPath::Bypass
+        } else {
+            FastPath::Blind
+        };
         BackpressureLayer {
             shared: Arc::new(HttpShared {
                 limiter,
                 policy,
-                blind,
+                fast,
             }),
         }
     }

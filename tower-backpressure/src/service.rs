@@ -11,7 +11,7 @@ use crate::body::ResponseBody;
 use crate::classify::{Classify, DefaultClassify, RequestHead};
 use crate::future::{ResponseFuture, TypedResponseFuture};
 use crate::handle::BackpressureHandle;
-use crate::layer::{BackpressureLayer, HttpShared};
+use crate::layer::{BackpressureLayer, FastPath, HttpShared};
 use crate::limiter::{Limiter, Ticket};
 use crate::order::Priority;
 
@@ -109,19 +109,30 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        if self.shared.blind {
-            if let Some(permit) = self.shared.limiter.try_admit() {
-                return ResponseFuture::called(self.inner.call(req), Some(permit));
+        let shared = &*self.shared;
+        let bypass_asked = match shared.fast {
+            FastPath::Blind => false,
+            FastPath::Bypass => {
+                let bypass = shared.policy.bypass.as_ref();
+                if bypass.is_some_and(|f| f(&RequestHead::new(&req))) {
+                    return ResponseFuture::called(self.inner.call(req), None);
+                }
+                true
             }
+            FastPath::Slow => return self.call_slow(req, false),
+        };
+        if let Some(permit) = shared.limiter.try_admit() {
+            return ResponseFuture::called(self.inner.call(req), Some(permit));
         }
-        self.call_slow(req)
+        self.call_slow(req, bypass_asked)
     }
 }
 
 impl<S> Backpressure<S> {
-    /// Every request the lock-free path could not admit at once.
+    /// Every request the lock-free path could not admit at once. `bypass_asked`: the
+    /// bypass function has already answered `false` for this request (it is asked once).
     #[inline(never)]
-    fn call_slow<ReqB>(&mut self, req: Request<ReqB>) -> ResponseFuture<S, ReqB>
+    fn call_slow<ReqB>(&mut self, req: Request<ReqB>, bypass_asked: bool) -> ResponseFuture<S, ReqB>
     where
         S: Service<Request<ReqB>> + Clone,
         ReqB: http_body::Body + 'static,
@@ -134,7 +145,7 @@ impl<S> Backpressure<S> {
         };
         if policy.reads_head() {
             let head = RequestHead::new(&req);
-            if policy.bypass.as_ref().is_some_and(|f| f(&head)) {
+            if !bypass_asked && policy.bypass.as_ref().is_some_and(|f| f(&head)) {
                 return ResponseFuture::called(self.inner.call(req), None);
             }
             if let Some(f) = &policy.priority {

@@ -659,6 +659,57 @@ async fn bypassed_requests_are_never_limited_and_status_is_configurable() {
 }
 
 #[tokio::test]
+async fn the_bypass_function_is_asked_once_per_request_on_every_path() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = asked.clone();
+    let layer = BackpressureLayer::builder(1)
+        .max_queued(1)
+        .bypass(move |head| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            head.uri().path() == "/healthz"
+        })
+        .build();
+    let handle = layer.handle();
+    let gated = Gated::new();
+    let svc = layer.layer(gated.clone());
+    // Admitted by the lock-free path.
+    let first = spawn_call(&svc, req(1));
+    settle().await;
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    // Not admitted at once: queued by the locked path, which must not ask again.
+    let second = spawn_call(&svc, req(2));
+    settle().await;
+    assert_eq!(handle.queued(), 1);
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
+    // Shed: the queue is full.
+    let shed = svc.clone().oneshot(req(3)).await.unwrap();
+    assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(asked.load(Ordering::SeqCst), 3);
+    // Bypassed while the limit is full.
+    let health = spawn_call(
+        &svc,
+        Request::get("/healthz")
+            .header("id", "4")
+            .body(Body::empty())
+            .unwrap(),
+    );
+    settle().await;
+    assert_eq!(asked.load(Ordering::SeqCst), 4);
+    assert_eq!(gated.order(), vec![1, 4]);
+    gated.release(3);
+    for t in [first, second, health] {
+        assert_eq!(t.await.unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        4,
+        "admitting from the queue asks nothing"
+    );
+    assert_idle(&handle);
+}
+
+#[tokio::test]
 async fn resizing_at_run_time_admits_waiters() {
     let layer = BackpressureLayer::builder(1).max_queued(5).build();
     let handle = layer.handle();

@@ -9,7 +9,7 @@
 //! Run it with `N` and `2N` and divide the difference of the totals by `N` to cancel
 //! start-up. Cases: `none`, `tower`, `typed` (any request type), `http-none`, `http-tower`,
 //! `http` (permit held to the end of the response body), `http-head` (permit released at
-//! the response head), and `contended-tower` / `contended-typed` (64 tasks on a two-worker
+//! the response head), `http-bypass` (`http` with a health-check bypass function), and `contended-tower` / `contended-typed` (64 tasks on a two-worker
 //! runtime sharing a limit of 8; measure these with `perf stat -e task-clock`, not callgrind,
 //! which runs one thread at a time). `sizes` prints the sizes of the response futures and bodies (futures
 //! up to 128 bytes are moved with register stores, larger ones with `memcpy`).
@@ -175,6 +175,16 @@ fn main() {
                 http(
                     BackpressureLayer::builder(1024)
                         .permit_release(tower_backpressure::PermitRelease::Head)
+                        .build()
+                        .layer(HttpEcho),
+                    n,
+                )
+                .await
+            }
+            "http-bypass" => {
+                http(
+                    BackpressureLayer::builder(1024)
+                        .bypass(|head| head.uri().path() == "/healthz")
                         .build()
                         .layer(HttpEcho),
                     n,
