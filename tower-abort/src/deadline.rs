@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::error::InvalidTimeout;
@@ -141,13 +142,24 @@ fn encode_grpc(d: Duration) -> String {
     format!("{n}{unit}")
 }
 
-/// The shortest valid time among the configured deadline headers. Relative, so that the
-/// caller reads the clock only when a deadline applies.
+/// What the request's headers say about its deadline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct FromHeaders {
+    /// The shortest valid time among the configured deadline headers. Relative, so that
+    /// the caller reads the clock only when a deadline applies.
+    pub(crate) timeout: Option<Duration>,
+    /// With `grpc`: the request is a gRPC call (its first `content-type` is
+    /// `application/grpc[+proto|...]`), so a passed deadline is answered the gRPC way.
+    pub(crate) grpc_call: bool,
+}
+
+/// Reads the configured deadline headers (and, with `grpc`, whether the request is a gRPC
+/// call) in one pass over the headers.
 pub(crate) fn from_headers(
     headers: &HeaderMap,
     grpc: bool,
     custom: Option<&(HeaderName, TimeoutFormat)>,
-) -> Option<Duration> {
+) -> FromHeaders {
     let mut best: Option<Duration> = None;
     let mut consider = |name: &HeaderName, value: &HeaderValue, format: TimeoutFormat| match format
         .parse(value.as_bytes())
@@ -155,13 +167,18 @@ pub(crate) fn from_headers(
         Ok(d) => best = Some(best.map_or(d, |b| b.min(d))),
         Err(err) => crate::event::bad_deadline_header(name, value, err.why()),
     };
+    let mut content_type = None;
     if headers.len() <= SCAN_HEADERS {
         // One pass comparing names: for the few headers most requests carry this is cheaper
         // than hashing each configured name for the map's index (about 300 instructions
         // per request under callgrind in the example server).
         for (name, value) in headers {
-            if grpc && *name == GRPC_TIMEOUT {
-                consider(name, value, TimeoutFormat::Grpc);
+            if grpc {
+                if *name == GRPC_TIMEOUT {
+                    consider(name, value, TimeoutFormat::Grpc);
+                } else if content_type.is_none() && name == CONTENT_TYPE {
+                    content_type = Some(value);
+                }
             }
             if let Some((custom, format)) = custom {
                 if name == custom {
@@ -174,6 +191,7 @@ pub(crate) fn from_headers(
             for value in headers.get_all(&GRPC_TIMEOUT) {
                 consider(&GRPC_TIMEOUT, value, TimeoutFormat::Grpc);
             }
+            content_type = headers.get(CONTENT_TYPE);
         }
         if let Some((name, format)) = custom {
             for value in headers.get_all(name) {
@@ -181,7 +199,10 @@ pub(crate) fn from_headers(
             }
         }
     }
-    best
+    FromHeaders {
+        timeout: best,
+        grpc_call: content_type.is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+    }
 }
 
 /// Up to this many header values [`from_headers`] scans them instead of looking names up.
@@ -224,20 +245,46 @@ mod tests {
         for filler in [0, SCAN_HEADERS - deadlines.len(), 20] {
             let map = headers(filler, &deadlines);
             let ms = Duration::from_millis;
-            assert_eq!(
-                from_headers(&map, true, Some(&custom)),
-                Some(ms(2000)),
-                "{filler}"
-            );
-            assert_eq!(
-                from_headers(&map, false, Some(&custom)),
-                Some(ms(2500)),
-                "{filler}"
-            );
-            assert_eq!(from_headers(&map, true, None), Some(ms(2000)), "{filler}");
-            assert_eq!(from_headers(&map, false, None), None, "{filler}");
+            let timeout = |grpc, custom| from_headers(&map, grpc, custom).timeout;
+            assert_eq!(timeout(true, Some(&custom)), Some(ms(2000)), "{filler}");
+            assert_eq!(timeout(false, Some(&custom)), Some(ms(2500)), "{filler}");
+            assert_eq!(timeout(true, None), Some(ms(2000)), "{filler}");
+            assert_eq!(timeout(false, None), None, "{filler}");
             let none = headers(filler, &[]);
-            assert_eq!(from_headers(&none, true, Some(&custom)), None, "{filler}");
+            assert_eq!(
+                from_headers(&none, true, Some(&custom)),
+                FromHeaders::default(),
+                "{filler}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_grpc_call_is_told_by_its_first_content_type_by_scan_and_by_index() {
+        let cases: [(&[(&str, &str)], bool); 5] = [
+            (&[("content-type", "application/grpc")], true),
+            (&[("content-type", "application/grpc+proto")], true),
+            (&[("content-type", "application/json")], false),
+            // `HeaderMap::get` answers with the first value.
+            (
+                &[
+                    ("content-type", "text/plain"),
+                    ("content-type", "application/grpc"),
+                ],
+                false,
+            ),
+            (&[("grpc-timeout", "1S")], false),
+        ];
+        for (deadlines, grpc_call) in cases {
+            for filler in [0, 3, 20] {
+                let map = headers(filler, deadlines);
+                let read = from_headers(&map, true, None);
+                assert_eq!(read.grpc_call, grpc_call, "{deadlines:?} after {filler}");
+                assert!(
+                    !from_headers(&map, false, None).grpc_call,
+                    "only asked with grpc: {deadlines:?}"
+                );
+            }
         }
     }
 

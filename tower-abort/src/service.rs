@@ -80,11 +80,12 @@ where
         // Client deadline headers first: they are relative, so the clock is read only when
         // some deadline applies (or something will report the elapsed time). Reading it is
         // the layer's most expensive step on some machines.
-        let client = if config.grpc_timeout || config.header.is_some() {
+        let read = if config.grpc_timeout || config.header.is_some() {
             deadline::from_headers(req.headers(), config.grpc_timeout, config.header.as_ref())
         } else {
-            None
+            deadline::FromHeaders::default()
         };
+        let client = read.timeout;
         let timeout = match (config.timeout, client) {
             (Some(server), Some(client)) => Some(server.min(client)),
             (server, client) => server.or(client),
@@ -102,7 +103,7 @@ where
             }
             _ => None,
         };
-        let answer = if config.grpc_timeout && is_grpc(&req) {
+        let answer = if read.grpc_call {
             TimeoutAnswer::Grpc
         } else {
             TimeoutAnswer::Status(config.timeout_status)
@@ -144,11 +145,4 @@ where
             deadline.is_some() && timeout == config.timeout && signal.deadline() == deadline;
         ResponseFuture::new(self.inner.call(req), signal, server_deadline, answer)
     }
-}
-
-/// Whether the request is a gRPC call (`content-type: application/grpc[+proto|...]`).
-fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
