@@ -631,7 +631,8 @@ pin_project_lite::pin_project! {
     #[project = CallProj]
     enum Call<S: Service<Request<Incoming>>> {
         Called { #[pin] fut: S::Future },
-        Waiting { #[pin] fut: Oneshot<S, Request<Incoming>> },
+        // Boxed: it holds the request and a copy of the whole stack, and is rare.
+        Waiting { fut: Pin<Box<Oneshot<S, Request<Incoming>>>> },
         Failed { error: Option<BoxError> },
     }
 }
@@ -668,7 +669,7 @@ where
                 // sit unused until this connection's next request, or forever.
                 let fresh = service.clone();
                 Call::Waiting {
-                    fut: Oneshot::new(std::mem::replace(service, fresh), req),
+                    fut: Box::pin(Oneshot::new(std::mem::replace(service, fresh), req)),
                 }
             }
         }
@@ -685,7 +686,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             CallProj::Called { fut } => fut.poll(cx).map_err(Into::into),
-            CallProj::Waiting { fut } => fut.poll(cx).map_err(Into::into),
+            CallProj::Waiting { fut } => fut.as_mut().poll(cx).map_err(Into::into),
             CallProj::Failed { error } => {
                 Poll::Ready(Err(error.take().expect("polled after completion")))
             }
