@@ -114,7 +114,8 @@ impl SendfileStats {
     }
 
     /// Response ends that tried the aligned end but found bytes still unsent (a closed peer
-    /// window, congestion, or a segment size other than expected) and waited instead.
+    /// window, congestion, or a segment size other than expected) and waited instead (still
+    /// holding back, and then copying, the last partial segment).
     pub fn aligned_fallbacks(&self) -> u64 {
         self.inner.aligned_fallbacks.load(Ordering::Relaxed)
     }
@@ -243,9 +244,9 @@ impl_socket!(tokio::net::UnixStream);
 /// (the same condition the wait ends on for a loopback peer): the files are checked, the tail
 /// is read with `pread` and copied with `sendmsg`, and the uncork sends it as the response's
 /// last, partial segment, as nginx's responses end. If anything is unsent (a closed peer window,
-/// congestion, or a segment size other than expected), the response ends the waiting way: the
-/// tail but its last byte goes out with `sendfile`, then the wait. Safety never depends on
-/// the segment arithmetic, only on the kernel's count of unsent bytes.
+/// congestion, or a segment size other than expected), the response ends the waiting way with
+/// the same tail held back: uncork, wait until nothing is unsent, check, copy the tail. Safety
+/// never depends on the segment arithmetic, only on the kernel's count of unsent bytes.
 /// [`SendfileStats::aligned_ends`] and [`SendfileStats::aligned_fallbacks`] count both
 /// outcomes, [`SendfileStats::held_back_bytes`] the bytes copied.
 ///
@@ -468,8 +469,9 @@ struct Unchecked {
     /// The socket's segment size (`TCP_MAXSEG`), read at the first aligned end (and again
     /// after one missed).
     mss: Option<u64>,
-    /// End address of the fenced slice whose aligned end missed: it ends the waiting way.
-    slow: Option<usize>,
+    /// The fenced slice (end address) whose aligned end found bytes unsent, and the bytes it
+    /// holds back: it ends the waiting way, with the same bytes held back.
+    waiting: Option<(usize, usize)>,
 }
 
 /// The per-call limits of [`write_slices`].
@@ -546,12 +548,13 @@ impl Unchecked {
             // Checked: what is left of the slice is copied.
             return (len, false);
         }
+        if let Some((end, held)) = self.waiting {
+            if end == end_addr {
+                return (held.min(len), false);
+            }
+        }
         let waiting = (len.min(HELD_BACK), false);
-        if !self.corked
-            || max_tail == 0
-            || self.peer != Some(Peer::TcpLoopback)
-            || self.slow == Some(end_addr)
-        {
+        if !self.corked || max_tail == 0 || self.peer != Some(Peer::TcpLoopback) {
             return waiting;
         }
         let mss = match self.mss {
@@ -725,7 +728,11 @@ fn write_slices<S: SendfileSocket>(
         if let Some((_, _)) = &file_slice {
             // Cork unless all this call can send of the slice is copied held-back bytes.
             let only_held = fence.is_some_and(|end_addr| {
-                unchecked.passed == Some(end_addr) || bufs[i].len() <= HELD_BACK
+                let held = match unchecked.waiting {
+                    Some((end, held)) if end == end_addr => held,
+                    _ => HELD_BACK,
+                };
+                unchecked.passed == Some(end_addr) || bufs[i].len() <= held
             });
             if !only_held {
                 unchecked.cork(fd);
@@ -793,30 +800,25 @@ fn write_slices<S: SendfileSocket>(
         }
         if let Some(end_addr) = fence {
             if unchecked.passed != Some(end_addr) {
-                if aligned {
-                    // Every byte before the tail is in the corked socket. If none is unsent,
-                    // the gate is open without waiting (as `gate` finds for a loopback peer),
-                    // and the response ends like nginx's: the tail leaves with the uncork, in
-                    // the last partial segment.
-                    if matches!(crate::mapping::socket_unsent(fd), Ok(0)) {
-                        stats.inner.aligned_ends.fetch_add(1, Ordering::Relaxed);
-                    } else {
+                // Every byte before the tail is in the corked socket. If none is unsent, the
+                // gate is open without waiting (as `gate` finds for a loopback peer), and the
+                // response ends like nginx's: the tail leaves with the uncork, in the last
+                // partial segment.
+                let at_once = aligned && matches!(crate::mapping::socket_unsent(fd), Ok(0));
+                if at_once {
+                    stats.inner.aligned_ends.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    if aligned {
                         // A closed window, congestion, or another segment size: the waiting
-                        // way, which first sends all but the last byte (re-reading the segment
-                        // size next time).
+                        // way, still holding back the same bytes (the segment size is read
+                        // again for the next response).
                         stats
                             .inner
                             .aligned_fallbacks
                             .fetch_add(1, Ordering::Relaxed);
-                        unchecked.slow = Some(end_addr);
+                        unchecked.waiting = Some((end_addr, held));
                         unchecked.mss = None;
-                        if total > 0 {
-                            return Ok(Written::Bytes(total));
-                        }
-                        // Nothing of this slice was sent in this call: take it again.
-                        continue;
                     }
-                } else {
                     // Only once every byte before it has left the send queue: bytes still in
                     // it (held by the cork, or by a peer window that is closed) are page-cache
                     // pages a truncation would zero. A byte count alone cannot tell the cork's
@@ -871,7 +873,7 @@ fn write_slices<S: SendfileSocket>(
             }
             stats.inner.checked_ends.fetch_add(1, Ordering::Relaxed);
             unchecked.passed = None;
-            unchecked.slow = None;
+            unchecked.waiting = None;
         }
         i += 1;
     }
