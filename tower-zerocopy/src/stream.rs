@@ -725,7 +725,7 @@ fn write_slices<S: SendfileSocket>(
             }
             _ => None,
         };
-        if let Some((_, _)) = &file_slice {
+        if file_slice.is_some() {
             // Cork unless all this call can send of the slice is copied held-back bytes.
             let only_held = fence.is_some_and(|end_addr| {
                 let held = match unchecked.waiting {
