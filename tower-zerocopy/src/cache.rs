@@ -23,6 +23,8 @@ pub(crate) struct OpenFile {
     pub(crate) is_dir: bool,
     identity: (u64, u64, u64, Option<SystemTime>),
     pub(crate) validators: Validators,
+    /// The `Content-Type` guessed from the path it was opened by (cached with the entry).
+    content_type: std::sync::OnceLock<http::HeaderValue>,
     #[cfg(target_os = "linux")]
     mapping: std::sync::OnceLock<Option<Arc<Mapping>>>,
 }
@@ -53,6 +55,7 @@ impl OpenFile {
             is_dir: meta.is_dir(),
             identity: (dev, ino, len, mtime),
             validators: Validators::new(ino, len, mtime, ""),
+            content_type: std::sync::OnceLock::new(),
             #[cfg(target_os = "linux")]
             mapping: std::sync::OnceLock::new(),
         }))
@@ -64,6 +67,19 @@ impl OpenFile {
             Ok(meta) => meta.len() == self.identity.2 && meta.modified().ok() == self.identity.3,
             Err(_) => false,
         }
+    }
+
+    /// The `Content-Type` for `rel`, the path this entry was opened by (guessed from its
+    /// extension on first use; the cache keys entries by that path).
+    pub(crate) fn content_type(&self, rel: &str) -> http::HeaderValue {
+        self.content_type
+            .get_or_init(|| {
+                mime_guess::from_path(rel).first_raw().map_or(
+                    http::HeaderValue::from_static("application/octet-stream"),
+                    http::HeaderValue::from_static,
+                )
+            })
+            .clone()
     }
 
     /// The file's registered memory map, created on first use and shared by later responses.

@@ -33,5 +33,5 @@ pub use serve::{
 };
 pub use stream::{
     SendfileCapability, SendfileSocket, SendfileStats, SendfileStream, DEFAULT_DRAIN_POLL_MAX,
-    DEFAULT_MAX_CHUNK,
+    DEFAULT_MAX_CHUNK, DEFAULT_MAX_COPIED_TAIL,
 };

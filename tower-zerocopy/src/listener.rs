@@ -12,7 +12,9 @@ use axum::serve::{IncomingStream, Listener};
 use tokio::net::{TcpListener, TcpStream};
 use tower_service::Service;
 
-use crate::{MarkSendfile, SendfileStats, SendfileStream, DEFAULT_MAX_CHUNK};
+use crate::{
+    MarkSendfile, SendfileStats, SendfileStream, DEFAULT_MAX_CHUNK, DEFAULT_MAX_COPIED_TAIL,
+};
 
 /// A TCP listener for `axum::serve` whose connections are [`SendfileStream`]s.
 ///
@@ -39,6 +41,7 @@ pub struct SendfileListener {
     inner: TcpListener,
     stats: SendfileStats,
     max_chunk: usize,
+    max_copied_tail: usize,
     nodelay: bool,
 }
 
@@ -54,6 +57,7 @@ impl SendfileListener {
             inner,
             stats: SendfileStats::new(),
             max_chunk: DEFAULT_MAX_CHUNK,
+            max_copied_tail: DEFAULT_MAX_COPIED_TAIL,
             nodelay: true,
         }
     }
@@ -80,6 +84,13 @@ impl SendfileListener {
         self
     }
 
+    /// Most bytes copied at an aligned response end of each connection (see
+    /// [`SendfileStream::max_copied_tail`]).
+    pub fn max_copied_tail(mut self, bytes: usize) -> Self {
+        self.max_copied_tail = bytes;
+        self
+    }
+
     /// Whether accepted sockets get `TCP_NODELAY` (default `true`: the stream already batches
     /// head and file data with `MSG_MORE`, and small responses should not wait for Nagle).
     pub fn nodelay(mut self, nodelay: bool) -> Self {
@@ -100,7 +111,8 @@ impl Listener for SendfileListener {
                         let _ = tcp.set_nodelay(true);
                     }
                     let io = SendfileStream::with_stats(tcp, self.stats.clone())
-                        .max_chunk(self.max_chunk);
+                        .max_chunk(self.max_chunk)
+                        .max_copied_tail(self.max_copied_tail);
                     return (io, addr);
                 }
                 Err(e) => {

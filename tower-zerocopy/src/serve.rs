@@ -564,10 +564,7 @@ fn resolve(
             Err(e) => return Ok(Resolved::Status(failure_status(e))),
         };
     }
-    let content_type = mime_guess::from_path(&rel).first_raw().map_or(
-        HeaderValue::from_static("application/octet-stream"),
-        HeaderValue::from_static,
-    );
+    let content_type = file.content_type(&rel);
     for &enc in &ctx.encodings {
         if let Ok(variant) = lookup(&format!("{rel}{}", enc.extension()))? {
             if !variant.is_dir {

@@ -23,15 +23,29 @@ pub const DEFAULT_DRAIN_POLL_MAX: Duration = Duration::from_millis(10);
 /// The first re-check waits for the runtime's next timer tick (tokio's timer has 1 ms ticks).
 const FIRST_DRAIN_POLL: Duration = Duration::from_micros(1);
 
-/// File bytes at the end of each response held back until the check (and then copied).
+/// Default most file bytes at the end of a response that are copied so that the response ends
+/// without a wait and without a segment of its own (see [`SendfileStream::max_copied_tail`]):
+/// 16 KiB.
+pub const DEFAULT_MAX_COPIED_TAIL: usize = 16 * 1024;
+
+/// File bytes at the end of each response held back until the check (and then copied) when the
+/// end is not aligned (see "Truncation and the last byte of a response").
 #[cfg(target_os = "linux")]
 const HELD_BACK: usize = 1;
+
+#[cfg(target_os = "linux")]
+thread_local! {
+    /// The copy of a response's held-back bytes, between `pread` and `sendmsg` (one per thread,
+    /// not per connection: it is used only inside one write call).
+    static TAIL: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Byte counters of one or more [`SendfileStream`]s (cheap to clone; clones share counts).
 ///
 /// Every byte a stream writes is counted once: file bytes sent with `sendfile(2)` in
 /// [`sendfile_bytes`](Self::sendfile_bytes), everything else (response heads, chunk framing,
-/// bytes of bodies that are not mapped files) in [`copied_bytes`](Self::copied_bytes). Export
+/// bytes of bodies that are not mapped files, the held-back bytes at response ends) in
+/// [`copied_bytes`](Self::copied_bytes). Export
 /// them as metrics, e.g. `zerocopy_sendfile_bytes_total` and `zerocopy_copied_bytes_total`.
 #[derive(Clone, Default)]
 pub struct SendfileStats {
@@ -45,6 +59,9 @@ struct StatsInner {
     sendfile_calls: AtomicU64,
     truncations: AtomicU64,
     checked_ends: AtomicU64,
+    held_back_bytes: AtomicU64,
+    aligned_ends: AtomicU64,
+    aligned_fallbacks: AtomicU64,
 }
 
 impl SendfileStats {
@@ -73,13 +90,34 @@ impl SendfileStats {
         self.inner.truncations.load(Ordering::Relaxed)
     }
 
-    /// Responses whose last file byte was sent only after the peer had received everything
-    /// before it and the file was checked (see [`SendfileStream`], "Truncation and the last byte
-    /// of a response"). That byte is copied, so it is counted in
-    /// [`copied_bytes`](Self::copied_bytes): the file bytes of sendfile-path responses are
-    /// `sendfile_bytes() + checked_ends()`.
+    /// Responses whose last file bytes were sent only after the peer had received everything
+    /// before them and the file was checked (see [`SendfileStream`], "Truncation and the last
+    /// byte of a response").
     pub fn checked_ends(&self) -> u64 {
         self.inner.checked_ends.load(Ordering::Relaxed)
+    }
+
+    /// File bytes held back at response ends and copied after the check: one per response
+    /// that waited, the last partial segment's bytes per [aligned end](Self::aligned_ends).
+    /// They are also counted in [`copied_bytes`](Self::copied_bytes): the file bytes of
+    /// sendfile-path responses are `sendfile_bytes() + held_back_bytes()`.
+    pub fn held_back_bytes(&self) -> u64 {
+        self.inner.held_back_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Of the [`checked_ends`](Self::checked_ends), those checked right after the file data
+    /// without a wait: `sendfile` stopped at a segment boundary of the corked socket, nothing
+    /// was left unsent, and the tail (at most
+    /// [`max_copied_tail`](SendfileStream::max_copied_tail) bytes) was copied.
+    pub fn aligned_ends(&self) -> u64 {
+        self.inner.aligned_ends.load(Ordering::Relaxed)
+    }
+
+    /// Response ends that tried the aligned end but found bytes still unsent (a closed peer
+    /// window, congestion, or a segment size other than expected) and waited instead (still
+    /// holding back, and then copying, the last partial segment).
+    pub fn aligned_fallbacks(&self) -> u64 {
+        self.inner.aligned_fallbacks.load(Ordering::Relaxed)
     }
 }
 
@@ -91,6 +129,9 @@ impl fmt::Debug for SendfileStats {
             .field("sendfile_calls", &self.sendfile_calls())
             .field("truncations", &self.truncations())
             .field("checked_ends", &self.checked_ends())
+            .field("held_back_bytes", &self.held_back_bytes())
+            .field("aligned_ends", &self.aligned_ends())
+            .field("aligned_fallbacks", &self.aligned_fallbacks())
             .finish()
     }
 }
@@ -170,10 +211,11 @@ impl_socket!(tokio::net::UnixStream);
 /// file zeroes, in place, the part of the page-cache folio (up to 2 MiB with large folios) that
 /// lies past the new end of file — including pages the socket still holds. Bytes that were
 /// queued before the truncation can therefore reach the peer as zeros, after `sendfile`
-/// reported them sent. So the last byte of each response's file data is held back: once
-/// everything before it has been handed to the kernel, the stream waits until the peer has
-/// received all of it, then checks that every file sent since the previous check still holds
-/// the bytes sent of it, and only then copies the last byte with `sendmsg`. If a file shrank,
+/// reported them sent. So the end of each response's file data is held back (its last byte, or
+/// on loopback its last partial segment: see "Aligned ends" below): once everything before it
+/// has been handed to the kernel, the stream waits until the peer has received all of it, then
+/// checks that every file sent since the previous check still holds the bytes sent of it, and
+/// only then copies the held-back bytes with `pread` and `sendmsg`. If a file shrank,
 /// the write fails with [`io::ErrorKind::UnexpectedEof`] and the socket is reset: the peer gets
 /// fewer bytes than `Content-Length`, never a complete response with wrong bytes.
 ///
@@ -188,6 +230,25 @@ impl_socket!(tokio::net::UnixStream);
 /// Unix-socket reads are polled on tokio's timer (first at the next tick, then at doubling
 /// intervals up to [`drain_poll_max`](Self::drain_poll_max)), so the runtime must have timers
 /// enabled.
+///
+/// ## Aligned ends (loopback TCP)
+///
+/// Waiting costs a loopback response about two microseconds and the last byte a segment of its
+/// own. So on a corked socket to a loopback peer the stream first tries to *align* the end:
+/// with `TCP_CORK` set, Linux sends only whole segments, so `sendfile` stops at the last
+/// segment boundary (from the socket's `TCP_MAXSEG` and the bytes written since the cork),
+/// and the rest of the response's file data — the last partial segment, if it is at most
+/// [`max_copied_tail`](Self::max_copied_tail) bytes (default [`DEFAULT_MAX_COPIED_TAIL`]) —
+/// is held back instead of one byte. Right after that `sendfile` the stream asks the kernel
+/// whether anything is unsent (`SIOCOUTQNSD`). If nothing is, the gate is open without a wait
+/// (the same condition the wait ends on for a loopback peer): the files are checked, the tail
+/// is read with `pread` and copied with `sendmsg`, and the uncork sends it as the response's
+/// last, partial segment, as nginx's responses end. If anything is unsent (a closed peer window,
+/// congestion, or a segment size other than expected), the response ends the waiting way with
+/// the same tail held back: uncork, wait until nothing is unsent, check, copy the tail. Safety
+/// never depends on the segment arithmetic, only on the kernel's count of unsent bytes.
+/// [`SendfileStats::aligned_ends`] and [`SendfileStats::aligned_fallbacks`] count both
+/// outcomes, [`SendfileStats::held_back_bytes`] the bytes copied.
 ///
 /// What remains: a peer on the **same host** (loopback, a veth pair between containers) holds
 /// received bytes in its receive queue, where they still reference the same pages until the
@@ -207,6 +268,7 @@ pub struct SendfileStream<S> {
     io: S,
     stats: SendfileStats,
     max_chunk: usize,
+    max_tail: usize,
     drain: DrainWait,
     #[cfg(target_os = "linux")]
     unchecked: Unchecked,
@@ -218,6 +280,7 @@ impl<S: fmt::Debug> fmt::Debug for SendfileStream<S> {
             .field("io", &self.io)
             .field("stats", &self.stats)
             .field("max_chunk", &self.max_chunk)
+            .field("max_copied_tail", &self.max_tail)
             .field("drain_poll_max", &self.drain.max)
             .finish()
     }
@@ -284,6 +347,7 @@ impl<S: SendfileSocket> SendfileStream<S> {
             io,
             stats,
             max_chunk: DEFAULT_MAX_CHUNK,
+            max_tail: DEFAULT_MAX_COPIED_TAIL,
             drain: DrainWait::new(DEFAULT_DRAIN_POLL_MAX),
             #[cfg(target_os = "linux")]
             unchecked: Unchecked::default(),
@@ -303,6 +367,18 @@ impl<S: SendfileSocket> SendfileStream<S> {
     /// end of each response, a smaller one costs more wake-ups while they read.
     pub fn drain_poll_max(mut self, interval: Duration) -> Self {
         self.drain = DrainWait::new(interval.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// Sets the most file bytes at the end of a response that may be copied so that the
+    /// response ends without a wait (default [`DEFAULT_MAX_COPIED_TAIL`]; 0: always wait; see
+    /// "Truncation and the last byte of a response" above). On loopback TCP the last partial
+    /// segment of a response (its bytes past the last whole segment) is copied instead of sent
+    /// with `sendfile` when it is at most this long; a larger value copies more bytes for more
+    /// responses, a smaller one lets more responses wait for the send queue and end with a
+    /// one-byte segment.
+    pub fn max_copied_tail(mut self, bytes: usize) -> Self {
+        self.max_tail = bytes;
         self
     }
 
@@ -340,9 +416,13 @@ impl<S: SendfileSocket> SendfileStream<S> {
         loop {
             std::task::ready!(self.io.poll_ready(cx))?;
             let res = {
-                let (io, stats, cap) = (&self.io, &self.stats, self.max_chunk);
+                let (io, stats) = (&self.io, &self.stats);
+                let limits = Limits {
+                    cap: self.max_chunk,
+                    max_tail: self.max_tail,
+                };
                 let unchecked = &mut self.unchecked;
-                io.try_write(|| write_slices(io, stats, cap, bufs, unchecked))
+                io.try_write(|| write_slices(io, stats, limits, bufs, unchecked))
             };
             match res {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -383,6 +463,25 @@ struct Unchecked {
     lowered: bool,
     /// Whether this stream has set `TCP_CORK` (from a response's first file bytes to its end).
     corked: bool,
+    /// Bytes written since the cork was set, while known to be whole segments plus the corked
+    /// tail (`None` after a short write, when the kernel may have pushed a partial segment).
+    queued: Option<u64>,
+    /// The socket's segment size (`TCP_MAXSEG`), read at the first aligned end (and again
+    /// after one missed).
+    mss: Option<u64>,
+    /// The fenced slice (end address) whose aligned end found bytes unsent, and the bytes it
+    /// holds back: it ends the waiting way, with the same bytes held back.
+    waiting: Option<(usize, usize)>,
+}
+
+/// The per-call limits of [`write_slices`].
+#[cfg(target_os = "linux")]
+#[derive(Clone, Copy)]
+struct Limits {
+    /// Fairness cap: bytes per call.
+    cap: usize,
+    /// Most bytes copied for an aligned end.
+    max_tail: usize,
 }
 
 /// Whether a response's last byte may be checked and sent now.
@@ -409,7 +508,79 @@ impl Unchecked {
         if *self.peer.get_or_insert_with(|| sys::peer(fd)) != Peer::Other {
             // Best effort: without the cork the bytes still go out, in more segments.
             self.corked = rustix::net::sockopt::set_tcp_cork(fd, true).is_ok();
+            self.queued = Some(0);
         }
+    }
+
+    /// Records `n` bytes handed to the socket, `whole` if that was all that was asked for.
+    fn wrote(&mut self, n: usize, whole: bool) {
+        // A write the socket cut short may have made the kernel push a partial segment
+        // (`tcp_sendmsg_locked` pushes with `TCP_NAGLE_PUSH` before it waits for memory, cork
+        // or not): from then on the count no longer tells where segments end.
+        self.queued = match self.queued {
+            Some(q) if whole => Some(q + n as u64),
+            _ => None,
+        };
+    }
+
+    /// How many of the last `len` file bytes of a response (a fenced slice ending at
+    /// `end_addr`) to hold back for the check, and whether that end is *aligned*.
+    ///
+    /// Aligned (corked loopback TCP only): hold back the bytes past the last segment boundary,
+    /// if at most `max_tail`. With `TCP_CORK` set, `tcp_write_xmit` sends the last skb of the
+    /// queue only in whole segments (`tcp_nagle_check` refuses a partial one while
+    /// `TCP_NAGLE_CORK` is set, and `tcp_mss_split_point` splits a larger skb at the last
+    /// `mss_now` boundary), while skbs before it are sent whole. The bytes queued since the cork
+    /// was set fill skbs of `size_goal`, a multiple of `mss_now` (on loopback one segment: 64
+    /// KiB of page fragments fits in `MAX_SKB_FRAGS`). So once every byte before the tail is
+    /// queued, and the peer window and congestion window are open, nothing should be left
+    /// unsent. Nothing here relies on that: the caller asks the kernel (`SIOCOUTQNSD`) and
+    /// waits the usual way unless it is 0.
+    fn held_back(
+        &mut self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        end_addr: usize,
+        len: usize,
+        max_tail: usize,
+    ) -> (usize, bool) {
+        use crate::sys::Peer;
+        if self.passed == Some(end_addr) {
+            // Checked: what is left of the slice is copied.
+            return (len, false);
+        }
+        if let Some((end, held)) = self.waiting {
+            if end == end_addr {
+                return (held.min(len), false);
+            }
+        }
+        let waiting = (len.min(HELD_BACK), false);
+        if !self.corked || max_tail == 0 || self.peer != Some(Peer::TcpLoopback) {
+            return waiting;
+        }
+        let mss = match self.mss {
+            Some(mss) => mss,
+            None => match socket2::SockRef::from(&fd).tcp_mss() {
+                Ok(mss) if mss > 0 => *self.mss.insert(u64::from(mss)),
+                _ => return waiting,
+            },
+        };
+        let queued = match self.queued {
+            Some(q) => q,
+            // After a short write: the unsent bytes are the corked tail if the window is open
+            // (if it is not, the check below finds bytes unsent and the end waits).
+            None => match crate::mapping::socket_unsent(fd) {
+                Ok(unsent) => *self.queued.insert(unsent as u64),
+                Err(_) => return waiting,
+            },
+        };
+        let tail = match (queued + len as u64) % mss {
+            0 => mss,
+            t => t,
+        };
+        if tail > max_tail as u64 || tail > len as u64 {
+            return waiting;
+        }
+        (tail as usize, true)
     }
 
     /// Removes the cork set by [`Self::cork`], sending what it held back.
@@ -510,12 +681,13 @@ fn truncated(fd: std::os::fd::BorrowedFd<'_>, stats: &SendfileStats) -> io::Erro
 fn write_slices<S: SendfileSocket>(
     io: &S,
     stats: &SendfileStats,
-    cap: usize,
+    limits: Limits,
     bufs: &[IoSlice<'_>],
     unchecked: &mut Unchecked,
 ) -> io::Result<Written> {
     use crate::{registry, sys};
     let fd = io.fd();
+    let cap = limits.cap;
     let mut total = 0usize;
     let mut i = 0;
     // `WouldBlock` after progress is reported as that progress (the next call waits); any
@@ -546,15 +718,25 @@ fn write_slices<S: SendfileSocket>(
             }
             i += 1;
         }
-        // A slice that ends a response keeps its last byte back for the check.
-        let held = match &file_slice {
+        // A slice that ends a response keeps its last bytes back for the check.
+        let fence = match &file_slice {
             Some((target, offset)) if target.is_fence(offset + bufs[i].len() as u64) => {
-                bufs[i].len().min(HELD_BACK)
+                Some(bufs[i].as_ptr() as usize + bufs[i].len())
             }
-            _ => 0,
+            _ => None,
         };
-        if file_slice.is_some() && bufs[i].len() > held {
-            unchecked.cork(fd);
+        if file_slice.is_some() {
+            // Cork unless all this call can send of the slice is copied held-back bytes.
+            let only_held = fence.is_some_and(|end_addr| {
+                let held = match unchecked.waiting {
+                    Some((end, held)) if end == end_addr => held,
+                    _ => HELD_BACK,
+                };
+                unchecked.passed == Some(end_addr) || bufs[i].len() <= held
+            });
+            if !only_held {
+                unchecked.cork(fd);
+            }
         }
         let run = &bufs[run_start..i];
         let run_len: usize = run.iter().map(|b| b.len()).sum();
@@ -562,17 +744,25 @@ fn write_slices<S: SendfileSocket>(
             match send_copied(run, file_slice.is_some()) {
                 Ok(n) => {
                     total += n;
+                    unchecked.wrote(n, n == run_len);
                     if n < run_len {
                         return Ok(Written::Bytes(total));
                     }
                 }
-                Err(e) => return partial(total, e),
+                Err(e) => {
+                    unchecked.wrote(0, false);
+                    return partial(total, e);
+                }
             }
         }
         let Some((target, offset)) = file_slice else {
             break;
         };
         let len = bufs[i].len();
+        let (held, aligned) = match fence {
+            Some(end_addr) => unchecked.held_back(fd, end_addr, len, limits.max_tail),
+            None => (0, false),
+        };
         let end = offset + len as u64;
         let direct = len - held;
         let mut sent = 0;
@@ -591,6 +781,7 @@ fn write_slices<S: SendfileSocket>(
                     stats.inner.sendfile_calls.fetch_add(1, Ordering::Relaxed);
                     sent += n;
                     total += n;
+                    unchecked.wrote(n, n == want);
                     unchecked.sent(&target, offset + sent as u64);
                     if n < want {
                         // The socket is full (or the file ended): trying again now would only
@@ -598,52 +789,91 @@ fn write_slices<S: SendfileSocket>(
                         return Ok(Written::Bytes(total));
                     }
                 }
-                Err(e) => return partial(total, e),
+                Err(e) => {
+                    unchecked.wrote(0, false);
+                    return partial(total, e);
+                }
             }
         }
         if sent < direct {
             return Ok(Written::Bytes(total));
         }
-        if held > 0 {
-            let end_addr = bufs[i].as_ptr() as usize + len;
+        if let Some(end_addr) = fence {
             if unchecked.passed != Some(end_addr) {
-                // Only once every byte before it has left the send queue: bytes still in it
-                // (held by the cork, or by a peer window that is closed) are page-cache pages
-                // a truncation would zero. A byte count alone cannot tell the cork's tail from
-                // bytes the window holds, so the wait is taken even when little is unsent.
-                if total > 0 {
-                    return Ok(Written::Bytes(total));
-                }
-                // The response's file data is in the socket: let its last segment go.
-                unchecked.uncork(fd)?;
-                match unchecked.gate(fd)? {
-                    Gate::Open => {}
-                    // Inside `try_io`, `WouldBlock` clears the readiness: wait for `EPOLLOUT`.
-                    Gate::Writable => return Err(io::ErrorKind::WouldBlock.into()),
-                    Gate::Later => return Ok(Written::Drain),
+                // Every byte before the tail is in the corked socket. If none is unsent, the
+                // gate is open without waiting (as `gate` finds for a loopback peer), and the
+                // response ends like nginx's: the tail leaves with the uncork, in the last
+                // partial segment.
+                let at_once = aligned && matches!(crate::mapping::socket_unsent(fd), Ok(0));
+                if at_once {
+                    stats.inner.aligned_ends.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    if aligned {
+                        // A closed window, congestion, or another segment size: the waiting
+                        // way, still holding back the same bytes (the segment size is read
+                        // again for the next response).
+                        stats
+                            .inner
+                            .aligned_fallbacks
+                            .fetch_add(1, Ordering::Relaxed);
+                        unchecked.waiting = Some((end_addr, held));
+                        unchecked.mss = None;
+                    }
+                    // Only once every byte before it has left the send queue: bytes still in
+                    // it (held by the cork, or by a peer window that is closed) are page-cache
+                    // pages a truncation would zero. A byte count alone cannot tell the cork's
+                    // tail from bytes the window holds, so the wait is taken even when little
+                    // is unsent.
+                    if total > 0 {
+                        return Ok(Written::Bytes(total));
+                    }
+                    // The response's file data is in the socket: let its last segment go.
+                    unchecked.uncork(fd)?;
+                    match unchecked.gate(fd)? {
+                        Gate::Open => {}
+                        // Inside `try_io`, `WouldBlock` clears the readiness: wait for `EPOLLOUT`.
+                        Gate::Writable => return Err(io::ErrorKind::WouldBlock.into()),
+                        Gate::Later => return Ok(Written::Drain),
+                    }
                 }
                 if !unchecked.check(&target, end)? {
                     return Err(truncated(fd, stats));
                 }
                 unchecked.passed = Some(end_addr);
             }
-            let mut last = [0u8; HELD_BACK];
-            let last = &mut last[..held];
-            // Reading them proves the file still reaches `end`; the copy cannot change later.
-            if sys::read_at(&target.file, last, end - held as u64)? < held {
-                return Err(truncated(fd, stats));
-            }
-            match send_copied(&[IoSlice::new(last)], false) {
+            let sent_held = TAIL.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                if buf.len() < held {
+                    buf.resize(held, 0);
+                }
+                let tail = &mut buf[..held];
+                // Reading them proves the file still reaches `end`; the copy cannot change
+                // later.
+                if sys::read_at(&target.file, tail, end - held as u64)? < held {
+                    return Err(truncated(fd, stats));
+                }
+                send_copied(&[IoSlice::new(tail)], false)
+            });
+            match sent_held {
                 Ok(n) => {
                     total += n;
+                    unchecked.wrote(n, n == held);
+                    stats
+                        .inner
+                        .held_back_bytes
+                        .fetch_add(n as u64, Ordering::Relaxed);
                     if n < held {
                         return Ok(Written::Bytes(total));
                     }
                 }
-                Err(e) => return partial(total, e),
+                Err(e) => {
+                    unchecked.wrote(0, false);
+                    return partial(total, e);
+                }
             }
             stats.inner.checked_ends.fetch_add(1, Ordering::Relaxed);
             unchecked.passed = None;
+            unchecked.waiting = None;
         }
         i += 1;
     }

@@ -434,13 +434,26 @@ async fn cork_spans_the_file_data(check: bool) {
 /// checked at once when less than a segment was unsent delivered such responses.)
 #[tokio::test]
 async fn truncation_while_a_closed_window_holds_the_tail_is_caught() {
-    for (receive_buffer, len) in [(4096u32, 6000u64), (16384, 30000)] {
+    // Without the aligned end (`max_copied_tail(0)`) the file data but the last byte is
+    // queued at once; with it, a response far larger than the window finds bytes unsent
+    // after `sendfile` and waits the same way (a response that fits the window is checked at
+    // once: nothing is unsent then, which is what the wait would find).
+    for (receive_buffer, len, max_tail) in [
+        (4096u32, 6000u64, 0),
+        (16384, 30000, 0),
+        (4096, 60000, tower_zerocopy::DEFAULT_MAX_COPIED_TAIL),
+        (16384, 300_000, tower_zerocopy::DEFAULT_MAX_COPIED_TAIL),
+    ] {
         let _maps = MAPS.read().await;
         let dir = TempDir::new(&format!("window-{len}"));
         let path = dir.path().join("f.bin");
         write_pattern(&path, len);
         let (server, mut client) = tcp_pair(Some(receive_buffer)).await;
-        let mut stream = SendfileStream::new(server);
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(1 << 20)
+            .unwrap();
+        let mut stream = SendfileStream::new(server).max_copied_tail(max_tail);
+        let stats = stream.stats().clone();
         let svc = ServeDir::new(dir.path())
             .cache_capacity(0)
             .sendfile_min_len(1);
@@ -497,5 +510,144 @@ async fn truncation_while_a_closed_window_holds_the_tail_is_caught() {
             std::io::ErrorKind::UnexpectedEof,
             "{len}"
         );
+        // The closed window kept the end from being aligned, too.
+        assert_eq!(stats.aligned_ends(), 0, "{len}: {stats:?}");
     }
+}
+
+/// The segment size the server side of a loopback pair sends with (`TCP_MAXSEG`).
+fn segment_size(server: &tokio::net::TcpStream) -> u64 {
+    u64::from(socket2::SockRef::from(server).tcp_mss().unwrap())
+}
+
+/// Writes `queue` (a response for `stream`) while a client reads it all; returns the bytes the
+/// client got.
+async fn write_while_reading(
+    stream: &mut SendfileStream<tokio::net::TcpStream>,
+    mut queue: Vec<Bytes>,
+    mut client: tokio::net::TcpStream,
+) -> Vec<u8> {
+    let total: usize = queue.iter().map(|b| b.len()).sum();
+    let reader = tokio::spawn(async move {
+        let mut got = vec![0u8; total];
+        client.read_exact(&mut got).await.map(|_| got)
+    });
+    let (written, err) = write_until_stuck(stream, &mut queue).await;
+    assert!(err.is_none() && queue.is_empty(), "{written} {err:?}");
+    tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .expect("the client must not hang")
+        .unwrap()
+        .unwrap()
+}
+
+/// On loopback with the client's window open, a response ends without a wait and without a
+/// segment of its own for its last byte: `sendfile` stops at the last segment boundary of the
+/// corked socket, nothing is left unsent, the file is checked, and the bytes of the last
+/// partial segment are copied (an *aligned* end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aligned_end_copies_the_last_partial_segment_at_once() {
+    let _maps = MAPS.read().await;
+    let dir = TempDir::new("aligned");
+    // A window far larger than the response, so nothing waits for the client.
+    let (server, client) = tcp_pair(Some(8 << 20)).await;
+    let mss = segment_size(&server);
+    // The 6-byte head and the file fill two segments and 1000 bytes of a third.
+    let len = 2 * mss + 1000 - 6;
+    write_pattern(&dir.path().join("f.bin"), len);
+    let mut stream = SendfileStream::new(server);
+    let svc = ServeDir::new(dir.path()).cache_capacity(0);
+    let queue = head_and_file(svc, &stream).await;
+    let got = write_while_reading(&mut stream, queue, client).await;
+    let mut want = b"HEAD\r\n".to_vec();
+    want.extend((0..len).map(pattern));
+    assert_eq!(hash(&got), hash(&want));
+    let stats = stream.stats();
+    assert_eq!(stats.checked_ends(), 1, "{stats:?}");
+    assert_eq!(stats.aligned_ends(), 1, "mss {mss}: {stats:?}");
+    assert_eq!(stats.aligned_fallbacks(), 0, "{stats:?}");
+    assert_eq!(stats.held_back_bytes(), 1000, "{stats:?}");
+    assert_eq!(stats.sendfile_bytes(), len - 1000, "{stats:?}");
+    assert_eq!(stats.copied_bytes(), 6 + 1000, "{stats:?}");
+    assert!(!rustix::net::sockopt::tcp_cork(stream.get_ref()).unwrap());
+}
+
+/// `max_copied_tail(0)` turns the aligned end off: the last byte waits, as over a network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_copied_tail_the_last_byte_waits() {
+    let _maps = MAPS.read().await;
+    let dir = TempDir::new("aligned-off");
+    let (server, client) = tcp_pair(Some(8 << 20)).await;
+    let len = 2 * segment_size(&server) + 1000 - 6;
+    write_pattern(&dir.path().join("f.bin"), len);
+    let mut stream = SendfileStream::new(server).max_copied_tail(0);
+    let svc = ServeDir::new(dir.path()).cache_capacity(0);
+    let queue = head_and_file(svc, &stream).await;
+    write_while_reading(&mut stream, queue, client).await;
+    let stats = stream.stats();
+    assert_eq!(stats.checked_ends(), 1, "{stats:?}");
+    assert_eq!(
+        (stats.aligned_ends(), stats.aligned_fallbacks()),
+        (0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(stats.held_back_bytes(), 1, "{stats:?}");
+    assert_eq!(stats.sendfile_bytes(), len - 1, "{stats:?}");
+}
+
+/// With the client's window closed, the aligned end finds bytes unsent after `sendfile` and
+/// falls back to the wait, still holding back the last partial segment: it is checked and
+/// copied once the client has read the rest. The response is still exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aligned_end_falls_back_to_the_wait_when_the_window_is_closed() {
+    let _maps = MAPS.read().await;
+    let dir = TempDir::new("aligned-closed");
+    let (server, client) = tcp_pair(Some(4096)).await;
+    // Room for the whole response in the server's socket, none in the client's window.
+    socket2::SockRef::from(&server)
+        .set_send_buffer_size(1 << 20)
+        .unwrap();
+    // A small window also makes the segments small: the head and file end 100 bytes into a
+    // segment, several windows after the start.
+    let mss = segment_size(&server);
+    let len = 16 * mss + 100 - 6;
+    write_pattern(&dir.path().join("f.bin"), len);
+    let mut stream = SendfileStream::new(server);
+    let svc = ServeDir::new(dir.path())
+        .cache_capacity(0)
+        .sendfile_min_len(1);
+    let mut queue = head_and_file(svc, &stream).await;
+    // The client does not read yet.
+    let (written, err) = write_until_stuck(&mut stream, &mut queue).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(
+        written as u64,
+        6 + len - 100,
+        "mss {mss}: all but the last partial segment, which waits"
+    );
+    let stats = stream.stats().clone();
+    assert_eq!(
+        (stats.aligned_fallbacks(), stats.checked_ends()),
+        (1, 0),
+        "{stats:?}"
+    );
+    let reader = tokio::spawn(async move {
+        let mut client = client;
+        let mut got = vec![0u8; 6 + len as usize];
+        client.read_exact(&mut got).await.map(|_| got)
+    });
+    let (more, err) = write_until_stuck(&mut stream, &mut queue).await;
+    assert!(err.is_none() && queue.is_empty(), "{more} {err:?}");
+    let got = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .expect("the client must not hang")
+        .unwrap()
+        .unwrap();
+    let mut want = b"HEAD\r\n".to_vec();
+    want.extend((0..len).map(pattern));
+    assert_eq!(hash(&got), hash(&want));
+    assert_eq!(stats.checked_ends(), 1, "{stats:?}");
+    assert_eq!(stats.aligned_ends(), 0, "{stats:?}");
+    assert_eq!(stats.held_back_bytes(), 100, "{stats:?}");
+    assert_eq!(stats.sendfile_bytes(), len - 100, "{stats:?}");
 }
