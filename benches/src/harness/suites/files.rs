@@ -38,6 +38,13 @@ pub fn make_file(path: &Path, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// Requests per second of the fixed-rate 1 MiB case: about 2 GB/s, well under every Rust and
+/// nginx server's saturation on this kind of machine, so each serves all of it.
+const FIXED_SMALL_PER_S: u32 = 2_000;
+
+/// Requests per second of the fixed-rate large-file case: about 1 GB/s of 256 MiB downloads.
+const FIXED_BIG_PER_S: u32 = 4;
+
 /// The suite.
 pub fn define(env: &Env, opts: &Options) -> Result<SuiteDef> {
     let root = env.work.join("files");
@@ -90,9 +97,10 @@ pub fn define(env: &Env, opts: &Options) -> Result<SuiteDef> {
             settle: Duration::ZERO,
         });
     }
+    let big_group: &str = &format!("{big_mib} MiB");
     for s in &servers {
         cases.push(CaseDef {
-            group: format!("{big_mib} MiB"),
+            group: big_group.to_owned(),
             server: s.id.clone(),
             baseline: s.id == "nginx",
             load: LoadDef::Curl {
@@ -104,6 +112,38 @@ pub fn define(env: &Env, opts: &Options) -> Result<SuiteDef> {
         });
     }
     let run_for = opts.duration(Duration::from_secs(1), Duration::from_secs(4));
+    // The same bytes at a fixed rate for every server: CPU seconds per GB then compares the
+    // work each server does for identical traffic, which the saturating runs above cannot
+    // (there every server competes with its client for the same two cores).
+    // (A quick run keeps the small one: a second of 4 downloads is below the CPU clock's
+    // resolution anyway.)
+    let mut fixed = vec![("1 MiB", "/static/1mib.bin".to_owned(), FIXED_SMALL_PER_S)];
+    if !opts.quick {
+        fixed.push((big_group, format!("/static/{big}"), FIXED_BIG_PER_S));
+    }
+    for (group, path, rate) in fixed {
+        for s in &servers {
+            cases.push(CaseDef {
+                group: format!("{group} at a fixed {rate} req/s"),
+                server: s.id.clone(),
+                baseline: s.id == "nginx",
+                load: LoadDef::Loadgen {
+                    path: path.clone(),
+                    args: vec![
+                        "open".into(),
+                        "--rate".into(),
+                        rate.to_string(),
+                        "--duration".into(),
+                        humantime::format_duration(run_for).to_string(),
+                        "--timeout".into(),
+                        "10s".into(),
+                    ],
+                },
+                counter: None,
+                settle: Duration::ZERO,
+            });
+        }
+    }
     Ok(SuiteDef {
         name: "files".into(),
         title: format!("static files: 1 MiB and {big_mib} MiB"),
@@ -121,12 +161,17 @@ pub fn define(env: &Env, opts: &Options) -> Result<SuiteDef> {
         run_for,
         warmup: opts.duration(Duration::from_millis(500), Duration::from_secs(1)).min(run_for),
         load: format!(
-            "1 MiB: wrk 16 connections for {}; {big_mib} MiB: curl, {downloads} downloads on one connection",
+            "1 MiB: wrk 16 connections for {}; {big_mib} MiB: curl, {downloads} downloads on one \
+             connection; fixed rate: loadgen open at {FIXED_SMALL_PER_S} and {FIXED_BIG_PER_S} req/s",
             humantime::format_duration(run_for)
         ),
         tools: vec!["wrk", "curl", "nginx", "node", "rustc", "kernel"],
         notes: vec![
             "Pin with `--pin` (servers on CPU 1, clients on CPU 0) to reproduce the research note's setup."
+                .into(),
+            "The fixed-rate groups send every server the same requests per second (open loop), so \
+             their CPU per GB compares the work done for identical traffic; a server that cannot \
+             keep up shows a lower GB/s there."
                 .into(),
         ],
         files: vec![(root.join("1mib.bin"), 1 << 20), (root.join(&big), big_mib << 20)],
