@@ -127,18 +127,7 @@ pub fn define(env: &Env, opts: &Options) -> Result<SuiteDef> {
                 group: format!("{group} at a fixed {rate} req/s"),
                 server: s.id.clone(),
                 baseline: s.id == "nginx",
-                load: LoadDef::Loadgen {
-                    path: path.clone(),
-                    args: vec![
-                        "open".into(),
-                        "--rate".into(),
-                        rate.to_string(),
-                        "--duration".into(),
-                        humantime::format_duration(run_for).to_string(),
-                        "--timeout".into(),
-                        "10s".into(),
-                    ],
-                },
+                load: LoadDef::open_loop(path.clone(), rate, run_for, "10s", &[]),
                 counter: None,
                 settle: Duration::ZERO,
             });

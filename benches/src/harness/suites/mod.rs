@@ -80,6 +80,26 @@ pub enum LoadDef {
     },
 }
 
+impl LoadDef {
+    /// `loadgen open`: `rate` requests per second on `path` for `run_for`, each request given
+    /// `timeout`, then `extra` options.
+    pub fn open_loop(
+        path: String,
+        rate: impl std::fmt::Display,
+        run_for: Duration,
+        timeout: &str,
+        extra: &[&str],
+    ) -> LoadDef {
+        let mut args = owned(&["open", "--rate"]);
+        args.push(rate.to_string());
+        args.push("--duration".into());
+        args.push(humantime::format_duration(run_for).to_string());
+        args.extend(owned(&["--timeout", timeout]));
+        args.extend(owned(extra));
+        LoadDef::Loadgen { path, args }
+    }
+}
+
 /// A server-side counter read before and after each run.
 #[derive(Debug, Clone)]
 pub enum Counter {

@@ -62,20 +62,13 @@ pub fn define(_env: &Env, opts: &Options) -> Result<SuiteDef> {
             group: format!("{rate} req/s"),
             server: s.id.clone(),
             baseline: s.id == "tower-limit",
-            load: LoadDef::Loadgen {
-                path: format!("/sleep?ms={SLEEP_MS}"),
-                args: vec![
-                    "open".into(),
-                    "--rate".into(),
-                    rate.to_string(),
-                    "--duration".into(),
-                    humantime::format_duration(run_for).to_string(),
-                    "--timeout".into(),
-                    "5s".into(),
-                    "--max-connections".into(),
-                    "8000".into(),
-                ],
-            },
+            load: LoadDef::open_loop(
+                format!("/sleep?ms={SLEEP_MS}"),
+                rate,
+                run_for,
+                "5s",
+                &["--max-connections", "8000"],
+            ),
             counter: None,
             settle: Duration::ZERO,
         })
