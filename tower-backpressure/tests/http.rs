@@ -75,7 +75,11 @@ impl Service<Request<Body>> for Gated {
 }
 
 fn req(id: u32) -> Request<Body> {
-    Request::get("/")
+    req_to("/", id)
+}
+
+fn req_to(path: &str, id: u32) -> Request<Body> {
+    Request::get(path)
         .header("id", id.to_string())
         .body(Body::empty())
         .unwrap()
@@ -638,13 +642,7 @@ async fn bypassed_requests_are_never_limited_and_status_is_configurable() {
     let shed = svc.clone().oneshot(req(2)).await.unwrap();
     assert_eq!(shed.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(shed.headers().contains_key("retry-after"));
-    let health = spawn_call(
-        &svc,
-        Request::get("/healthz")
-            .header("id", "3")
-            .body(Body::empty())
-            .unwrap(),
-    );
+    let health = spawn_call(&svc, req_to("/healthz", 3));
     settle().await;
     assert_eq!(
         gated.order(),
@@ -687,13 +685,7 @@ async fn the_bypass_function_is_asked_once_per_request_on_every_path() {
     assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(asked.load(Ordering::SeqCst), 3);
     // Bypassed while the limit is full.
-    let health = spawn_call(
-        &svc,
-        Request::get("/healthz")
-            .header("id", "4")
-            .body(Body::empty())
-            .unwrap(),
-    );
+    let health = spawn_call(&svc, req_to("/healthz", 4));
     settle().await;
     assert_eq!(asked.load(Ordering::SeqCst), 4);
     assert_eq!(gated.order(), vec![1, 4]);
