@@ -529,8 +529,9 @@ pin_project_lite::pin_project! {
 
 pin_project_lite::pin_project! {
     #[project = StateProj]
-    // Small (the rare, large futures boxed, an immediate answer built when polled), so
-    // that every layer wrapping it moves a few words instead of calling `memcpy`.
+    // Small (the large `/sleep` and `/static` futures boxed: an allocation beside a timer
+    // or a file open; an immediate answer built when polled), so that every layer wrapping
+    // it moves a few words instead of calling `memcpy`.
     enum State {
         Ready { answer: Option<Answer> },
         Static { fut: Box<tower_zerocopy::ResponseFuture> },
