@@ -224,7 +224,10 @@ impl FileBody {
     }
 
     pub(crate) fn from_parts(file: Arc<File>, parts: Vec<Part>, strategy: Strategy) -> Self {
-        let parts: VecDeque<Part> = parts.into_iter().filter(|p| p.len() > 0).collect();
+        let mut parts = parts;
+        parts.retain(|p| p.len() > 0);
+        // Reuses the vector's buffer.
+        let parts = VecDeque::from(parts);
         let remaining = parts.iter().map(Part::len).sum();
         if remaining == 0 {
             return Self::empty();

@@ -20,6 +20,8 @@ use crate::mapping::Mapping;
 pub(crate) struct OpenFile {
     pub(crate) file: Arc<File>,
     pub(crate) len: u64,
+    /// `Content-Length` of a whole-file response (formatted once per cached entry).
+    pub(crate) len_header: http::HeaderValue,
     pub(crate) is_dir: bool,
     identity: (u64, u64, u64, Option<SystemTime>),
     pub(crate) validators: Validators,
@@ -52,6 +54,7 @@ impl OpenFile {
         Ok(Arc::new(OpenFile {
             file: Arc::new(file),
             len,
+            len_header: http::HeaderValue::from(len),
             is_dir: meta.is_dir(),
             identity: (dev, ino, len, mtime),
             validators: Validators::new(ino, len, mtime, ""),

@@ -7,16 +7,25 @@ use std::fmt;
 
 /// A request path that passed every lexical check: only normal components, no `..`, no
 /// separators or NUL inside a component, valid UTF-8, and no Windows device names.
+///
+/// It holds the decoded components joined with `/` (one string: a request costs one
+/// allocation, whatever its depth).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SafePath {
-    segments: Vec<String>,
+    relative: String,
     trailing_slash: bool,
 }
 
 impl SafePath {
-    /// The components, in order; empty for the root itself.
-    pub fn segments(&self) -> &[String] {
-        &self.segments
+    /// The components, in order; none for the root itself.
+    pub fn segments(&self) -> impl DoubleEndedIterator<Item = &str> + '_ {
+        // Components are never empty, so only the root's empty string yields an empty piece.
+        self.relative.split('/').filter(|s| !s.is_empty())
+    }
+
+    /// Whether this is the root itself (no components).
+    pub fn is_root(&self) -> bool {
+        self.relative.is_empty()
     }
 
     /// Whether the request path ended in `/` (a directory was asked for).
@@ -26,12 +35,18 @@ impl SafePath {
 
     /// Whether any component starts with `.` (a hidden file or directory).
     pub fn is_hidden(&self) -> bool {
-        self.segments.iter().any(|s| s.starts_with('.'))
+        self.relative.starts_with('.') || self.relative.contains("/.")
+    }
+
+    /// The same path, as asked for without a trailing `/`.
+    pub(crate) fn without_trailing_slash(mut self) -> Self {
+        self.trailing_slash = false;
+        self
     }
 
     /// The components joined with `/`, relative to the root; empty for the root.
-    pub fn to_relative(&self) -> String {
-        self.segments.join("/")
+    pub fn relative(&self) -> &str {
+        &self.relative
     }
 }
 
@@ -82,7 +97,7 @@ const MAX_PATH_LEN: usize = 4096;
 /// use tower_zerocopy::path::{parse_path, PathError};
 ///
 /// let p = parse_path("/docs/a%20b.txt").unwrap();
-/// assert_eq!(p.to_relative(), "docs/a b.txt");
+/// assert_eq!(p.relative(), "docs/a b.txt");
 /// assert_eq!(parse_path("/docs/%2e%2e/secret"), Err(PathError::ParentDir));
 /// assert_eq!(parse_path("/a\\b"), Err(PathError::Separator));
 /// ```
@@ -91,17 +106,21 @@ pub fn parse_path(path: &str) -> Result<SafePath, PathError> {
         return Err(PathError::Malformed);
     }
     let trailing_slash = path.ends_with('/');
-    let mut segments = Vec::new();
+    let mut relative = String::with_capacity(path.len());
+    // Only a component with an escape needs a buffer of its own.
+    let mut decoded = Vec::new();
     for raw in path.split('/') {
-        let decoded = percent_decode(raw.as_bytes())?;
-        if decoded.contains(&b'/') || decoded.contains(&b'\\') || decoded.contains(&b':') {
-            return Err(PathError::Separator);
-        }
-        if decoded.iter().any(|&b| b < 0x20 || b == 0x7f) {
-            return Err(PathError::Control);
-        }
-        let segment = String::from_utf8(decoded).map_err(|_| PathError::NotUtf8)?;
-        match segment.as_str() {
+        let segment = if raw.contains('%') {
+            decoded.clear();
+            percent_decode(raw.as_bytes(), &mut decoded)?;
+            check_bytes(&decoded)?;
+            std::str::from_utf8(&decoded).map_err(|_| PathError::NotUtf8)?
+        } else {
+            // Undecoded, it is a slice of a `str`, so valid UTF-8 and free of `/`.
+            check_bytes(raw.as_bytes())?;
+            raw
+        };
+        match segment {
             "" | "." => continue,
             ".." => return Err(PathError::ParentDir),
             _ => {}
@@ -114,16 +133,32 @@ pub fn parse_path(path: &str) -> Result<SafePath, PathError> {
         if is_windows_device(stripped) {
             return Err(PathError::DeviceName);
         }
-        segments.push(segment);
+        if !relative.is_empty() {
+            relative.push('/');
+        }
+        relative.push_str(segment);
     }
     Ok(SafePath {
-        segments,
+        relative,
         trailing_slash,
     })
 }
 
-fn percent_decode(raw: &[u8]) -> Result<Vec<u8>, PathError> {
-    let mut out = Vec::with_capacity(raw.len());
+/// Refuses separators inside a component (checked first), then control characters.
+fn check_bytes(segment: &[u8]) -> Result<(), PathError> {
+    let separator = |b: &u8| matches!(b, b'/' | b'\\' | b':');
+    let control = |b: &u8| *b < 0x20 || *b == 0x7f;
+    // One pass for the usual clean component; the error is then named in order.
+    if !segment.iter().any(|b| separator(b) || control(b)) {
+        return Ok(());
+    }
+    if segment.iter().any(separator) {
+        return Err(PathError::Separator);
+    }
+    Err(PathError::Control)
+}
+
+fn percent_decode(raw: &[u8], out: &mut Vec<u8>) -> Result<(), PathError> {
     let mut i = 0;
     while i < raw.len() {
         if raw[i] == b'%' {
@@ -137,7 +172,7 @@ fn percent_decode(raw: &[u8]) -> Result<Vec<u8>, PathError> {
             i += 1;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 fn hex_val(b: u8) -> Option<u8> {
@@ -155,15 +190,26 @@ fn is_windows_device(segment: &str) -> bool {
         .next()
         .unwrap_or(segment)
         .trim_end_matches(' ');
-    let upper = stem.to_ascii_uppercase();
-    matches!(
-        upper.as_str(),
-        "CON" | "PRN" | "AUX" | "NUL" | "CONIN$" | "CONOUT$" | "CLOCK$"
-    ) || ((upper.starts_with("COM") || upper.starts_with("LPT"))
-        && upper.len() == 4
-        && upper.as_bytes()[3].is_ascii_digit())
-        || ((upper.starts_with("COM") || upper.starts_with("LPT"))
-            && matches!(&upper[3..], "¹" | "²" | "³"))
+    // Every reserved name starts with one of these letters (most components do not).
+    if !matches!(
+        stem.as_bytes().first().map(u8::to_ascii_uppercase),
+        Some(b'A' | b'C' | b'L' | b'N' | b'P')
+    ) {
+        return false;
+    }
+    const RESERVED: [&str; 7] = ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", "CLOCK$"];
+    if RESERVED.iter().any(|r| stem.eq_ignore_ascii_case(r)) {
+        return true;
+    }
+    let Some(prefix) = stem.get(..3) else {
+        return false;
+    };
+    if !prefix.eq_ignore_ascii_case("COM") && !prefix.eq_ignore_ascii_case("LPT") {
+        return false;
+    }
+    let number = &stem[3..];
+    (number.len() == 1 && number.as_bytes()[0].is_ascii_digit())
+        || matches!(number, "¹" | "²" | "³")
 }
 
 #[cfg(test)]
@@ -173,14 +219,22 @@ mod tests {
     #[test]
     fn accepts_and_normalises() {
         let p = parse_path("//a/./b//c.txt").unwrap();
-        assert_eq!(p.to_relative(), "a/b/c.txt");
+        assert_eq!(p.relative(), "a/b/c.txt");
         assert!(!p.has_trailing_slash());
         assert!(parse_path("/dir/").unwrap().has_trailing_slash());
-        assert_eq!(parse_path("/").unwrap().segments().len(), 0);
-        assert!(parse_path("/.well-known/x").unwrap().is_hidden());
-        assert_eq!(parse_path("/caf%C3%A9").unwrap().to_relative(), "café");
+        assert!(parse_path("/").unwrap().is_root());
+        assert_eq!(parse_path("/").unwrap().segments().count(), 0);
         assert_eq!(
-            parse_path("/console.txt").unwrap().to_relative(),
+            parse_path("/a/%62/c")
+                .unwrap()
+                .segments()
+                .collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+        assert!(parse_path("/.well-known/x").unwrap().is_hidden());
+        assert_eq!(parse_path("/caf%C3%A9").unwrap().relative(), "café");
+        assert_eq!(
+            parse_path("/console.txt").unwrap().relative(),
             "console.txt"
         );
     }

@@ -1,5 +1,6 @@
 //! [`ServeDir`] and [`ServeFile`]: static files with full HTTP semantics.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
@@ -10,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use tokio::task::JoinHandle;
 use tower_service::Service;
 
@@ -78,6 +79,8 @@ pub const DEFAULT_SENDFILE_MIN_LEN: u64 = 64 * 1024;
 
 #[derive(Debug, Clone)]
 struct Config {
+    /// Normalised: starts with `/`, no trailing `/`, never just `/`.
+    strip_prefix: Option<String>,
     precompressed: Vec<Encoding>,
     index_file: Option<String>,
     redirect_directories: bool,
@@ -97,6 +100,7 @@ struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            strip_prefix: None,
             precompressed: Vec::new(),
             index_file: Some("index.html".to_owned()),
             redirect_directories: true,
@@ -244,6 +248,31 @@ impl ServeDir {
         self.with(|c| push_unique(&mut c.precompressed, Encoding::Gzip))
     }
 
+    /// Serves only request paths under `prefix` (a path such as `/static`), naming files by
+    /// the rest of the path: `/static/css/a.css` is `css/a.css` under the root, `/static`
+    /// itself the root directory (so it redirects to `static/`), and any other path, like
+    /// `/staticfoo`, answers `404`. Default: none, the whole request path names the file.
+    ///
+    /// For a router that hands over the whole path, such as a hand-written hyper service;
+    /// one that strips the prefix itself (axum's `nest_service`) needs no setting. Matching
+    /// is on the raw path, byte for byte.
+    ///
+    /// ```
+    /// let service = tower_zerocopy::ServeDir::new("assets").strip_prefix("/static");
+    /// # let _ = service;
+    /// ```
+    pub fn strip_prefix(self, prefix: &str) -> Self {
+        let trimmed = prefix.trim_end_matches('/');
+        let prefix = (!trimmed.is_empty()).then(|| {
+            if trimmed.starts_with('/') {
+                trimmed.to_owned()
+            } else {
+                format!("/{trimmed}")
+            }
+        });
+        self.with(|c| c.strip_prefix = prefix)
+    }
+
     /// The file served for a directory request ending in `/` (default `index.html`; `None`
     /// answers `404`).
     pub fn index_file(self, name: Option<&str>) -> Self {
@@ -351,10 +380,24 @@ impl ServeDir {
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             return Err(Box::new(res));
         }
-        let path = match parse_path(parts.uri.path()) {
+        let full = parts.uri.path();
+        let below = match &self.cfg.strip_prefix {
+            None => full,
+            Some(prefix) => match full.strip_prefix(prefix.as_str()) {
+                Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
+                _ => return Err(Box::new(status(StatusCode::NOT_FOUND))),
+            },
+        };
+        let parsed = if below.is_empty() {
+            // The prefix itself: the root, asked for without its `/`.
+            parse_path("/").map(SafePath::without_trailing_slash)
+        } else {
+            parse_path(below)
+        };
+        let path = match parsed {
             Ok(p) => p,
             Err(e) => {
-                tracing::debug!(path = parts.uri.path(), "rejected: {e}");
+                tracing::debug!(path = full, "rejected: {e}");
                 return Err(Box::new(status(StatusCode::BAD_REQUEST)));
             }
         };
@@ -368,8 +411,7 @@ impl ServeDir {
         Ok(Ctx {
             method: parts.method,
             headers: parts.headers,
-            request_path: parts.uri.path().to_owned(),
-            query: parts.uri.query().map(str::to_owned),
+            uri: parts.uri,
             path,
             sendfile,
             encodings,
@@ -495,8 +537,7 @@ impl<B> Service<Request<B>> for ServeFile {
 struct Ctx {
     method: Method,
     headers: HeaderMap,
-    request_path: String,
-    query: Option<String>,
+    uri: Uri,
     path: SafePath,
     sendfile: bool,
     encodings: Vec<Encoding>,
@@ -531,10 +572,10 @@ fn resolve(
     cfg: &Config,
     lookup: &mut dyn FnMut(&str) -> Result<Lookup, Miss>,
 ) -> Result<Resolved, Miss> {
-    let mut rel = match &state.fixed {
-        Some(name) => name.clone(),
-        None => ctx.path.to_relative(),
-    };
+    let mut rel = Cow::Borrowed(match &state.fixed {
+        Some(name) => name.as_str(),
+        None => ctx.path.relative(),
+    });
     let mut file = match lookup(&rel)? {
         Ok(f) => f,
         Err(e) => return Ok(Resolved::Status(failure_status(e))),
@@ -543,7 +584,8 @@ fn resolve(
         if state.fixed.is_some() {
             return Ok(Resolved::Status(StatusCode::NOT_FOUND));
         }
-        if !ctx.path.has_trailing_slash() && !ctx.path.segments().is_empty() {
+        // Only a stripped prefix names the root without a trailing `/`.
+        if !ctx.path.has_trailing_slash() {
             return Ok(if cfg.redirect_directories {
                 Resolved::Redirect
             } else {
@@ -554,9 +596,9 @@ fn resolve(
             return Ok(Resolved::Status(StatusCode::NOT_FOUND));
         };
         rel = if rel.is_empty() {
-            index.clone()
+            Cow::Borrowed(index.as_str())
         } else {
-            format!("{rel}/{index}")
+            Cow::Owned(format!("{rel}/{index}"))
         };
         file = match lookup(&rel)? {
             Ok(f) if !f.is_dir => f,
@@ -656,9 +698,9 @@ fn respond(ctx: Ctx, resolved: Resolved, cfg: &Config) -> Response<FileBody> {
         Resolved::Redirect => {
             // A relative reference ("docs/" for "/static/docs"): correct even when a router
             // stripped a prefix before us, and it can never point at another host.
-            let last = ctx.request_path.rsplit('/').next().unwrap_or_default();
+            let last = ctx.uri.path().rsplit('/').next().unwrap_or_default();
             let mut location = format!("{last}/");
-            if let Some(q) = &ctx.query {
+            if let Some(q) = ctx.uri.query() {
                 location.push('?');
                 location.push_str(q);
             }
@@ -754,7 +796,12 @@ fn respond(ctx: Ctx, resolved: Resolved, cfg: &Config) -> Response<FileBody> {
             Part::File(r) => r.end - r.start,
         })
         .sum();
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
+    let content_length = if total == len {
+        file.len_header.clone()
+    } else {
+        HeaderValue::from(total)
+    };
+    headers.insert(header::CONTENT_LENGTH, content_length);
     let body = if ctx.method == Method::HEAD {
         FileBody::empty()
     } else {

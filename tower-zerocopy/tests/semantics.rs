@@ -501,6 +501,67 @@ async fn content_type_index_redirect_hidden_cache_control_methods() {
 }
 
 #[tokio::test]
+async fn strip_prefix_serves_only_below_it() {
+    let dir = TempDir::new("prefix");
+    std::fs::create_dir_all(dir.path().join("docs")).unwrap();
+    std::fs::write(dir.path().join("docs/index.html"), "docs").unwrap();
+    std::fs::write(dir.path().join("index.html"), "root").unwrap();
+    std::fs::write(dir.path().join("a.txt"), "a").unwrap();
+    // However the prefix is written, it means the same.
+    for prefix in ["/static", "/static/", "static"] {
+        let svc = ServeDir::new(dir.path()).strip_prefix(prefix);
+        let cases: &[(&str, StatusCode, &str, Option<&str>)] = &[
+            ("/static/a.txt", StatusCode::OK, "a", None),
+            ("/static//a.txt", StatusCode::OK, "a", None),
+            ("/static/", StatusCode::OK, "root", None),
+            ("/static/docs/", StatusCode::OK, "docs", None),
+            (
+                "/static",
+                StatusCode::PERMANENT_REDIRECT,
+                "",
+                Some("static/"),
+            ),
+            (
+                "/static?v=2",
+                StatusCode::PERMANENT_REDIRECT,
+                "",
+                Some("static/?v=2"),
+            ),
+            (
+                "/static/docs",
+                StatusCode::PERMANENT_REDIRECT,
+                "",
+                Some("docs/"),
+            ),
+            ("/a.txt", StatusCode::NOT_FOUND, "", None),
+            ("/staticx/a.txt", StatusCode::NOT_FOUND, "", None),
+            ("/STATIC/a.txt", StatusCode::NOT_FOUND, "", None),
+            ("/static/../a.txt", StatusCode::BAD_REQUEST, "", None),
+            ("/static/%2e%2e/a.txt", StatusCode::BAD_REQUEST, "", None),
+        ];
+        for (path, want, body_want, location) in cases {
+            let (st, h, body) = call(&svc, Method::GET, path, &[]).await;
+            assert_eq!(
+                (st, &body[..]),
+                (*want, body_want.as_bytes()),
+                "{prefix} {path}"
+            );
+            assert_eq!(
+                h.get(header::LOCATION).map(|v| v.to_str().unwrap()),
+                *location,
+                "{prefix} {path}"
+            );
+        }
+    }
+    // An empty or "/" prefix strips nothing.
+    for prefix in ["", "/"] {
+        let svc = ServeDir::new(dir.path()).strip_prefix(prefix);
+        let (st, _, body) = call(&svc, Method::GET, "/a.txt", &[]).await;
+        assert_eq!((st, &body[..]), (StatusCode::OK, &b"a"[..]), "{prefix:?}");
+    }
+}
+
+#[tokio::test]
 async fn precompressed_siblings_follow_accept_encoding() {
     let dir = TempDir::new("precomp");
     std::fs::write(dir.path().join("app.js"), "plain").unwrap();

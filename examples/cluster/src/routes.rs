@@ -246,18 +246,10 @@ struct Work {
 impl Work {
     fn route<B>(&self, req: &Request<B>) -> Route {
         let path = req.uri().path();
-        if let Some(rest) = path.strip_prefix("/static/") {
+        if path.starts_with("/static/") {
             if let Some(files) = &self.config.static_files {
-                // ServeDir sees the path below the prefix, and checks method and path itself.
-                let mut target = format!("/{rest}");
-                if let Some(q) = req.uri().query() {
-                    target.push('?');
-                    target.push_str(q);
-                }
-                return match target.parse::<http::Uri>() {
-                    Ok(uri) => Route::Static(files.clone(), uri),
-                    Err(_) => Route::Respond(Answer::text(StatusCode::BAD_REQUEST, "bad path\n")),
-                };
+                // ServeDir strips the prefix itself, and checks method and path.
+                return Route::Static(files.clone());
             }
         }
         if path == "/upload" {
@@ -317,7 +309,7 @@ enum Route {
     Sleep(Duration),
     /// A valid `/expensive/{key}`: through tower-singleflight to [`Backend`].
     Expensive,
-    Static(ServeDir, http::Uri),
+    Static(ServeDir),
     Upload,
 }
 
@@ -493,9 +485,8 @@ where
             Route::Respond(answer) => State::Ready {
                 answer: Some(answer),
             },
-            Route::Static(mut files, uri) => {
-                let (mut parts, _body) = req.into_parts();
-                parts.uri = uri;
+            Route::Static(mut files) => {
+                let (parts, _body) = req.into_parts();
                 State::Static {
                     fut: Box::new(files.call(Request::from_parts(parts, ()))),
                 }

@@ -74,7 +74,9 @@ impl Serving {
         let app = routes::app(
             RouteConfig {
                 max_sleep: cli.max_sleep,
-                static_files: Some(tower_zerocopy::ServeDir::new(&cli.root)),
+                static_files: Some(
+                    tower_zerocopy::ServeDir::new(&cli.root).strip_prefix("/static"),
+                ),
                 max_body_size: cli.max_body_size,
             },
             tower_abort::AbortLayer::with_root(self.metrics.abort_root.clone()),
