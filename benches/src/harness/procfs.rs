@@ -2,7 +2,11 @@
 //!
 //! CPU time is `utime + stime` plus `cutime + cstime` (the time of children already reaped, so a
 //! worker that exits mid-run still counts), summed over the root process and every descendant.
-//! On loopback it includes kernel receive work charged to the sending side, which is part of what
+//! Those fields count whole clock ticks (10 ms), which is coarse for a case of a few tenths of a
+//! CPU second; so a process whose threads and reaped children stayed the same between two
+//! snapshots is measured instead by its threads' run time in nanoseconds (the first field of
+//! `/proc/<pid>/task/<tid>/schedstat`, the same clock the tick fields are scaled to). On
+//! loopback it includes kernel receive work charged to the sending side, which is part of what
 //! a server costs. Peak memory is the sum of each process's `VmHWM` (peak resident set): an upper
 //! bound of the tree's simultaneous peak, exact for a single process.
 
@@ -103,6 +107,74 @@ pub fn ticks_between(before: &[ProcStat], after: &[ProcStat]) -> u64 {
     gained.saturating_sub(vanished)
 }
 
+/// A process tree's CPU counters at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The processes, from `/proc/<pid>/stat`.
+    pub procs: Vec<ProcStat>,
+    /// Per process, each live thread's id and run time in ns, sorted by thread id; missing when
+    /// unreadable (a kernel without schedstats, or a process gone meanwhile).
+    pub threads: HashMap<i32, Vec<(i32, u64)>>,
+}
+
+/// Each live thread of `pid` with its run time in ns, sorted by thread id.
+pub fn thread_runtimes(pid: i32) -> Option<Vec<(i32, u64)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let name = entry.ok()?.file_name();
+        let tid: i32 = name.to_str()?.parse().ok()?;
+        let line = fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
+        out.push((tid, parse_schedstat_ns(&line)?));
+    }
+    out.sort_unstable();
+    Some(out)
+}
+
+/// The run time in ns: the first field of a `schedstat` line.
+pub fn parse_schedstat_ns(line: &str) -> Option<u64> {
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// CPU seconds spent by a tree between two of its snapshots. Per process: the nanosecond run
+/// times of its threads when the same threads were there at both snapshots and it reaped no
+/// child in between; otherwise its tick delta (see [`ticks_between`]).
+pub fn cpu_seconds_between(before: &Snapshot, after: &Snapshot, ticks_per_second: u64) -> f64 {
+    let tick = 1.0 / ticks_per_second as f64;
+    let mut ticks_before = Vec::new();
+    let mut ticks_after = Vec::new();
+    let mut precise_ns = 0u64;
+    for a in &after.procs {
+        let b = before.procs.iter().find(|b| b.pid == a.pid);
+        let precise = b.and_then(|b| {
+            let same_children = (a.cutime, a.cstime) == (b.cutime, b.cstime);
+            let (tb, ta) = (before.threads.get(&a.pid)?, after.threads.get(&a.pid)?);
+            let same_threads = tb.len() == ta.len() && tb.iter().zip(ta).all(|(x, y)| x.0 == y.0);
+            (same_children && same_threads).then(|| {
+                tb.iter()
+                    .zip(ta)
+                    .map(|(x, y)| y.1.saturating_sub(x.1))
+                    .sum::<u64>()
+            })
+        });
+        match (precise, b) {
+            (Some(ns), _) => precise_ns += ns,
+            (None, Some(b)) => {
+                ticks_before.push(*b);
+                ticks_after.push(*a);
+            }
+            (None, None) => ticks_after.push(*a),
+        }
+    }
+    // Processes gone by the second snapshot, for the reaped-children correction.
+    ticks_before.extend(
+        before
+            .procs
+            .iter()
+            .filter(|b| !after.procs.iter().any(|a| a.pid == b.pid)),
+    );
+    precise_ns as f64 / 1e9 + ticks_between(&ticks_before, &ticks_after) as f64 * tick
+}
+
 /// Every process currently in `/proc` (processes that vanish while being read are skipped).
 pub fn all_processes() -> io::Result<Vec<ProcStat>> {
     let mut out = Vec::new();
@@ -121,14 +193,19 @@ pub fn all_processes() -> io::Result<Vec<ProcStat>> {
 }
 
 /// A snapshot of the process tree rooted at `root`.
-pub fn snapshot(root: i32) -> io::Result<Vec<ProcStat>> {
-    Ok(tree(root, &all_processes()?))
+pub fn snapshot(root: i32) -> io::Result<Snapshot> {
+    let procs = tree(root, &all_processes()?);
+    let threads = procs
+        .iter()
+        .filter_map(|p| Some((p.pid, thread_runtimes(p.pid)?)))
+        .collect();
+    Ok(Snapshot { procs, threads })
 }
 
 /// Sum of `VmHWM` over the tree rooted at `root`, in KiB.
 pub fn peak_rss_kib(root: i32) -> io::Result<u64> {
     let mut sum = 0;
-    for p in snapshot(root)? {
+    for p in snapshot(root)?.procs {
         if let Ok(s) = fs::read_to_string(format!("/proc/{}/status", p.pid)) {
             sum += parse_vm_hwm_kib(&s).unwrap_or(0);
         }
@@ -200,11 +277,82 @@ mod tests {
         assert_eq!(ticks_between(&before, &after), 30);
     }
 
+    fn snap(procs: &[ProcStat], threads: &[(i32, &[(i32, u64)])]) -> Snapshot {
+        Snapshot {
+            procs: procs.to_vec(),
+            threads: threads.iter().map(|(p, t)| (*p, t.to_vec())).collect(),
+        }
+    }
+
+    #[test]
+    fn cpu_between_prefers_thread_nanoseconds() {
+        // 10 keeps its two threads: 1.5 ms + 2.5 ms, though its ticks did not move.
+        let before = snap(
+            &[st(10, 1, 100, 50, 0, 0)],
+            &[(10, &[(10, 1_000_000), (12, 5_000_000)])],
+        );
+        let after = snap(
+            &[st(10, 1, 100, 50, 0, 0)],
+            &[(10, &[(10, 2_500_000), (12, 7_500_000)])],
+        );
+        let s = cpu_seconds_between(&before, &after, 100);
+        assert!((s - 0.004).abs() < 1e-9, "{s}");
+    }
+
+    #[test]
+    fn cpu_between_falls_back_to_ticks() {
+        // 10 gained a thread (12 → 13), so its 5 ticks count; 20 has no thread data, 3 ticks;
+        // 30 is new, 2 ticks; 40 kept its thread, 1 ms.
+        let before = snap(
+            &[
+                st(10, 1, 100, 50, 0, 0),
+                st(20, 10, 10, 0, 0, 0),
+                st(40, 10, 0, 0, 0, 0),
+            ],
+            &[(10, &[(10, 0), (12, 0)]), (40, &[(40, 0)])],
+        );
+        let after = snap(
+            &[
+                st(10, 1, 103, 52, 0, 0),
+                st(20, 10, 13, 0, 0, 0),
+                st(30, 10, 1, 1, 0, 0),
+                st(40, 10, 0, 0, 0, 0),
+            ],
+            &[
+                (10, &[(10, 0), (12, 0), (13, 0)]),
+                (30, &[(30, 0)]),
+                (40, &[(40, 1_000_000)]),
+            ],
+        );
+        let s = cpu_seconds_between(&before, &after, 100);
+        assert!((s - 0.101).abs() < 1e-9, "{s}");
+        // A reaped child moves time into its parent's cutime: the parent is counted in ticks,
+        // with the child's earlier ticks taken off (as ticks_between does).
+        let before = snap(
+            &[st(10, 1, 100, 50, 0, 0), st(11, 10, 10, 10, 0, 0)],
+            &[(10, &[(10, 0)]), (11, &[(11, 0)])],
+        );
+        let after = snap(&[st(10, 1, 105, 55, 25, 5)], &[(10, &[(10, 9_999_999)])]);
+        let s = cpu_seconds_between(&before, &after, 100);
+        assert!((s - 0.2).abs() < 1e-9, "{s}");
+    }
+
+    #[test]
+    fn parses_schedstat() {
+        assert_eq!(
+            parse_schedstat_ns("326214753 38231950 660\n"),
+            Some(326_214_753)
+        );
+        assert_eq!(parse_schedstat_ns(""), None);
+    }
+
     #[test]
     fn reads_own_process() {
         let me = std::process::id() as i32;
         let snap = snapshot(me).unwrap();
-        assert_eq!(snap[0].pid, me);
+        assert_eq!(snap.procs[0].pid, me);
+        let threads = &snap.threads[&me];
+        assert!(threads.iter().any(|&(tid, ns)| tid == me && ns > 0));
         assert!(peak_rss_kib(me).unwrap() > 0);
         assert!(ticks_per_second() > 0);
     }

@@ -81,7 +81,9 @@ pub fn define(env: &Env, opts: &Options) -> Result<SuiteDef> {
         )
         .route("/static/1mib.bin"),
     ];
-    let downloads = if opts.quick { 2 } else { 12 };
+    // 24 downloads: about two seconds of one server's saturating load, so that the case's CPU
+    // time (a few tenths of a second) averages over more of this machine's swings.
+    let downloads = if opts.quick { 2 } else { 24 };
     let mut cases = Vec::new();
     for s in &servers {
         cases.push(CaseDef {
@@ -117,11 +119,22 @@ pub fn define(env: &Env, opts: &Options) -> Result<SuiteDef> {
     // (there every server competes with its client for the same two cores).
     // (A quick run keeps the small one: a second of 4 downloads is below the CPU clock's
     // resolution anyway.)
-    let mut fixed = vec![("1 MiB", "/static/1mib.bin".to_owned(), FIXED_SMALL_PER_S)];
+    let mut fixed = vec![(
+        "1 MiB",
+        "/static/1mib.bin".to_owned(),
+        FIXED_SMALL_PER_S,
+        run_for,
+    )];
     if !opts.quick {
-        fixed.push((big_group, format!("/static/{big}"), FIXED_BIG_PER_S));
+        // Twice as long: at 4 downloads per second, 4 s is only 16 responses.
+        fixed.push((
+            big_group,
+            format!("/static/{big}"),
+            FIXED_BIG_PER_S,
+            run_for * 2,
+        ));
     }
-    for (group, path, rate) in fixed {
+    for (group, path, rate, run_for) in fixed {
         for s in &servers {
             cases.push(CaseDef {
                 group: format!("{group} at a fixed {rate} req/s"),

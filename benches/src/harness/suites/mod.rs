@@ -502,7 +502,7 @@ fn measure(env: &Env, c: &CaseDef, s: &Running, length: Duration) -> Result<Run>
     // Counters may trail the load (work still finishing, workers reporting periodically).
     std::thread::sleep(c.settle);
     let counter_after = c.counter.as_ref().map(|k| k.read(s)).transpose()?;
-    let ticks = procfs::ticks_between(&before, &after);
+    let cpu_s = procfs::cpu_seconds_between(&before, &after, procfs::ticks_per_second());
     let counter = match (counter_before, counter_after, &c.counter) {
         (Some(b), Some(a), Some(Counter::WastedFromCancelled { work_ms, .. })) => {
             Some(wasted_from_cancelled(sample.abandoned, a - b, *work_ms))
@@ -513,7 +513,7 @@ fn measure(env: &Env, c: &CaseDef, s: &Running, length: Duration) -> Result<Run>
     Ok(Run {
         round: 0,
         sample,
-        cpu_s: ticks as f64 / procfs::ticks_per_second() as f64,
+        cpu_s,
         counter,
     })
 }
