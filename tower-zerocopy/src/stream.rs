@@ -200,6 +200,9 @@ impl_socket!(tokio::net::UnixStream);
 ///   full segments go out meanwhile;
 /// * at most [`max_chunk`](Self::max_chunk) bytes per call (fairness), partial writes and
 ///   `EAGAIN` are reported exactly (`Ok(n)` once anything was written, `Pending` otherwise);
+/// * after a write the full socket cut short, the next call waits until the socket polls
+///   writable again (about a third of its buffer free), as nginx does, instead of sending
+///   the one or two segments a reading peer has freed meanwhile;
 /// * a `sendfile` that returns 0 before the slice is done (the file was truncated) is an
 ///   [`io::ErrorKind::UnexpectedEof`] error, so hyper closes the connection short of its
 ///   `Content-Length`; the socket is then reset (`SO_LINGER` 0), which discards what it still
@@ -472,6 +475,8 @@ struct Unchecked {
     /// The fenced slice (end address) whose aligned end found bytes unsent, and the bytes it
     /// holds back: it ends the waiting way, with the same bytes held back.
     waiting: Option<(usize, usize)>,
+    /// The last write was cut short by a full socket (see [`write_slices`]).
+    socket_full: bool,
 }
 
 /// The per-call limits of [`write_slices`].
@@ -687,13 +692,28 @@ fn write_slices<S: SendfileSocket>(
 ) -> io::Result<Written> {
     use crate::{registry, sys};
     let fd = io.fd();
+    if unchecked.socket_full {
+        // The last write was cut short: the socket had no room. hyper asks again at once, and
+        // by then the peer has freed a segment or two, so writing now would send a few
+        // segments per call for as long as the peer keeps reading. Like nginx, wait instead
+        // until the socket polls writable (a third of its buffer free). `tcp_poll` arms the
+        // wake-up when it reports "not writable" (`SOCK_NOSPACE`), and `WouldBlock` inside
+        // `try_io` clears tokio's readiness only if no event arrived since this call began, so
+        // the `EPOLLOUT` that follows is never lost. That event is the room: the call it
+        // wakes writes without asking again.
+        unchecked.socket_full = false;
+        if !sys::poll_writable_now(fd)? {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+    }
     let cap = limits.cap;
     let mut total = 0usize;
     let mut i = 0;
-    // `WouldBlock` after progress is reported as that progress (the next call waits); any
-    // other error ends the connection anyway, so it is returned at once.
-    let partial = |total: usize, e: io::Error| {
+    // `WouldBlock` after progress is reported as that progress (the next call waits for
+    // room); any other error ends the connection anyway, so it is returned at once.
+    let partial = |unchecked: &mut Unchecked, total: usize, e: io::Error| {
         if total > 0 && e.kind() == io::ErrorKind::WouldBlock {
+            unchecked.socket_full = true;
             Ok(Written::Bytes(total))
         } else {
             Err(e)
@@ -746,12 +766,13 @@ fn write_slices<S: SendfileSocket>(
                     total += n;
                     unchecked.wrote(n, n == run_len);
                     if n < run_len {
+                        unchecked.socket_full = true;
                         return Ok(Written::Bytes(total));
                     }
                 }
                 Err(e) => {
                     unchecked.wrote(0, false);
-                    return partial(total, e);
+                    return partial(unchecked, total, e);
                 }
             }
         }
@@ -784,14 +805,15 @@ fn write_slices<S: SendfileSocket>(
                     unchecked.wrote(n, n == want);
                     unchecked.sent(&target, offset + sent as u64);
                     if n < want {
-                        // The socket is full (or the file ended): trying again now would only
-                        // return `EAGAIN` (or 0). The next call finds out which, once.
+                        // The socket is full (or the file ended): the next call waits for room,
+                        // then finds out which.
+                        unchecked.socket_full = true;
                         return Ok(Written::Bytes(total));
                     }
                 }
                 Err(e) => {
                     unchecked.wrote(0, false);
-                    return partial(total, e);
+                    return partial(unchecked, total, e);
                 }
             }
         }
@@ -863,12 +885,13 @@ fn write_slices<S: SendfileSocket>(
                         .held_back_bytes
                         .fetch_add(n as u64, Ordering::Relaxed);
                     if n < held {
+                        unchecked.socket_full = true;
                         return Ok(Written::Bytes(total));
                     }
                 }
                 Err(e) => {
                     unchecked.wrote(0, false);
-                    return partial(total, e);
+                    return partial(unchecked, total, e);
                 }
             }
             stats.inner.checked_ends.fetch_add(1, Ordering::Relaxed);
@@ -881,7 +904,7 @@ fn write_slices<S: SendfileSocket>(
         // Everything hyper has queued is in the socket: nothing follows at once, so let the
         // last partial segment go (with the check off, a response ends here too).
         if let Err(e) = unchecked.uncork(fd) {
-            return partial(total, e);
+            return partial(unchecked, total, e);
         }
     }
     Ok(Written::Bytes(total))

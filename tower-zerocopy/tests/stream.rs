@@ -651,3 +651,93 @@ async fn aligned_end_falls_back_to_the_wait_when_the_window_is_closed() {
     assert_eq!(stats.held_back_bytes(), 100, "{stats:?}");
     assert_eq!(stats.sendfile_bytes(), len - 100, "{stats:?}");
 }
+
+/// After a write that the full socket cut short, the next call waits until the socket polls
+/// writable (about a third of its buffer free) instead of sending the few segments that a
+/// reading peer has freed in the meantime: like nginx, a few large `sendfile` calls per buffer
+/// rather than one per freed segment. The wait ends when the peer reads, and every byte arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_short_write_the_next_call_waits_for_room() {
+    let _maps = MAPS.read().await;
+    let dir = TempDir::new("room");
+    let len = 8u64 << 20;
+    write_pattern(&dir.path().join("f.bin"), len);
+    let (server, mut client) = tcp_pair(Some(256 * 1024)).await;
+    socket2::SockRef::from(&server)
+        .set_send_buffer_size(512 * 1024)
+        .unwrap();
+    let mut stream = SendfileStream::new(server);
+    let mut queue = sendfile_chunks(&dir, stream.capability()).await;
+    let total: usize = queue.iter().map(|b| b.len()).sum();
+
+    // The peer is not reading: the first write fills the socket and comes back short.
+    let slices: Vec<IoSlice<'_>> = queue.iter().map(|b| IoSlice::new(b)).collect();
+    let first = poll_fn(|cx| Pin::new(&mut stream).poll_write_vectored(cx, &slices))
+        .await
+        .unwrap();
+    drop(slices);
+    assert!(
+        first > 0 && first < tower_zerocopy::DEFAULT_MAX_CHUNK,
+        "{first}"
+    );
+    advance(&mut queue, first);
+
+    // The peer frees a little: 64 KiB of a buffer of a megabyte or more.
+    let mut got = vec![0u8; 64 * 1024];
+    client.read_exact(&mut got).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let calls = stream.stats().sendfile_calls();
+    let slices: Vec<IoSlice<'_>> = queue.iter().map(|b| IoSlice::new(b)).collect();
+    let now = poll_fn(|cx| {
+        std::task::Poll::Ready(Pin::new(&mut stream).poll_write_vectored(cx, &slices))
+    })
+    .await;
+    drop(slices);
+    assert!(
+        now.is_pending(),
+        "a socket with 64 KiB free is not written to again: {now:?}"
+    );
+    assert_eq!(stream.stats().sendfile_calls(), calls);
+
+    // The peer reads everything: the wait ends, with room for a large write.
+    let reader = tokio::spawn(async move {
+        let mut rest = vec![0u8; total - got.len()];
+        client.read_exact(&mut rest).await.map(|_| {
+            got.extend_from_slice(&rest);
+            got
+        })
+    });
+    let slices: Vec<IoSlice<'_>> = queue.iter().map(|b| IoSlice::new(b)).collect();
+    let next = tokio::time::timeout(
+        Duration::from_secs(10),
+        poll_fn(|cx| Pin::new(&mut stream).poll_write_vectored(cx, &slices)),
+    )
+    .await
+    .expect("the wait ends when the peer reads")
+    .unwrap();
+    drop(slices);
+    assert!(next >= 128 * 1024, "one write per freed segment: {next}");
+    advance(&mut queue, next);
+    let (_, err) = write_until_stuck(&mut stream, &mut queue).await;
+    assert!(err.is_none() && queue.is_empty(), "{err:?}");
+    let received = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .expect("the client must not hang")
+        .unwrap()
+        .unwrap();
+    let expected: Vec<u8> = (0..len).map(pattern).collect();
+    assert_eq!(hash(&received), hash(&expected));
+}
+
+/// Drops the first `n` bytes of `queue`.
+fn advance(queue: &mut Vec<Bytes>, mut n: usize) {
+    while n > 0 {
+        if n >= queue[0].len() {
+            n -= queue[0].len();
+            queue.remove(0);
+        } else {
+            let _ = queue[0].split_to(n);
+            n = 0;
+        }
+    }
+}
