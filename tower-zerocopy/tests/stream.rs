@@ -107,17 +107,7 @@ async fn partial_writes_pending_and_cap_are_exact() {
         assert!(n > 0);
         // The fairness cap bounds one call (plus the small ordinary slices).
         assert!(n <= (1 << 20) + head.len() + tail.len(), "{n}");
-        let mut n = n;
-        while n > 0 {
-            let first = &mut queue[0];
-            if n >= first.len() {
-                n -= first.len();
-                queue.remove(0);
-            } else {
-                let _ = first.split_to(n);
-                n = 0;
-            }
-        }
+        advance(&mut queue, n);
     }
     assert!(
         calls >= 6,
@@ -261,21 +251,13 @@ async fn write_until_stuck<S: tower_zerocopy::SendfileSocket>(
     while !queue.is_empty() {
         let slices: Vec<IoSlice<'_>> = queue.iter().map(|b| IoSlice::new(b)).collect();
         let call = poll_fn(|cx| Pin::new(&mut *stream).poll_write_vectored(cx, &slices));
-        let mut n = match tokio::time::timeout(std::time::Duration::from_millis(200), call).await {
+        let n = match tokio::time::timeout(std::time::Duration::from_millis(200), call).await {
             Err(_stuck) => break,
             Ok(Err(e)) => return (written, Some(e)),
             Ok(Ok(n)) => n,
         };
         written += n;
-        while n > 0 {
-            if n >= queue[0].len() {
-                n -= queue[0].len();
-                queue.remove(0);
-            } else {
-                let _ = queue[0].split_to(n);
-                n = 0;
-            }
-        }
+        advance(queue, n);
     }
     (written, None)
 }
@@ -532,7 +514,16 @@ async fn write_while_reading(
         let mut got = vec![0u8; total];
         client.read_exact(&mut got).await.map(|_| got)
     });
-    let (written, err) = write_until_stuck(stream, &mut queue).await;
+    write_rest_and_read(stream, &mut queue, reader).await
+}
+
+/// Writes the rest of `queue` while `reader` (the client's task) reads; returns what it got.
+async fn write_rest_and_read<S: tower_zerocopy::SendfileSocket>(
+    stream: &mut SendfileStream<S>,
+    queue: &mut Vec<Bytes>,
+    reader: tokio::task::JoinHandle<std::io::Result<Vec<u8>>>,
+) -> Vec<u8> {
+    let (written, err) = write_until_stuck(stream, queue).await;
     assert!(err.is_none() && queue.is_empty(), "{written} {err:?}");
     tokio::time::timeout(Duration::from_secs(20), reader)
         .await
@@ -636,13 +627,7 @@ async fn aligned_end_falls_back_to_the_wait_when_the_window_is_closed() {
         let mut got = vec![0u8; 6 + len as usize];
         client.read_exact(&mut got).await.map(|_| got)
     });
-    let (more, err) = write_until_stuck(&mut stream, &mut queue).await;
-    assert!(err.is_none() && queue.is_empty(), "{more} {err:?}");
-    let got = tokio::time::timeout(Duration::from_secs(20), reader)
-        .await
-        .expect("the client must not hang")
-        .unwrap()
-        .unwrap();
+    let got = write_rest_and_read(&mut stream, &mut queue, reader).await;
     let mut want = b"HEAD\r\n".to_vec();
     want.extend((0..len).map(pattern));
     assert_eq!(hash(&got), hash(&want));
@@ -718,13 +703,7 @@ async fn after_a_short_write_the_next_call_waits_for_room() {
     drop(slices);
     assert!(next >= 128 * 1024, "one write per freed segment: {next}");
     advance(&mut queue, next);
-    let (_, err) = write_until_stuck(&mut stream, &mut queue).await;
-    assert!(err.is_none() && queue.is_empty(), "{err:?}");
-    let received = tokio::time::timeout(Duration::from_secs(20), reader)
-        .await
-        .expect("the client must not hang")
-        .unwrap()
-        .unwrap();
+    let received = write_rest_and_read(&mut stream, &mut queue, reader).await;
     let expected: Vec<u8> = (0..len).map(pattern).collect();
     assert_eq!(hash(&received), hash(&expected));
 }
