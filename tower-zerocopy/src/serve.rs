@@ -255,21 +255,17 @@ impl ServeDir {
     ///
     /// For a router that hands over the whole path, such as a hand-written hyper service;
     /// one that strips the prefix itself (axum's `nest_service`) needs no setting. Matching
-    /// is on the raw path, byte for byte.
+    /// is on the raw path, byte for byte, so write the prefix as it appears in a request
+    /// (percent-encoded); slashes around it are ignored. A path outside the prefix is `404`
+    /// whatever its method.
     ///
     /// ```
     /// let service = tower_zerocopy::ServeDir::new("assets").strip_prefix("/static");
     /// # let _ = service;
     /// ```
     pub fn strip_prefix(self, prefix: &str) -> Self {
-        let trimmed = prefix.trim_end_matches('/');
-        let prefix = (!trimmed.is_empty()).then(|| {
-            if trimmed.starts_with('/') {
-                trimmed.to_owned()
-            } else {
-                format!("/{trimmed}")
-            }
-        });
+        let trimmed = prefix.trim_matches('/');
+        let prefix = (!trimmed.is_empty()).then(|| format!("/{trimmed}"));
         self.with(|c| c.strip_prefix = prefix)
     }
 
@@ -374,12 +370,6 @@ impl ServeDir {
 
     fn prepare<B>(&self, req: Request<B>) -> Result<Ctx, Box<Response<FileBody>>> {
         let (parts, _body) = req.into_parts();
-        if parts.method != Method::GET && parts.method != Method::HEAD {
-            let mut res = status(StatusCode::METHOD_NOT_ALLOWED);
-            res.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            return Err(Box::new(res));
-        }
         let full = parts.uri.path();
         let below = match &self.cfg.strip_prefix {
             None => full,
@@ -388,7 +378,14 @@ impl ServeDir {
                 _ => return Err(Box::new(status(StatusCode::NOT_FOUND))),
             },
         };
-        let parsed = if below.is_empty() {
+        if parts.method != Method::GET && parts.method != Method::HEAD {
+            let mut res = status(StatusCode::METHOD_NOT_ALLOWED);
+            res.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return Err(Box::new(res));
+        }
+        let bare_prefix = below.is_empty();
+        let parsed = if bare_prefix {
             // The prefix itself: the root, asked for without its `/`.
             parse_path("/").map(SafePath::without_trailing_slash)
         } else {
@@ -411,8 +408,9 @@ impl ServeDir {
         Ok(Ctx {
             method: parts.method,
             headers: parts.headers,
-            uri: parts.uri,
             path,
+            bare_prefix,
+            uri: parts.uri,
             sendfile,
             encodings,
         })
@@ -539,6 +537,8 @@ struct Ctx {
     headers: HeaderMap,
     uri: Uri,
     path: SafePath,
+    /// The request path was the stripped prefix itself (`/static`, not `/static/`).
+    bare_prefix: bool,
     sendfile: bool,
     encodings: Vec<Encoding>,
 }
@@ -584,8 +584,8 @@ fn resolve(
         if state.fixed.is_some() {
             return Ok(Resolved::Status(StatusCode::NOT_FOUND));
         }
-        // Only a stripped prefix names the root without a trailing `/`.
-        if !ctx.path.has_trailing_slash() {
+        // The root asked for as `/.` is served; as a bare prefix, it redirects like a directory.
+        if !ctx.path.has_trailing_slash() && (!ctx.path.is_root() || ctx.bare_prefix) {
             return Ok(if cfg.redirect_directories {
                 Resolved::Redirect
             } else {

@@ -201,8 +201,8 @@ impl_socket!(tokio::net::UnixStream);
 /// * at most [`max_chunk`](Self::max_chunk) bytes per call (fairness), partial writes and
 ///   `EAGAIN` are reported exactly (`Ok(n)` once anything was written, `Pending` otherwise);
 /// * after a write the full socket cut short, the next call waits until the socket polls
-///   writable again (about a third of its buffer free), as nginx does, instead of sending
-///   the one or two segments a reading peer has freed meanwhile;
+///   writable again (for TCP about a third of its buffer free), as nginx does, instead of
+///   sending the one or two segments a reading peer has freed meanwhile;
 /// * a `sendfile` that returns 0 before the slice is done (the file was truncated) is an
 ///   [`io::ErrorKind::UnexpectedEof`] error, so hyper closes the connection short of its
 ///   `Content-Length`; the socket is then reset (`SO_LINGER` 0), which discards what it still
@@ -682,6 +682,28 @@ fn truncated(fd: std::os::fd::BorrowedFd<'_>, stats: &SendfileStats) -> io::Erro
     )
 }
 
+/// Whether a socket that polls not writable will free room by itself. TCP frees room on an
+/// acknowledgement: either a sent byte is unacknowledged, or at least 64 KiB are unsent, more
+/// than any segment, which only a closed peer window holds back (its reopening sends them,
+/// and their acknowledgements follow). Otherwise the unsent bytes can be a partial segment
+/// held by the cork, with nothing to acknowledge, and the write that asked goes ahead
+/// instead: it adds to the queue or meets `EAGAIN`, as any write would. Unix sockets free
+/// room whenever the peer reads.
+#[cfg(target_os = "linux")]
+fn room_will_come(fd: std::os::fd::BorrowedFd<'_>, unchecked: &mut Unchecked) -> bool {
+    use crate::sys::{self, Peer};
+    if *unchecked.peer.get_or_insert_with(|| sys::peer(fd)) == Peer::Other {
+        return true;
+    }
+    match (
+        crate::mapping::socket_outq(fd),
+        crate::mapping::socket_unsent(fd),
+    ) {
+        (Ok(queued), Ok(unsent)) => queued > unsent || unsent >= 64 * 1024,
+        _ => false,
+    }
+}
+
 #[cfg(target_os = "linux")]
 fn write_slices<S: SendfileSocket>(
     io: &S,
@@ -696,13 +718,14 @@ fn write_slices<S: SendfileSocket>(
         // The last write was cut short: the socket had no room. hyper asks again at once, and
         // by then the peer has freed a segment or two, so writing now would send a few
         // segments per call for as long as the peer keeps reading. Like nginx, wait instead
-        // until the socket polls writable (a third of its buffer free). `tcp_poll` arms the
-        // wake-up when it reports "not writable" (`SOCK_NOSPACE`), and `WouldBlock` inside
-        // `try_io` clears tokio's readiness only if no event arrived since this call began, so
-        // the `EPOLLOUT` that follows is never lost. That event is the room: the call it
-        // wakes writes without asking again.
+        // until the socket polls writable (for TCP about a third of its buffer free). The
+        // kernel arms the wake-up when poll reports "not writable" (`SOCK_NOSPACE`, or a
+        // Unix socket's every freed buffer), and `WouldBlock` inside `try_io` clears tokio's
+        // readiness only if no event arrived since this call began, so the `EPOLLOUT` that
+        // follows is never lost. That event is the room: the call it wakes writes without
+        // asking again.
         unchecked.socket_full = false;
-        if !sys::poll_writable_now(fd)? {
+        if !sys::poll_writable_now(fd)? && room_will_come(fd, unchecked) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
     }

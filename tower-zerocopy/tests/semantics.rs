@@ -468,8 +468,10 @@ async fn content_type_index_redirect_hidden_cache_control_methods() {
     assert_eq!((st, &body[..]), (StatusCode::OK, &b"<h1>hi</h1>"[..]));
     assert_eq!(h[header::CONTENT_TYPE], "text/html");
     assert_eq!(h[header::CACHE_CONTROL], "public, max-age=60");
-    let (st, _, body) = call(&svc, Method::GET, "/", &[]).await;
-    assert_eq!((st, &body[..]), (StatusCode::OK, &b"root"[..]));
+    for root in ["/", "/.", "//.", "/%2e"] {
+        let (st, _, body) = call(&svc, Method::GET, root, &[]).await;
+        assert_eq!((st, &body[..]), (StatusCode::OK, &b"root"[..]), "{root}");
+    }
     let (st, h, _) = call(&svc, Method::GET, "/docs?x=1", &[]).await;
     assert_eq!(st, StatusCode::PERMANENT_REDIRECT);
     assert_eq!(h[header::LOCATION], "docs/?x=1");
@@ -508,12 +510,13 @@ async fn strip_prefix_serves_only_below_it() {
     std::fs::write(dir.path().join("index.html"), "root").unwrap();
     std::fs::write(dir.path().join("a.txt"), "a").unwrap();
     // However the prefix is written, it means the same.
-    for prefix in ["/static", "/static/", "static"] {
+    for prefix in ["/static", "/static/", "static", "//static//"] {
         let svc = ServeDir::new(dir.path()).strip_prefix(prefix);
         let cases: &[(&str, StatusCode, &str, Option<&str>)] = &[
             ("/static/a.txt", StatusCode::OK, "a", None),
             ("/static//a.txt", StatusCode::OK, "a", None),
             ("/static/", StatusCode::OK, "root", None),
+            ("/static/.", StatusCode::OK, "root", None),
             ("/static/docs/", StatusCode::OK, "docs", None),
             (
                 "/static",
@@ -552,6 +555,13 @@ async fn strip_prefix_serves_only_below_it() {
                 "{prefix} {path}"
             );
         }
+        // Outside the prefix the path is not ours, whatever the method; inside, the method
+        // is checked.
+        let (st, _, _) = call(&svc, Method::POST, "/other", &[]).await;
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        let (st, h, _) = call(&svc, Method::POST, "/static/a.txt", &[]).await;
+        assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(h[header::ALLOW], "GET, HEAD");
     }
     // An empty or "/" prefix strips nothing.
     for prefix in ["", "/"] {

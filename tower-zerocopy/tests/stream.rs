@@ -247,11 +247,21 @@ async fn write_until_stuck<S: tower_zerocopy::SendfileSocket>(
     stream: &mut SendfileStream<S>,
     queue: &mut Vec<Bytes>,
 ) -> (usize, Option<std::io::Error>) {
+    write_until_stalled(stream, queue, Duration::from_millis(200)).await
+}
+
+/// Writes `queue` until the stream stays `Pending` for `stall` or fails; returns the bytes
+/// written and the error, if any.
+async fn write_until_stalled<S: tower_zerocopy::SendfileSocket>(
+    stream: &mut SendfileStream<S>,
+    queue: &mut Vec<Bytes>,
+    stall: Duration,
+) -> (usize, Option<std::io::Error>) {
     let mut written = 0;
     while !queue.is_empty() {
         let slices: Vec<IoSlice<'_>> = queue.iter().map(|b| IoSlice::new(b)).collect();
         let call = poll_fn(|cx| Pin::new(&mut *stream).poll_write_vectored(cx, &slices));
-        let n = match tokio::time::timeout(std::time::Duration::from_millis(200), call).await {
+        let n = match tokio::time::timeout(stall, call).await {
             Err(_stuck) => break,
             Ok(Err(e)) => return (written, Some(e)),
             Ok(Ok(n)) => n,
@@ -518,12 +528,14 @@ async fn write_while_reading(
 }
 
 /// Writes the rest of `queue` while `reader` (the client's task) reads; returns what it got.
+/// (The reader is expected to keep up: only a stall of seconds, not a busy machine's
+/// scheduling delay, counts as stuck.)
 async fn write_rest_and_read<S: tower_zerocopy::SendfileSocket>(
     stream: &mut SendfileStream<S>,
     queue: &mut Vec<Bytes>,
     reader: tokio::task::JoinHandle<std::io::Result<Vec<u8>>>,
 ) -> Vec<u8> {
-    let (written, err) = write_until_stuck(stream, queue).await;
+    let (written, err) = write_until_stalled(stream, queue, Duration::from_secs(10)).await;
     assert!(err.is_none() && queue.is_empty(), "{written} {err:?}");
     tokio::time::timeout(Duration::from_secs(20), reader)
         .await
@@ -647,7 +659,9 @@ async fn after_a_short_write_the_next_call_waits_for_room() {
     let dir = TempDir::new("room");
     let len = 8u64 << 20;
     write_pattern(&dir.path().join("f.bin"), len);
-    let (server, mut client) = tcp_pair(Some(256 * 1024)).await;
+    // A small receive buffer keeps what reading 64 KiB frees (the window it reopens) far
+    // below a third of the 1 MiB send buffer.
+    let (server, mut client) = tcp_pair(Some(64 * 1024)).await;
     socket2::SockRef::from(&server)
         .set_send_buffer_size(512 * 1024)
         .unwrap();

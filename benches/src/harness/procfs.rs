@@ -137,7 +137,9 @@ pub fn parse_schedstat_ns(line: &str) -> Option<u64> {
 
 /// CPU seconds spent by a tree between two of its snapshots. Per process: the nanosecond run
 /// times of its threads when the same threads were there at both snapshots and it reaped no
-/// child in between; otherwise its tick delta (see [`ticks_between`]).
+/// child in between; otherwise its tick delta (see [`ticks_between`]). A thread that both
+/// started and ended between the snapshots is missing from the nanoseconds, so they are used
+/// only while the tick delta agrees with them (within a tick per thread, the rounding).
 pub fn cpu_seconds_between(before: &Snapshot, after: &Snapshot, ticks_per_second: u64) -> f64 {
     let tick = 1.0 / ticks_per_second as f64;
     let mut ticks_before = Vec::new();
@@ -149,12 +151,17 @@ pub fn cpu_seconds_between(before: &Snapshot, after: &Snapshot, ticks_per_second
             let same_children = (a.cutime, a.cstime) == (b.cutime, b.cstime);
             let (tb, ta) = (before.threads.get(&a.pid)?, after.threads.get(&a.pid)?);
             let same_threads = tb.len() == ta.len() && tb.iter().zip(ta).all(|(x, y)| x.0 == y.0);
-            (same_children && same_threads).then(|| {
-                tb.iter()
-                    .zip(ta)
-                    .map(|(x, y)| y.1.saturating_sub(x.1))
-                    .sum::<u64>()
-            })
+            if !(same_children && same_threads) {
+                return None;
+            }
+            let ns: u64 = tb
+                .iter()
+                .zip(ta)
+                .map(|(x, y)| y.1.saturating_sub(x.1))
+                .sum();
+            let ticks = a.total_ticks().saturating_sub(b.total_ticks());
+            let rounding = ta.len() as u64 + 1;
+            (ticks as f64 * tick <= ns as f64 / 1e9 + rounding as f64 * tick).then_some(ns)
         });
         match (precise, b) {
             (Some(ns), _) => precise_ns += ns,
@@ -335,6 +342,20 @@ mod tests {
         let after = snap(&[st(10, 1, 105, 55, 25, 5)], &[(10, &[(10, 9_999_999)])]);
         let s = cpu_seconds_between(&before, &after, 100);
         assert!((s - 0.2).abs() < 1e-9, "{s}");
+    }
+
+    #[test]
+    fn cpu_between_notices_a_thread_that_came_and_went() {
+        // Same thread ids at both ends, but 50 ticks against 1 ms of thread time: a thread
+        // that lived only in between did the work, so the ticks count.
+        let before = snap(&[st(10, 1, 100, 0, 0, 0)], &[(10, &[(10, 0)])]);
+        let after = snap(&[st(10, 1, 150, 0, 0, 0)], &[(10, &[(10, 1_000_000)])]);
+        let s = cpu_seconds_between(&before, &after, 100);
+        assert!((s - 0.5).abs() < 1e-9, "{s}");
+        // Two ticks against 1 ms is rounding: the nanoseconds count.
+        let after = snap(&[st(10, 1, 102, 0, 0, 0)], &[(10, &[(10, 1_000_000)])]);
+        let s = cpu_seconds_between(&before, &after, 100);
+        assert!((s - 0.001).abs() < 1e-9, "{s}");
     }
 
     #[test]
