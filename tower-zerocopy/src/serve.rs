@@ -172,7 +172,8 @@ impl State {
 ///   characters, invalid UTF-8 and Windows device names answer `400`; symlinks per
 ///   [`SymlinkPolicy`] (`403` when refused);
 /// * a bounded cache of open descriptors, metadata and memory maps, revalidated with `fstat` on
-///   every hit and reopened after [`cache_validity`](Self::cache_validity).
+///   every hit and reopened after [`cache_validity`](Self::cache_validity);
+/// * [`strip_prefix`](Self::strip_prefix) for a router that hands over the whole path.
 ///
 /// On a connection marked with [`SendfileCapability`] (see [`MarkSendfile`](crate::MarkSendfile)
 /// and [`WithSendfile`](crate)), HTTP/1.x responses of at least
