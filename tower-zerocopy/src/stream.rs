@@ -526,6 +526,9 @@ impl Unchecked {
             Some(q) if whole => Some(q + n as u64),
             _ => None,
         };
+        // Cut short after some bytes: the socket is full (or a file ended, which the next
+        // call finds out once there is room).
+        self.socket_full |= n > 0 && !whole;
     }
 
     /// How many of the last `len` file bytes of a response (a fenced slice ending at
@@ -682,9 +685,14 @@ fn truncated(fd: std::os::fd::BorrowedFd<'_>, stats: &SendfileStats) -> io::Erro
     )
 }
 
+/// More unsent bytes than any TCP segment (the largest MSS, on loopback, is just under 64 KiB):
+/// neither the cork nor Nagle holds that many back, only a closed peer window.
+#[cfg(target_os = "linux")]
+const MORE_THAN_A_SEGMENT: usize = 64 * 1024;
+
 /// Whether a socket that polls not writable will free room by itself. TCP frees room on an
-/// acknowledgement: either a sent byte is unacknowledged, or at least 64 KiB are unsent, more
-/// than any segment, which only a closed peer window holds back (its reopening sends them,
+/// acknowledgement: either a sent byte is unacknowledged, or more than a segment is unsent,
+/// which only a closed peer window holds back (its reopening sends them,
 /// and their acknowledgements follow). Otherwise the unsent bytes can be a partial segment
 /// held by the cork, with nothing to acknowledge, and the write that asked goes ahead
 /// instead: it adds to the queue or meets `EAGAIN`, as any write would. Unix sockets free
@@ -699,7 +707,7 @@ fn room_will_come(fd: std::os::fd::BorrowedFd<'_>, unchecked: &mut Unchecked) ->
         crate::mapping::socket_outq(fd),
         crate::mapping::socket_unsent(fd),
     ) {
-        (Ok(queued), Ok(unsent)) => queued > unsent || unsent >= 64 * 1024,
+        (Ok(queued), Ok(unsent)) => queued > unsent || unsent >= MORE_THAN_A_SEGMENT,
         _ => false,
     }
 }
@@ -789,7 +797,6 @@ fn write_slices<S: SendfileSocket>(
                     total += n;
                     unchecked.wrote(n, n == run_len);
                     if n < run_len {
-                        unchecked.socket_full = true;
                         return Ok(Written::Bytes(total));
                     }
                 }
@@ -828,9 +835,7 @@ fn write_slices<S: SendfileSocket>(
                     unchecked.wrote(n, n == want);
                     unchecked.sent(&target, offset + sent as u64);
                     if n < want {
-                        // The socket is full (or the file ended): the next call waits for room,
-                        // then finds out which.
-                        unchecked.socket_full = true;
+                        // The socket is full (or the file ended): see `Unchecked::wrote`.
                         return Ok(Written::Bytes(total));
                     }
                 }
@@ -908,7 +913,6 @@ fn write_slices<S: SendfileSocket>(
                         .held_back_bytes
                         .fetch_add(n as u64, Ordering::Relaxed);
                     if n < held {
-                        unchecked.socket_full = true;
                         return Ok(Written::Bytes(total));
                     }
                 }
